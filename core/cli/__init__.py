@@ -1,0 +1,100 @@
+"""The ``avatar`` command line: one module per command, plus plugin commands.
+
+The edge here turns :class:`avatar.AvatarError` into one line on stderr and a
+non-zero exit; ``--debug`` (or ``AVATAR_DEBUG=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from ..errors import AvatarError
+
+# (module, command attribute) of the core's own commands; imported lazily so
+# `avatar --help` stays fast and heavy packages load only for the command used.
+CORE_COMMANDS = [
+    ("plugins_cmd", "plugins"),
+    ("inspect_cmd", "inspect"),
+    ("models_cmd", "make_test_model"),
+    ("import_cmd", "import_"),
+    ("run_cmd", "run"),
+    ("demo_cmd", "demo"),
+    ("bench_cmd", "bench"),
+]
+
+
+class AvatarCLI(click.Group):
+    """A group that loads core commands lazily and adds plugin commands."""
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        import importlib
+
+        for mod_name, attr in CORE_COMMANDS:
+            try:
+                mod = importlib.import_module(f"{__name__}.{mod_name}")
+            except ModuleNotFoundError as exc:
+                if exc.name == f"{__name__}.{mod_name}":
+                    continue  # command not built yet in this checkout
+                raise
+            self.add_command(getattr(mod, attr))
+        from ..plugins import get_plugin_manager
+
+        get_plugin_manager().add_commands(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AvatarError as exc:
+            if _debug(ctx):
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool((root.obj or {}).get("debug")) or os.environ.get("AVATAR_DEBUG", "") not in ("", "0")
+
+
+@click.group(cls=AvatarCLI, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
+@click.version_option(package_name="avatar-sdk")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
+    """avatar-sdk: speech in, a lip-synced talking-head video out."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="avatar")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

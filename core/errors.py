@@ -1,0 +1,72 @@
+"""The one user-facing error hierarchy.
+
+Everything the library raises for a condition a user can cause derives from
+:class:`AvatarError`; the CLI prints its message on one line and exits non-zero
+(``avatar --debug ...`` shows the traceback). Messages say what to do next.
+"""
+
+from __future__ import annotations
+
+
+class AvatarError(Exception):
+    """Base class of every error a user can cause or fix."""
+
+    exit_code = 1
+
+
+class ConfigError(AvatarError):
+    """An option or argument is invalid or options contradict each other."""
+
+    exit_code = 2
+
+
+class MissingDependency(AvatarError):
+    """An optional package is not installed.
+
+    The message always carries the exact command that installs it.
+    """
+
+    def __init__(self, package: str, extra: str | None = None, *, feature: str = "") -> None:
+        self.package = package
+        self.extra = extra
+        self.install = (
+            f"pip install 'avatar-sdk[{extra}]'" if extra else f"pip install {package}"
+        )
+        what = f" for {feature}" if feature else ""
+        super().__init__(f"{package} is not installed{what}; install it with `{self.install}`")
+
+
+class PluginError(AvatarError):
+    """A plugin failed to load, registered something invalid, or collided with another."""
+
+
+class ModelError(AvatarError):
+    """A model file is missing, unreadable, or does not match the UNet-328 contract."""
+
+
+class AudioError(AvatarError):
+    """An audio file or stream cannot be decoded or is empty."""
+
+
+class FeatureError(AvatarError):
+    """A feature source cannot produce features (bad model, bad input, mismatch)."""
+
+
+class AvatarPackageError(AvatarError):
+    """An avatar package or an import source is missing parts or inconsistent."""
+
+
+class BackendError(AvatarError):
+    """An inference backend cannot load a model or run it."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot run on this machine (no GPU, no driver, provider fell back)."""
+
+
+class SinkError(AvatarError):
+    """A sink cannot open, write or finalise its output."""
+
+
+class StreamError(SinkError):
+    """A live stream failed (server unreachable, vanished for too long, stalled)."""

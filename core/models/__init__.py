@@ -1,0 +1,1 @@
+"""Model builders that need only numpy, onnx and ONNX Runtime (no PyTorch)."""
