@@ -1,0 +1,43 @@
+"""Fixtures shared by the whole suite.
+
+Real data lives beside the repository in ``../shared/data`` (never copied in);
+tests that need it skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("AVATAR_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real test data not present: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return _need(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def sanders_dir() -> Path:
+    """The real 523-frame SyncTalk_2D dataset (full_body_img/, landmarks/, aud_ave.npy)."""
+    return _need(SHARED_DATA / "sanders")
+
+
+@pytest.fixture(scope="session")
+def talk_wav() -> Path:
+    """44.9 s of real speech, 16 kHz mono PCM16."""
+    return _need(SHARED_DATA / "audio" / "talk_hb.wav")
+
+
+@pytest.fixture(scope="session")
+def silence_wav() -> Path:
+    return _need(SHARED_DATA / "audio" / "silence_20s.wav")
