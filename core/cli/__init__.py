@@ -25,6 +25,7 @@ CORE_COMMANDS = [
     ("import_cmd", "import_"),
     ("run_cmd", "run"),
     ("demo_cmd", "demo"),
+    ("convert_cmd", "convert"),
     ("bench_cmd", "bench"),
 ]
 
