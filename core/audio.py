@@ -1,0 +1,134 @@
+"""Audio input: any common file decoded to 16 kHz mono float32 with PyAV.
+
+Every feature source consumes 16 kHz mono float32 PCM in [-1, 1]. This module
+turns WAV (PCM 16/24/32 bit, float), MP3, FLAC, M4A/AAC, Ogg ... at any sample
+rate and channel count into exactly that, offline (:func:`load_audio`) or as a
+stream of fixed-size chunks (:func:`iter_audio_chunks`) so a long file never has
+to sit in memory twice.
+
+Channels are averaged after resampling (what ``librosa.load(mono=True)`` does,
+which the upstream SyncTalk_2D preprocessing uses). FFmpeg's own stereo-to-mono
+rematrix is avoided on purpose: it sums the channels at 1/sqrt(2) each, so a
+centred voice would come out 3 dB louder than the source. 16-bit PCM at 16 kHz
+comes back bit-exact (``sample / 32768``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import AudioError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATE = 16000
+#: samples decoded per internal block before resampling; only bounds memory
+_BLOCK = 1 << 16
+
+
+def audio_duration(pcm: np.ndarray, sample_rate: int = DEFAULT_RATE) -> float:
+    """Seconds of audio in ``pcm`` (its first axis is time)."""
+    if sample_rate <= 0:
+        raise AudioError(f"sample rate must be positive, got {sample_rate}")
+    return len(pcm) / float(sample_rate)
+
+
+def load_audio(path: str | Path, sample_rate: int = DEFAULT_RATE) -> np.ndarray:
+    """Decode a whole audio (or video) file to mono float32 at ``sample_rate``.
+
+    Raises :class:`avatar.errors.AudioError` when the file is missing, cannot be
+    decoded, has no audio stream, or holds no samples.
+    """
+    parts = list(_decode(Path(path), sample_rate))
+    pcm = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if len(pcm) == 0:
+        raise AudioError(f"{Path(path).name}: the audio stream holds no samples; use a file that contains sound")
+    return pcm
+
+
+def iter_audio_chunks(
+    path: str | Path, chunk_samples: int, sample_rate: int = DEFAULT_RATE
+) -> Iterator[np.ndarray]:
+    """Decode a file incrementally; yield mono float32 chunks of ``chunk_samples``.
+
+    Every chunk but the last has exactly ``chunk_samples`` samples; their
+    concatenation equals :func:`load_audio`. Errors are raised as
+    :class:`AudioError` when the generator is first advanced (or later, if the
+    file breaks half-way).
+    """
+    if chunk_samples <= 0:
+        raise AudioError(f"chunk_samples must be positive, got {chunk_samples}")
+    pending: list[np.ndarray] = []
+    have = 0
+    total = 0
+    for block in _decode(Path(path), sample_rate):
+        pending.append(block)
+        have += len(block)
+        if have < chunk_samples:
+            continue
+        buf = np.concatenate(pending)
+        n_full = len(buf) // chunk_samples * chunk_samples
+        for start in range(0, n_full, chunk_samples):
+            yield buf[start : start + chunk_samples]
+        total += n_full
+        rest = buf[n_full:]
+        pending, have = ([rest] if len(rest) else []), len(rest)
+    if have:
+        total += have
+        yield np.concatenate(pending)
+    if total == 0:
+        raise AudioError(f"{Path(path).name}: the audio stream holds no samples; use a file that contains sound")
+
+
+def _decode(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
+    """Yield resampled mono float32 blocks of the file's first audio stream."""
+    import av  # lazily: importing PyAV loads all of FFmpeg
+
+    if sample_rate <= 0:
+        raise AudioError(f"sample rate must be positive, got {sample_rate}")
+    if not path.exists():
+        raise AudioError(f"audio file not found: {path}")
+    if path.is_dir():
+        raise AudioError(f"{path} is a directory, not an audio file")
+    try:
+        container = av.open(str(path), mode="r")
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise AudioError(
+            f"{path.name}: cannot be read as audio ({_short(exc)}); use a WAV, MP3, FLAC or M4A file"
+        ) from exc
+    try:
+        if not container.streams.audio:
+            raise AudioError(f"{path.name}: the file has no audio stream; pass a file with sound in it")
+        stream = container.streams.audio[0]
+        # format conversion and rate change only; channels are averaged below
+        resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+        try:
+            for frame in container.decode(stream):
+                frame.pts = None  # sloppy timestamps must not make swresample insert silence
+                for out in resampler.resample(frame):
+                    yield _mono(out)
+            for out in resampler.resample(None):  # flush the filter's delay line
+                yield _mono(out)
+        except AudioError:
+            raise
+        except (av.FFmpegError, ValueError) as exc:
+            raise AudioError(f"{path.name}: the audio is damaged and cannot be decoded ({_short(exc)})") from exc
+    finally:
+        container.close()
+
+
+def _mono(frame: object) -> np.ndarray:
+    data = frame.to_ndarray()  # type: ignore[attr-defined]  # fltp: [channels, samples]
+    data = data.reshape(-1, frame.samples)  # type: ignore[attr-defined]
+    if data.shape[0] == 1:
+        return np.ascontiguousarray(data[0], dtype=np.float32)
+    return data.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return text if len(text) < 160 else text[:157] + "..."

@@ -1,0 +1,158 @@
+"""``avatar run``: the main job — speech in, a lip-synced video out (file, live stream, ...)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+from ..interfaces import BackendOptions
+
+
+def _kv(values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        if "=" not in item:
+            raise ConfigError(f"--sink-opt expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = _coerce(v)
+    return out
+
+
+def _coerce(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+@click.command("run")
+@click.option("--avatar", "avatar_dir", required=True, type=click.Path(file_okay=False), help="Avatar package directory (see `avatar import`).")
+@click.option("--audio", required=True, type=click.Path(dir_okay=False), help="Speech: WAV, MP3, FLAC, M4A, ... any rate/channels.")
+@click.option("--model", type=click.Path(dir_okay=False), help="UNet-328 ONNX model (default: the package's).")
+@click.option("--features", default="ave", show_default=True, help="Feature source: ave, npy, hubert, wenet, or a plugin's.")
+@click.option("--ave-encoder", type=click.Path(dir_okay=False), help="AVE audio-encoder ONNX (default: the package's).")
+@click.option("--features-file", type=click.Path(dir_okay=False), help="Precomputed features .npy [N,512] for --features npy.")
+@click.option("--hubert-model", type=click.Path(file_okay=False), help="Local HuBERT model directory for --features hubert.")
+@click.option("--wenet-model", type=click.Path(dir_okay=False), help="WeNet encoder ONNX for --features wenet.")
+@click.option("--padding", type=click.Choice(["replicate", "zero"]), help="Audio window edge padding (default: the source's).")
+@click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt, or a plugin's.")
+@click.option("--device-id", default=0, show_default=True, help="GPU index for GPU backends.")
+@click.option("--fp16", is_flag=True, help="Half precision on GPU backends.")
+@click.option("--batch", "batch_size", default=8, show_default=True, help="Frames per inference call.")
+@click.option("--threads", type=int, help="CPU threads for the cpu backend.")
+@click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
+@click.option("--rtmp-url", help="rtmp://host/app/KEY for the rtmp sink (the key is never printed).")
+@click.option("--sink-opt", multiple=True, help="Extra sink option KEY=VALUE (e.g. crf=18, preset=fast, bitrate=2500k, on_lag=drop); repeatable.")
+@click.option("--frames", "frame_limit", type=int, help="Stop after this many frames.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the render report as JSON here.")
+def run(
+    avatar_dir: str,
+    audio: str,
+    model: str | None,
+    features: str,
+    ave_encoder: str | None,
+    features_file: str | None,
+    hubert_model: str | None,
+    wenet_model: str | None,
+    padding: str | None,
+    backend: str,
+    device_id: int,
+    fp16: bool,
+    batch_size: int,
+    threads: int | None,
+    sink_names: tuple[str, ...],
+    output: str | None,
+    rtmp_url: str | None,
+    sink_opt: tuple[str, ...],
+    frame_limit: int | None,
+    progress: bool,
+    report_path: str | None,
+) -> None:
+    """Render AUDIO spoken by an avatar to one or more sinks.
+
+    \b
+    avatar run --avatar pkg/ --audio speech.wav -o out.mp4
+    avatar run --avatar pkg/ --audio speech.wav --backend tensorrt --sink rtmp --rtmp-url rtmp://localhost/live/KEY
+    """
+    from ..render import render
+
+    fopts: dict[str, Any] = {}
+    if padding:
+        fopts["padding"] = padding
+    if features == "ave" and ave_encoder:
+        fopts["encoder"] = ave_encoder
+    if features == "npy":
+        if not features_file:
+            raise ConfigError("--features npy needs --features-file FEATURES.npy")
+        fopts["path"] = features_file
+    if features == "hubert":
+        if not hubert_model:
+            raise ConfigError("--features hubert needs --hubert-model DIR (a local HuBERT model directory)")
+        fopts["model"] = hubert_model
+    if features == "wenet":
+        if not wenet_model:
+            raise ConfigError("--features wenet needs --wenet-model ENCODER.onnx")
+        fopts["model"] = wenet_model
+
+    extra = _kv(sink_opt)
+    sinks: list[tuple[str, dict[str, Any]]] = []
+    for name in dict.fromkeys(sink_names):
+        opts = dict(extra)
+        if name == "file":
+            if not output:
+                raise ConfigError("the file sink needs -o/--output OUT.mp4")
+            opts["path"] = output
+        elif name == "rtmp":
+            if not rtmp_url:
+                raise ConfigError("the rtmp sink needs --rtmp-url rtmp://host/app/KEY")
+            opts["url"] = rtmp_url
+        elif name == "callback":
+            raise ConfigError("the callback sink is for the Python API (avatar.render); use file or rtmp here")
+        sinks.append((name, opts))
+
+    bopts = BackendOptions(
+        device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads
+    )
+    report = render(
+        avatar_dir,
+        audio,
+        sinks=sinks,
+        model=model,
+        features=features,
+        feature_options=fopts,
+        backend=backend,
+        backend_options=bopts,
+        batch_size=batch_size,
+        progress=progress,
+        frame_limit=frame_limit,
+    )
+    d = report.to_dict()
+    click.echo(
+        f"rendered {d['frames']} frames ({d['video_s']:.2f} s of video, audio {d['audio_s']:.2f} s) "
+        f"in {d['wall_s']:.1f} s — {d['frames_per_s']:.1f} fps, {d['realtime_factor']:.2f}x real time "
+        f"[backend {d['backend']}, features {d['feature_source']}, batch {d['batch_size']}]",
+        err=True,
+    )
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in d["stage_ms_per_frame"].items())
+    click.echo(f"stage ms/frame: {stages}", err=True)
+    for name, srep in d["sinks"].items():
+        if srep.get("dropped") or srep.get("reconnects") or srep.get("stalled_s"):
+            click.echo(
+                f"{name}: dropped {srep['dropped']} frames, stalled {srep['stalled_s']:.1f} s, "
+                f"{srep['reconnects']} reconnects, gap {srep['gap_s']:.1f} s",
+                err=True,
+            )
+    if output and "file" in sink_names:
+        click.echo(output)
+    if report_path:
+        Path(report_path).write_text(json.dumps(d, indent=2, default=str))

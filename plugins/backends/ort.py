@@ -1,0 +1,449 @@
+"""ONNX Runtime backends: ``cpu`` (CPUExecutionProvider) and ``onnx-cuda`` (CUDA).
+
+Both run any ONNX model (a UNet-328, the AVE audio encoder, ...): names, shapes
+and dtypes are read from the session, and every feed is checked against them
+before it reaches ONNX Runtime. One :meth:`run` is one ``session.run`` on the
+whole batch.
+
+Returned arrays never alias internal buffers: ``cpu`` returns what
+``session.run`` allocated, ``onnx-cuda`` copies device outputs into fresh host
+arrays. Callers own them and may keep them across calls.
+
+Model variants (``precision="fp16"``, ``extra={"uint8_visual": True}``) are made
+with :mod:`avatar.models.graph` and cached by content hash (see
+:func:`prepare_model`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError
+from avatar.hookspecs import hookimpl
+from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
+
+from ._common import cache_dir, check_extra, check_feeds, file_sha256, psnr, random_feeds
+
+log = logging.getLogger(__name__)
+
+#: ONNX Runtime type strings -> numpy dtypes
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+
+#: options in BackendOptions.extra understood by both ORT backends
+_COMMON_EXTRA = {
+    "uint8_visual": "feed the visual input as uint8 (normalised in the graph)",
+    "cache_dir": "where converted models are cached",
+    "fp16_min_psnr": "minimum PSNR (dB) of the fp16 model against fp32 at load (default 40; 0 skips the check)",
+    "optimization": "ONNX Runtime graph optimisation level: all (default), extended, basic, disabled",
+    "profile": "write an ONNX Runtime profile JSON with this file prefix",
+}
+_CUDA_EXTRA = {
+    "io_binding": "run with device buffers bound once per batch size (default True)",
+    "cuda_stream": "an existing CUDA stream handle (int) ONNX Runtime should compute on",
+    "cudnn_conv_algo_search": "EXHAUSTIVE (default), HEURISTIC or DEFAULT",
+    "gpu_mem_limit": "bytes the CUDA arena may use",
+}
+
+
+def _ort():  # type: ignore[no-untyped-def]
+    import onnxruntime
+
+    return onnxruntime
+
+
+# --------------------------------------------------------------------------- model variants
+
+
+def prepare_model(model_path: str | Path, *, precision: str, uint8_visual: bool, cache: str | Path | None) -> Path:
+    """The model file to load: the original, or a cached fp16 / uint8-visual variant.
+
+    The cache key is the source file's SHA-256 and the variant, so a changed
+    model is converted again and an unchanged one is converted once.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
+    if precision == "fp32" and not uint8_visual:
+        return path
+    from avatar.models import graph
+
+    variant = "-".join(v for v, on in (("u8", uint8_visual), ("fp16", precision == "fp16")) if on)
+    digest = file_sha256(path)[:16]
+    out_dir = cache_dir(cache, "models")
+    out = out_dir / f"{path.stem}.{digest}.{variant}.onnx"
+    if out.is_file():
+        log.debug("using cached %s variant %s", variant, out)
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.onnx")
+    src: Path = path
+    try:
+        if uint8_visual:
+            graph.with_uint8_visual(src, tmp)
+            src = tmp
+        if precision == "fp16":
+            graph.to_fp16(src, tmp, keep_io_types=True)
+        os.replace(tmp, out)  # atomic: a concurrent loader sees the whole file or none
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("converted %s to %s (%s)", path, out, variant)
+    return out
+
+
+def _tensor_infos(values: Sequence[Any]) -> list[TensorInfo]:
+    out = []
+    for v in values:
+        dtype = _ORT_DTYPES.get(v.type)
+        if dtype is None:
+            raise ModelError(f"tensor '{v.name}' has type {v.type}, which avatar backends do not support")
+        shape = tuple(d if isinstance(d, int) else (d or None) for d in v.shape)
+        out.append(TensorInfo(v.name, shape, np.dtype(dtype)))
+    return out
+
+
+_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC", "disabled": "ORT_DISABLE_ALL"}
+
+
+def session_options(options: BackendOptions):  # type: ignore[no-untyped-def]
+    """SessionOptions for a backend: graph optimisation, threads, sequential execution."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    level = str(options.extra.get("optimization", "all"))
+    if level not in _LEVELS:
+        raise ConfigError(f"optimization must be one of {', '.join(_LEVELS)}, not {level!r}")
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if options.threads is not None:
+        if int(options.threads) < 1:
+            raise ConfigError(f"threads must be at least 1, not {options.threads}")
+        so.intra_op_num_threads = int(options.threads)
+        so.inter_op_num_threads = 1
+    if options.extra.get("profile"):
+        so.enable_profiling = True
+        so.profile_file_prefix = str(options.extra["profile"])
+    so.log_severity_level = 3  # ORT's own warnings go to stderr unconditionally otherwise
+    return so
+
+
+# --------------------------------------------------------------------------- base
+
+
+class _OrtBackend(Backend):
+    """Shared lifecycle of the ONNX Runtime backends."""
+
+    provider: ClassVar[str]
+    _extra: ClassVar[Mapping[str, str]] = _COMMON_EXTRA
+
+    def __init__(self, model_path: str | Path, options: BackendOptions | None = None) -> None:
+        super().__init__(model_path, options)
+        opts = self.options
+        check_extra(opts.extra, self._extra, self.name)
+        if int(opts.max_batch) < 1:
+            raise ConfigError(f"max_batch must be at least 1, not {opts.max_batch}")
+        start = time.perf_counter()
+        self.fp16_psnr: float | None = None
+        self.model_file = prepare_model(
+            self.model_path,
+            precision=opts.precision,
+            uint8_visual=bool(opts.extra.get("uint8_visual", False)),
+            cache=opts.extra.get("cache_dir"),
+        )
+        self._session = self._make_session(self.model_file)
+        self._check_providers()
+        self._inputs = _tensor_infos(self._session.get_inputs())
+        self._outputs = _tensor_infos(self._session.get_outputs())
+        if opts.precision == "fp16":
+            self._check_fp16()
+        self._setup()
+        self.stats.load_s = time.perf_counter() - start
+
+    # -- hooks for subclasses
+    def _providers(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _setup(self) -> None:
+        """Prepare run-time state once the session exists."""
+
+    def _check_providers(self) -> None:
+        got = self._session.get_providers()
+        if self.provider not in got:
+            raise BackendUnavailable(
+                f"{self.name}: ONNX Runtime did not give the session {self.provider} (it got {', '.join(got)}); "
+                f"use --backend cpu on this machine or fix the installation (see `avatar plugins`)"
+            )
+
+    # -- lifecycle
+    def _make_session(self, path: Path):  # type: ignore[no-untyped-def]
+        ort = _ort()
+        try:
+            return ort.InferenceSession(str(path), sess_options=session_options(self.options), providers=self._providers())
+        except (ConfigError, BackendError):
+            raise
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeError types
+            raise BackendError(f"{self.name}: ONNX Runtime cannot load {path}: {exc}") from exc
+
+    def _check_fp16(self) -> None:
+        """Compare the fp16 session with fp32 on a seeded random batch; refuse a bad conversion."""
+        limit = float(self.options.extra.get("fp16_min_psnr", 40.0))
+        if limit <= 0:
+            return
+        ref_path = self.model_path
+        if self.options.extra.get("uint8_visual"):
+            ref_path = prepare_model(self.model_path, precision="fp32", uint8_visual=True, cache=self.options.extra.get("cache_dir"))
+        ref = self._make_session(ref_path)
+        feeds = random_feeds(self._inputs, batch=min(2, int(self.options.max_batch)), seed=0)
+        want = ref.run(None, feeds)
+        got = self._session.run(None, feeds)
+        del ref
+        worst = float("inf")
+        for w, g in zip(want, got):
+            w = np.asarray(w, np.float64)
+            in_unit = w.size and float(w.min()) >= 0.0 and float(w.max()) <= 1.0
+            peak = 1.0 if in_unit else float(np.ptp(w)) or 1.0
+            worst = min(worst, psnr(w, g, peak))
+        self.fp16_psnr = worst
+        log.info("%s: fp16 model PSNR against fp32: %.1f dB", self.name, worst)
+        if worst < limit:
+            raise BackendError(
+                f"{self.name}: the fp16 conversion of {self.model_path} is too inaccurate ({worst:.1f} dB PSNR "
+                f"against fp32, need {limit:.0f} dB); use precision fp32"
+            )
+
+    @property
+    def inputs(self) -> Sequence[TensorInfo]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> Sequence[TensorInfo]:
+        return list(self._outputs)
+
+    @property
+    def providers(self) -> list[str]:
+        """Providers the session really got (``session.get_providers()``)."""
+        return list(self._session.get_providers())
+
+    def _max_batch(self) -> int | None:
+        return None
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise BackendError(f"{self.name}: the backend is closed")
+        check_feeds(feeds, self._inputs, max_batch=self._max_batch(), backend=self.name)
+        try:
+            outs = self._session.run(None, dict(feeds))
+        except Exception as exc:
+            raise BackendError(f"{self.name}: inference failed: {exc}") from exc
+        return {t.name: o for t, o in zip(self._outputs, outs)}
+
+    def close(self) -> None:
+        self._session = None
+
+
+# --------------------------------------------------------------------------- cpu
+
+
+class CpuBackend(_OrtBackend):
+    """ONNX Runtime on the CPU: works everywhere; the reference for the other backends."""
+
+    name = "cpu"
+    description = "ONNX Runtime CPUExecutionProvider (works everywhere)"
+    provider = "CPUExecutionProvider"
+
+    def _providers(self) -> list[Any]:
+        return ["CPUExecutionProvider"]
+
+
+# --------------------------------------------------------------------------- onnx-cuda
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_driver_status() -> tuple[bool, str, int]:
+    """(usable, reason, device count) from the NVIDIA driver alone, via ctypes.
+
+    Cheap: loads ``libcuda.so.1`` and calls ``cuInit`` / ``cuDeviceGetCount``;
+    creates no context.
+    """
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False, "no NVIDIA driver (libcuda.so.1) was found", 0
+    rc = lib.cuInit(0)
+    if rc != 0:
+        return False, f"the NVIDIA driver is present but cuInit failed (CUresult {rc}; no usable GPU?)", 0
+    count = ctypes.c_int(0)
+    rc = lib.cuDeviceGetCount(ctypes.byref(count))
+    if rc != 0 or count.value < 1:
+        return False, "the NVIDIA driver is present but reports no GPU", 0
+    return True, "", count.value
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_provider_status() -> Availability:
+    try:
+        ort = _ort()
+    except ImportError:
+        return Availability(False, "onnxruntime-gpu is not installed", "pip install onnxruntime-gpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return Availability(
+            False,
+            f"the installed ONNX Runtime ({ort.__version__}) has no CUDAExecutionProvider (it is the CPU build)",
+            "pip uninstall -y onnxruntime && pip install onnxruntime-gpu",
+        )
+    ok, reason, _ = cuda_driver_status()
+    if not ok:
+        return Availability(False, f"onnxruntime-gpu is installed but {reason}")
+    # The CUDA provider library needs the CUDA runtime, cuBLAS and cuDNN; load it
+    # now so a missing library is named here rather than as a fallback later.
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # best effort: system libraries may still be found
+            log.debug("onnxruntime.preload_dlls failed: %s", exc)
+    lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if lib.is_file():
+        try:
+            ctypes.CDLL(str(lib))
+        except OSError as exc:
+            return Availability(
+                False,
+                f"onnxruntime-gpu and the driver are present but its CUDA provider cannot load: {exc}",
+                "pip install 'onnxruntime-gpu[cuda,cudnn]'",
+            )
+    return Availability.ok()
+
+
+def cuda_provider_options(options: BackendOptions) -> dict[str, str]:
+    """CUDAExecutionProvider options from backend options (all values as strings)."""
+    extra = options.extra
+    po: dict[str, str] = {
+        "device_id": str(int(options.device_id)),
+        "cudnn_conv_algo_search": str(extra.get("cudnn_conv_algo_search", "EXHAUSTIVE")),
+        "cudnn_conv_use_max_workspace": "1",
+        "do_copy_in_default_stream": "1",
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    if po["cudnn_conv_algo_search"] not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+        raise ConfigError(f"cudnn_conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT, not {po['cudnn_conv_algo_search']!r}")
+    if extra.get("gpu_mem_limit") is not None:
+        po["gpu_mem_limit"] = str(int(extra["gpu_mem_limit"]))
+    if extra.get("cuda_stream") is not None:
+        po["has_user_compute_stream"] = "1"
+        po["user_compute_stream"] = str(int(extra["cuda_stream"]))
+    return po
+
+
+class _Binding:
+    """Device buffers for one batch size, bound once and reused for every run of that size."""
+
+    def __init__(self, session: Any, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], batch: int, device_id: int) -> None:
+        ort = _ort()
+        self.batch = batch
+        self.binding = session.io_binding()
+        self.in_values: dict[str, Any] = {}
+        self.out_values: dict[str, Any] = {}
+        for t in inputs:
+            v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, "cuda", device_id)
+            self.binding.bind_ortvalue_input(t.name, v)
+            self.in_values[t.name] = v
+        for t in outputs:
+            if all(isinstance(d, int) for d in t.shape[1:]):
+                v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, "cuda", device_id)
+                self.binding.bind_ortvalue_output(t.name, v)
+                self.out_values[t.name] = v
+            else:  # shape known only after the run: let ORT allocate on the device
+                self.binding.bind_output(t.name, "cuda", device_id)
+
+
+class OnnxCudaBackend(_OrtBackend):
+    """ONNX Runtime with the CUDAExecutionProvider, device buffers bound with IO binding.
+
+    For each batch size met, input and output tensors are allocated on the GPU
+    once and bound to an IO binding; a run copies the host inputs into them
+    (``OrtValue.update_inplace``), runs on ORT's compute stream and copies the
+    outputs back into new host arrays. ``max_batch`` buffers are made at load;
+    smaller batches (a stream's tail) get theirs on first use.
+    """
+
+    name = "onnx-cuda"
+    description = "ONNX Runtime CUDAExecutionProvider with IO binding (NVIDIA GPU)"
+    provider = "CUDAExecutionProvider"
+    _extra = {**_COMMON_EXTRA, **_CUDA_EXTRA}
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return _cuda_provider_status()
+
+    def __init__(self, model_path: str | Path, options: BackendOptions | None = None) -> None:
+        a = self.availability()
+        if not a.usable:
+            fix = f"; install with `{a.install}`" if a.install else ""
+            raise BackendUnavailable(f"onnx-cuda is unavailable: {a.reason}{fix}")
+        self._bindings: dict[int, _Binding] = {}
+        super().__init__(model_path, options)
+
+    def _providers(self) -> list[Any]:
+        return [("CUDAExecutionProvider", cuda_provider_options(self.options)), "CPUExecutionProvider"]
+
+    def _setup(self) -> None:
+        self._io = bool(self.options.extra.get("io_binding", True))
+        if self._io:
+            self._binding_for(int(self.options.max_batch))
+
+    def _max_batch(self) -> int | None:
+        return int(self.options.max_batch) if self._io else None
+
+    def _binding_for(self, batch: int) -> _Binding:
+        b = self._bindings.get(batch)
+        if b is None:
+            b = _Binding(self._session, self._inputs, self._outputs, batch, int(self.options.device_id))
+            self._bindings[batch] = b
+        return b
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._io:
+            return super()._run(feeds)
+        if self._session is None:
+            raise BackendError(f"{self.name}: the backend is closed")
+        batch = check_feeds(feeds, self._inputs, max_batch=self._max_batch(), backend=self.name)
+        b = self._binding_for(batch)
+        try:
+            for name, value in b.in_values.items():
+                value.update_inplace(np.ascontiguousarray(feeds[name]))
+            b.binding.synchronize_inputs()
+            self._session.run_with_iobinding(b.binding)
+            b.binding.synchronize_outputs()
+            if len(b.out_values) == len(self._outputs):
+                return {name: v.numpy() for name, v in b.out_values.items()}
+            outs = b.binding.copy_outputs_to_cpu()
+        except Exception as exc:
+            raise BackendError(f"{self.name}: inference failed: {exc}") from exc
+        return {t.name: o for t, o in zip(self._outputs, outs)}
+
+    def close(self) -> None:
+        self._bindings.clear()
+        super().close()
+
+
+@hookimpl
+def register_backends(register) -> None:  # type: ignore[no-untyped-def]
+    register(CpuBackend)
+    register(OnnxCudaBackend)

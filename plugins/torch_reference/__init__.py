@@ -1,0 +1,1 @@
+"""PyTorch reference plugin (placeholder; commands added below)."""
