@@ -260,9 +260,10 @@ def make_model(
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="avatar-sdk", producer_version="synthetic"
     )
-    # ONNX Runtime 1.31 reads IR version 10; pin it so a newer onnx package
-    # does not write files older runtimes refuse.
-    model.ir_version = min(model.ir_version, 8 if opset <= 17 else 9)
+    # Write the IR version that came with the opset, not the onnx package's
+    # newest, so older runtimes (TensorRT's parser, ORT 1.18) accept the file.
+    ir = 8 if opset <= 18 else 9 if opset <= 20 else 10
+    model.ir_version = min(model.ir_version, ir)
     for k, v in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
