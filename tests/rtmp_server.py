@@ -28,7 +28,7 @@ MODULE_NAME = "ngx_rtmp_module.so"
 
 CONFIG = """\
 load_module {module};
-worker_processes 1;
+{user}worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log info;
 events {{ worker_connections 64; }}
@@ -135,7 +135,8 @@ class NginxRtmp:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.conf.write_text(
-            CONFIG.format(module=self.module, prefix=self.prefix, port=self.port, app=self.app)
+            CONFIG.format(module=self.module, prefix=self.prefix, port=self.port, app=self.app,
+                          user=_user_directive())
         )
         self.proc = subprocess.Popen(
             [str(self.binary), "-p", str(self.prefix), "-c", str(self.conf), "-e",
@@ -269,6 +270,19 @@ class NginxRtmp:
             if p.exists():
                 parts.append(p.read_text(errors="replace")[-n:])
         return "\n".join(parts)
+
+
+def _user_directive() -> str:
+    """Run the worker as the current user when started as root.
+
+    nginx started by root otherwise switches its workers to ``nobody``, which
+    cannot write recordings into our private temporary directory.
+    """
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        import pwd
+
+        return f"user {pwd.getpwuid(0).pw_name};\n"
+    return ""
 
 
 def _state(pid: int) -> str:

@@ -1,0 +1,653 @@
+"""The avatar package: a directory holding one avatar's frames, crop boxes and caches.
+
+Layout (see ``docs/avatar-package.md`` for the full description)::
+
+    avatar.json            manifest (format version, name, fps, size, crop rule, ...)
+    frames.mp4             full frames, H.264 yuv420p, CRF 14, fixed short GOP
+    boxes.npy              int32 [N, 4] crop boxes (x1, y1, x2, y2)
+    aud_ave.npy            optional: the recording's own audio features
+    <model>.onnx           optional: the UNet-328 trained for this avatar
+    cache/faces320.npy     uint8 [N, 320, 320, 3] face crops (memory-mapped)
+    cache/faces320.json    how the face cache was made (to detect a stale cache)
+
+Frames are decoded on demand by :class:`FrameStore` within a memory budget; the
+visual model inputs depend only on the avatar frame, so they come from the face
+cache, never from decoding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from . import vision
+from .errors import AvatarPackageError, ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "avatar-package"
+FORMAT_VERSION = 1
+MANIFEST = "avatar.json"
+FRAMES = "frames.mp4"
+BOXES = "boxes.npy"
+FACES = "cache/faces320.npy"
+FACES_META = "cache/faces320.json"
+#: smaller boxes than this cannot carry a usable face
+MIN_BOX_SIDE = 16
+DEFAULT_MEMORY_BUDGET_MB = 512
+DEFAULT_CRF = 14
+DEFAULT_GOP = 12
+DEFAULT_PRESET = "veryfast"
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The contents of ``avatar.json``."""
+
+    name: str
+    fps: float
+    frame_count: int
+    width: int
+    height: int
+    crop_interpolation: str = vision.DEFAULT_INTERPOLATION
+    #: optional model shipped with the avatar: {"file", "feature_type", "padding"}
+    model: dict[str, Any] | None = None
+    #: optional features of the recording's own audio: {"file", "feature_type"}
+    audio_features: dict[str, Any] | None = None
+    #: where the avatar came from (importer, source path, numbering, ...)
+    source: dict[str, Any] = field(default_factory=dict)
+    video: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if float(d["fps"]).is_integer():
+            d["fps"] = int(d["fps"])
+        crop = {"rule": "synctalk-110", "interpolation": d.pop("crop_interpolation")}
+        return {"format": FORMAT_NAME, "version": d.pop("version"), **d, "crop": crop, "boxes": BOXES}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: Path) -> "Manifest":
+        if d.get("format") != FORMAT_NAME:
+            raise AvatarPackageError(f"{where} is not an avatar package manifest (format={d.get('format')!r})")
+        version = d.get("version")
+        if version != FORMAT_VERSION:
+            raise AvatarPackageError(
+                f"{where} has format version {version!r}; this avatar-sdk reads version {FORMAT_VERSION} — "
+                "upgrade avatar-sdk or re-import the avatar with `avatar import`"
+            )
+        try:
+            return cls(
+                name=str(d["name"]),
+                fps=float(d["fps"]),
+                frame_count=int(d["frame_count"]),
+                width=int(d["width"]),
+                height=int(d["height"]),
+                crop_interpolation=str(d.get("crop", {}).get("interpolation", vision.DEFAULT_INTERPOLATION)),
+                model=d.get("model"),
+                audio_features=d.get("audio_features"),
+                source=dict(d.get("source", {})),
+                video=dict(d.get("video", {})),
+                version=int(version),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AvatarPackageError(f"{where} is missing or has a bad field ({exc}); re-import the avatar") from None
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and check ``avatar.json`` of the package directory ``path``."""
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise AvatarPackageError(f"{path} is not an avatar package: {MANIFEST} is missing (make one with `avatar import`)")
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise AvatarPackageError(f"cannot read {f}: {exc}") from None
+    return Manifest.from_dict(data, f)
+
+
+def fps_fraction(fps: float | Fraction | str) -> Fraction:
+    """A frame rate as an exact fraction (``29.97`` → ``30000/1001``)."""
+    try:
+        f = Fraction(fps) if not isinstance(fps, float) else Fraction(fps).limit_denominator(1001)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"bad frame rate {fps!r}") from None
+    if f <= 0:
+        raise ConfigError(f"frame rate must be positive, got {fps!r}")
+    return f
+
+
+# --------------------------------------------------------------------------- frame store
+
+
+def _to_bgr(frame: Any) -> np.ndarray:
+    # OpenCV's I420 conversion is ~3x cheaper than swscale's; it assumes BT.601
+    # limited range, which is how write_package encodes (and tags) frames.mp4.
+    if frame.format.name == "yuv420p":
+        import cv2
+
+        return cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_YUV2BGR_I420)
+    return frame.to_ndarray(format="bgr24")
+
+
+class FrameStore:
+    """Random access to the frames of ``frames.mp4`` within a memory budget.
+
+    Frames are decoded one GOP (keyframe to keyframe) at a time and kept in an
+    LRU of decoded GOPs holding at most ``memory_budget_mb`` (but always at
+    least two GOPs, so a ping-pong turn never decodes twice). When the whole
+    video fits the budget nothing is ever evicted: it is decoded once and kept.
+    Forward and backward sequential access both cost one GOP decode per GOP.
+
+    Returned frames are **read-only views** into the cache: copy before
+    modifying (:func:`avatar.vision.composite` returns a copy by default).
+    Safe to call from several threads (one lock around decoding).
+    """
+
+    def __init__(self, path: str | Path, *, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise AvatarPackageError(f"frame video {self.path} is missing; re-import the avatar")
+        self.memory_budget = int(memory_budget_mb * 1024 * 1024)
+        self._lock = threading.Lock()
+        self._container: Any = None
+        self._index_built = False
+        self._gops: OrderedDict[int, np.ndarray] = OrderedDict()
+        #: number of GOP decodes so far (for tests and benchmarks)
+        self.decoded_gops = 0
+
+    # index: every packet's pts in display order, and where GOPs start
+    def _build_index(self) -> None:
+        import av
+
+        try:
+            with av.open(str(self.path)) as c:
+                st = c.streams.video[0]
+                pts, keys = [], []
+                for p in c.demux(st):
+                    if p.pts is None:
+                        continue
+                    pts.append(p.pts)
+                    if p.is_keyframe:
+                        keys.append(p.pts)
+                self.width, self.height = st.codec_context.width, st.codec_context.height
+        except (av.FFmpegError, IndexError) as exc:
+            raise AvatarPackageError(f"cannot read {self.path}: {exc}; re-import the avatar") from None
+        pts.sort()
+        self._pts = pts
+        self._pts_index = {p: i for i, p in enumerate(pts)}
+        starts = sorted({self._pts_index[k] for k in keys} | ({0} if pts else set()))
+        self._gop_starts = starts
+        self._frame_bytes = self.width * self.height * 3
+        longest = max((b - a for a, b in zip(starts, starts[1:] + [len(pts)])), default=1)
+        self.capacity = max(2, self.memory_budget // max(1, longest * self._frame_bytes))
+        self._index_built = True
+
+    def _ensure_index(self) -> None:
+        if not self._index_built:
+            self._build_index()
+
+    def __len__(self) -> int:
+        self._ensure_index()
+        return len(self._pts)
+
+    @property
+    def gop_count(self) -> int:
+        self._ensure_index()
+        return len(self._gop_starts)
+
+    @property
+    def fits_in_budget(self) -> bool:
+        """Whether the whole decoded video fits the memory budget (decode once, keep)."""
+        self._ensure_index()
+        return len(self._pts) * self._frame_bytes <= self.memory_budget
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` as BGR uint8 ``[H, W, 3]`` (read-only)."""
+        self._ensure_index()
+        n = len(self._pts)
+        if not 0 <= i < n:
+            raise IndexError(f"frame {i} out of range for an avatar of {n} frames")
+        g = bisect.bisect_right(self._gop_starts, i) - 1
+        with self._lock:
+            gop = self._gops.get(g)
+            if gop is None:
+                gop = self._decode_gop(g)
+                self._gops[g] = gop
+                while len(self._gops) > self.capacity:
+                    self._gops.popitem(last=False)
+            else:
+                self._gops.move_to_end(g)
+        return gop[i - self._gop_starts[g]]
+
+    def frames(self, indices: Iterable[int]) -> Iterator[np.ndarray]:
+        """Frames for ``indices`` in order (each read-only)."""
+        for i in indices:
+            yield self.frame(int(i))
+
+    def _decode_gop(self, g: int) -> np.ndarray:
+        import av
+
+        start = self._gop_starts[g]
+        end = self._gop_starts[g + 1] if g + 1 < len(self._gop_starts) else len(self._pts)
+        if self._container is None:
+            self._container = av.open(str(self.path))
+            self._container.streams.video[0].thread_type = "AUTO"
+        c = self._container
+        st = c.streams.video[0]
+        out = np.empty((end - start, self.height, self.width, 3), np.uint8)
+        got = np.zeros(end - start, bool)
+        try:
+            c.seek(self._pts[start], stream=st, backward=True, any_frame=False)
+            for fr in c.decode(st):
+                idx = self._pts_index.get(fr.pts, -1)
+                if idx >= end:
+                    break
+                if idx >= start:
+                    out[idx - start] = _to_bgr(fr)
+                    got[idx - start] = True
+                    if got.all():
+                        break
+        except av.FFmpegError as exc:
+            raise AvatarPackageError(f"cannot decode {self.path} near frame {start}: {exc}") from None
+        if not got.all():
+            missing = start + int(np.flatnonzero(~got)[0])
+            raise AvatarPackageError(f"{self.path}: frame {missing} could not be decoded; re-import the avatar")
+        out.setflags(write=False)
+        self.decoded_gops += 1
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._container is not None:
+                self._container.close()
+                self._container = None
+            self._gops.clear()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _H264Writer:
+    """BGR frames → H.264 yuv420p (BT.601 limited, tagged) with a fixed GOP."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction, *, crf: int, preset: str, gop: int) -> None:
+        import av
+
+        if width % 2 or height % 2:
+            raise AvatarPackageError(
+                f"frames are {width}x{height}; H.264 yuv420p needs even sizes — crop or pad the source by one pixel"
+            )
+        self._c = av.open(str(path), "w")
+        params = f"keyint={gop}:min-keyint={gop}:scenecut=0:colormatrix=smpte170m:colorprim=smpte170m:transfer=smpte170m"
+        self._s = self._c.add_stream(
+            "libx264", rate=fps, options={"crf": str(crf), "preset": preset, "x264-params": params}
+        )
+        self._s.width, self._s.height, self._s.pix_fmt = width, height, "yuv420p"
+        self._s.codec_context.gop_size = gop
+        self._n = 0
+
+    def write(self, bgr: np.ndarray) -> None:
+        import av
+        import cv2
+
+        vf = av.VideoFrame.from_ndarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420), format="yuv420p")
+        vf.pts = self._n
+        self._n += 1
+        for p in self._s.encode(vf):
+            self._c.mux(p)
+
+    def close(self) -> None:
+        for p in self._s.encode():
+            self._c.mux(p)
+        self._c.close()
+
+
+def write_package(
+    dst: str | Path,
+    frames: Iterable[np.ndarray],
+    boxes: np.ndarray,
+    fps: float | Fraction | str,
+    name: str,
+    *,
+    crop_interpolation: str = vision.DEFAULT_INTERPOLATION,
+    faces: bool | Iterable[np.ndarray] = True,
+    model: str | Path | None = None,
+    feature_type: str | None = None,
+    padding: str | None = None,
+    audio_features: str | Path | None = None,
+    source: Mapping[str, Any] | None = None,
+    crf: int = DEFAULT_CRF,
+    preset: str = DEFAULT_PRESET,
+    gop: int = DEFAULT_GOP,
+    overwrite: bool = False,
+) -> Path:
+    """Write an avatar package and return its path.
+
+    ``frames`` are BGR uint8 full frames, one per row of ``boxes`` (int
+    ``[N, 4]``: x1, y1, x2, y2). ``faces=True`` computes the face cache from
+    these (source) frames while encoding; an iterable of 320x320 BGR images
+    uses those instead (e.g. an existing ROI video); ``False`` leaves the cache
+    to be built on first use. ``model`` and ``audio_features`` files are copied
+    in. The package is assembled in a temporary directory beside ``dst`` and
+    moved into place only when complete, then validated.
+    """
+    dst = Path(dst)
+    boxes = np.asarray(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
+        raise AvatarPackageError(f"boxes must be a non-empty [N, 4] array, got {list(boxes.shape)}")
+    boxes = boxes.astype(np.int32)
+    vision.interpolation_flag(crop_interpolation)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise AvatarPackageError(f"{dst} already exists and is not empty; choose another path or pass overwrite")
+    rate = fps_fraction(fps)
+    n = len(boxes)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a package is an ordinary directory
+    try:
+        (tmp / "cache").mkdir()
+        face_iter = iter(faces) if not isinstance(faces, bool) else None
+        face_store = None
+        if faces is not False:
+            face_store = np.lib.format.open_memmap(tmp / FACES, mode="w+", dtype=np.uint8, shape=(n, 320, 320, 3))
+        writer: _H264Writer | None = None
+        count = 0
+        size: tuple[int, int] = (0, 0)
+        for frame in frames:
+            if count >= n:
+                raise AvatarPackageError(f"more frames than boxes ({n}); every frame needs a crop box")
+            if writer is None:
+                size = (frame.shape[1], frame.shape[0])
+                writer = _H264Writer(tmp / FRAMES, *size, rate, crf=crf, preset=preset, gop=gop)
+            elif (frame.shape[1], frame.shape[0]) != size:
+                raise AvatarPackageError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, frame 0 is {size[0]}x{size[1]}")
+            writer.write(frame)
+            if face_store is not None:
+                if face_iter is None:
+                    face_store[count] = vision.face_320(frame, tuple(boxes[count]), crop_interpolation)
+                else:
+                    face = next(face_iter, None)
+                    if face is None:
+                        raise AvatarPackageError(f"the face images end after {count} frames; there are {n} boxes")
+                    vision._check_face(face)
+                    face_store[count] = face
+            count += 1
+        if writer is None:
+            raise AvatarPackageError("no frames to write")
+        writer.close()
+        if count != n:
+            raise AvatarPackageError(f"{count} frames but {n} boxes; they must correspond one to one")
+        if face_iter is not None and next(face_iter, None) is not None:
+            raise AvatarPackageError(f"more face images than the {n} frames")
+        np.save(tmp / BOXES, boxes)
+        if face_store is not None:
+            face_store.flush()
+            del face_store
+            _write_faces_meta(tmp, crop_interpolation, n, "source-frames" if face_iter is None else "supplied")
+        model_info = None
+        if model is not None:
+            model = Path(model)
+            if not model.is_file():
+                raise AvatarPackageError(f"model file {model} not found")
+            shutil.copy2(model, tmp / model.name)
+            model_info = {"file": model.name, "feature_type": feature_type, "padding": padding}
+        audio_info = None
+        if audio_features is not None:
+            shutil.copy2(audio_features, tmp / "aud_ave.npy")
+            audio_info = {"file": "aud_ave.npy", "feature_type": "ave"}
+        manifest = Manifest(
+            name=name,
+            fps=float(rate),
+            frame_count=n,
+            width=size[0],
+            height=size[1],
+            crop_interpolation=crop_interpolation,
+            model=model_info,
+            audio_features=audio_info,
+            source=dict(source or {}),
+            video={"file": FRAMES, "codec": "h264", "pix_fmt": "yuv420p", "crf": crf, "gop": gop, "fps": str(rate)},
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    AvatarPackage.open(dst).close()  # validates
+    return dst
+
+
+def _write_faces_meta(root: Path, interpolation: str, n: int, made_from: str) -> None:
+    meta = {"interpolation": interpolation, "frame_count": n, "made_from": made_from}
+    (root / FACES_META).write_text(json.dumps(meta) + "\n")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class AvatarPackage:
+    """An opened avatar package (see the module docstring for the layout).
+
+    ``boxes`` is int32 ``[N, 4]``; ``faces`` the memory-mapped face cache
+    (built on first access when absent or stale); ``frame(i)`` decodes through
+    a :class:`FrameStore` bounded by ``memory_budget_mb``. Use as a context
+    manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, *, memory_budget_mb: float) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.store = FrameStore(path / FRAMES, memory_budget_mb=memory_budget_mb)
+        self._faces: np.ndarray | None = None
+        f = path / BOXES
+        if not f.is_file():
+            raise AvatarPackageError(f"{f} is missing; re-import the avatar")
+        self.boxes: np.ndarray = np.load(f).astype(np.int32)
+        self.boxes.setflags(write=False)
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, validate: bool = True
+    ) -> "AvatarPackage":
+        """Open the package directory ``path``; ``validate`` checks it first (cheap: no decoding)."""
+        path = Path(path)
+        pkg = cls(path, read_manifest(path), memory_budget_mb=memory_budget_mb)
+        if validate:
+            pkg.validate()
+        return pkg
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def frame_count(self) -> int:
+        return self.manifest.frame_count
+
+    @property
+    def width(self) -> int:
+        return self.manifest.width
+
+    @property
+    def height(self) -> int:
+        return self.manifest.height
+
+    @property
+    def fps(self) -> float:
+        return self.manifest.fps
+
+    @property
+    def crop_interpolation(self) -> str:
+        return self.manifest.crop_interpolation
+
+    @property
+    def model_path(self) -> Path | None:
+        m = self.manifest.model
+        return self.path / m["file"] if m and m.get("file") else None
+
+    @property
+    def audio_features(self) -> np.ndarray | None:
+        """The recording's own audio features (``aud_ave.npy``), if packaged."""
+        a = self.manifest.audio_features
+        return np.load(self.path / a["file"]) if a else None
+
+    def validate(self) -> None:
+        """Raise :class:`AvatarPackageError` listing every problem found."""
+        problems: list[str] = []
+        m, n = self.manifest, self.manifest.frame_count
+        try:
+            vision.interpolation_flag(m.crop_interpolation)
+        except ConfigError as exc:
+            problems.append(f"manifest crop interpolation: {exc}")
+        b = self.boxes
+        if b.ndim != 2 or b.shape[1:] != (4,):
+            problems.append(f"{BOXES} must be [N, 4], it is {list(b.shape)}")
+        else:
+            if len(b) != n:
+                problems.append(f"{BOXES} has {len(b)} boxes but the manifest says {n} frames")
+            problems += _box_problems(b, m.width, m.height)
+        frames = len(self.store)
+        if frames != n:
+            problems.append(f"{FRAMES} has {frames} frames but the manifest says {n}")
+        if (self.store.width, self.store.height) != (m.width, m.height):
+            problems.append(f"{FRAMES} is {self.store.width}x{self.store.height}, the manifest says {m.width}x{m.height}")
+        faces = self.path / FACES
+        if faces.is_file():
+            shape = np.load(faces, mmap_mode="r").shape
+            if shape != (n, 320, 320, 3):
+                problems.append(f"{FACES} is {list(shape)}, expected [{n}, 320, 320, 3]; delete it to rebuild it")
+        for key, info in (("model", m.model), ("audio_features", m.audio_features)):
+            if info and not (self.path / str(info.get("file"))).is_file():
+                problems.append(f"the manifest names {key} file {info.get('file')!r} but it is missing")
+        if m.model and m.model.get("feature_type") and not problems:
+            problems += _model_problems(self.path / m.model["file"], m.model["feature_type"])
+        if m.audio_features:
+            f = self.path / m.audio_features["file"]
+            if f.is_file() and np.load(f, mmap_mode="r").ndim != 2:
+                problems.append(f"{f.name} must be a [frames, 512] array")
+        if problems:
+            raise AvatarPackageError(f"avatar package {self.path} is invalid:\n  - " + "\n  - ".join(problems))
+
+    # frames
+    def frame(self, i: int) -> np.ndarray:
+        """Full frame ``i``, BGR uint8 (read-only view; copy before modifying)."""
+        return self.store.frame(i)
+
+    def frames(self, indices: Iterable[int]) -> Iterator[np.ndarray]:
+        return self.store.frames(indices)
+
+    # faces and model inputs
+    @property
+    def faces(self) -> np.ndarray:
+        """uint8 ``[N, 320, 320, 3]`` memory-mapped face cache (built when absent or stale)."""
+        if self._faces is None:
+            if not self._faces_current():
+                self.build_faces()
+            self._faces = np.load(self.path / FACES, mmap_mode="r")
+        return self._faces
+
+    def _faces_current(self) -> bool:
+        f, meta_f = self.path / FACES, self.path / FACES_META
+        if not f.is_file():
+            return False
+        try:
+            meta = json.loads(meta_f.read_text())
+        except (OSError, ValueError):
+            return False
+        if meta.get("made_from") == "supplied":
+            return True  # faces given by the source (e.g. an ROI video): keep them
+        return meta.get("interpolation") == self.crop_interpolation and meta.get("frame_count") == self.frame_count
+
+    def build_faces(self) -> Path:
+        """(Re)build the face cache by decoding every frame once; returns its path."""
+        self._faces = None
+        dst = self.path / FACES
+        dst.parent.mkdir(exist_ok=True)
+        tmp = dst.with_name(dst.name + ".partial.npy")
+        shape = (self.frame_count, 320, 320, 3)
+        try:
+            store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        except OSError as exc:
+            raise AvatarPackageError(f"cannot write the face cache {dst}: {exc}; make the package writable") from None
+        log.info("building the face cache of %s (%d frames)", self.path, self.frame_count)
+        for i, frame in enumerate(self.frames(range(self.frame_count))):
+            store[i] = vision.face_320(frame, tuple(self.boxes[i]), self.crop_interpolation)
+        store.flush()
+        del store
+        os.replace(tmp, dst)
+        _write_faces_meta(self.path, self.crop_interpolation, self.frame_count, "package-frames")
+        return dst
+
+    def visual_inputs(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Model visual inputs ``[B, 6, 320, 320]`` uint8 for avatar frames ``indices``."""
+        idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64)
+        return vision.visual_batch(self.faces[idx])
+
+    def composite(self, i: int, face: np.ndarray) -> np.ndarray:
+        """Avatar frame ``i`` with a generated 320 face pasted in (a new frame)."""
+        return vision.composite(self.frame(i), tuple(self.boxes[i]), face, interpolation=self.crop_interpolation)
+
+    def close(self) -> None:
+        self.store.close()
+        self._faces = None
+
+    def __enter__(self) -> "AvatarPackage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AvatarPackage({str(self.path)!r}, {self.frame_count} frames {self.width}x{self.height} @ {self.fps:g} fps)"
+
+
+def _box_problems(boxes: np.ndarray, width: int, height: int, limit: int = 5) -> list[str]:
+    """Non-square, tiny and fully out-of-frame boxes (at most ``limit`` of each kind)."""
+    x1, y1, x2, y2 = boxes.T.astype(np.int64)
+    w, h = x2 - x1, y2 - y1
+    out: list[str] = []
+
+    def report(bad: np.ndarray, what: str, fix: str) -> None:
+        idx = np.flatnonzero(bad)
+        if len(idx):
+            shown = ", ".join(f"frame {i} {tuple(int(v) for v in boxes[i])}" for i in idx[:limit])
+            more = f" and {len(idx) - limit} more" if len(idx) > limit else ""
+            out.append(f"{len(idx)} box(es) {what}: {shown}{more}; {fix}")
+
+    report(w != h, "not square", "the crop rule makes square boxes — recompute them from the landmarks")
+    report(np.minimum(w, h) < MIN_BOX_SIDE, f"smaller than {MIN_BOX_SIDE} px", "check the landmarks of those frames")
+    report((x2 <= 0) | (y2 <= 0) | (x1 >= width) | (y1 >= height), f"entirely outside the {width}x{height} frame",
+           "check the landmarks or the frame size")
+    return out
+
+
+def _model_problems(model: Path, feature_type: str) -> list[str]:
+    from .contract import read_contract
+
+    try:
+        c = read_contract(model)
+    except Exception as exc:  # ModelError and friends: report, do not crash validation
+        return [f"model {model.name}: {exc}"]
+    if c.feature_type != feature_type:
+        return [
+            f"the manifest says feature type {feature_type!r} but {model.name} takes {c.feature_type!r} audio windows "
+            f"{c.audio_window_shape}; fix the manifest's model.feature_type"
+        ]
+    return []

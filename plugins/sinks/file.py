@@ -1,0 +1,176 @@
+"""The ``file`` sink: an MP4 (or MOV/MKV) file with H.264 video and AAC audio.
+
+Constant frame rate: frame ``i`` has pts ``i`` in a ``1/fps`` time base, and
+the audio is muxed from each frame's PCM share, so the AAC stream is as long as
+the audio given (to within one 1024-sample AAC frame) and cannot drift.
+
+An interrupted render still leaves a playable file: ``close(aborted=True)``
+drains both encoders and writes the trailer (the ``moov`` atom), exactly like
+a normal close. ``+faststart`` (moov moved to the front when the trailer is
+written) is on by default; it needs the trailer either way, so it does not make
+interrupted files worse. A process killed with SIGKILL never reaches
+``close`` and leaves an unplayable MP4, whatever the options.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from avatar.errors import ConfigError, SinkError
+from avatar.hookspecs import hookimpl
+from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
+def parse_bitrate(value: int | str, what: str) -> int:
+    """``128k``, ``2M``, ``2500000`` → bits per second."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        bits = int(value)
+    else:
+        text = str(value).strip().lower()
+        scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+        try:
+            bits = int(float(text[:-1] if scale != 1 else text) * scale)
+        except ValueError:
+            raise ConfigError(f"{what} must be a bitrate like 128k, 2M or 2000000, not {value!r}") from None
+    if bits <= 0:
+        raise ConfigError(f"{what} must be positive, not {value!r}")
+    return bits
+
+
+class FileSink(Sink):
+    """Writes an H.264 + AAC file with PyAV (libx264 and FFmpeg's AAC encoder)."""
+
+    name = "file"
+    description = "H.264 + AAC file (MP4) via PyAV; playable even after an interrupt"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        preset: str = "veryfast",
+        crf: int | float = 20,
+        audio_bitrate: int | str = "128k",
+        audio_rate: int = 48000,
+        audio_layout: str = "mono",
+        pix_fmt: str = "yuv420p",
+        faststart: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(path=path, preset=preset, crf=crf, audio_bitrate=audio_bitrate,
+                         audio_rate=audio_rate, pix_fmt=pix_fmt, faststart=faststart, **options)
+        if options:
+            raise ConfigError(
+                f"unknown option(s) for the file sink: {', '.join(sorted(options))}; "
+                "known: path, preset, crf, audio_bitrate, audio_rate, audio_layout, pix_fmt, faststart"
+            )
+        if not path:
+            raise ConfigError("the file sink needs a path, e.g. --sink-opt path=out.mp4")
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise ConfigError(
+                f"the output directory {str(self.path.parent)!r} does not exist; create it first "
+                f"(mkdir -p {self.path.parent}) or choose another path"
+            )
+        if preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+        try:
+            crf_value = float(crf)
+        except (TypeError, ValueError):
+            raise ConfigError(f"crf must be a number 0-51, not {crf!r}") from None
+        if not 0 <= crf_value <= 51:
+            raise ConfigError(f"crf must be between 0 (lossless) and 51 (worst), not {crf!r}")
+        if pix_fmt != "yuv420p":
+            raise ConfigError(f"pix_fmt must be yuv420p (the widely playable H.264 format), not {pix_fmt!r}")
+        if int(audio_rate) not in (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000):
+            raise ConfigError(f"audio_rate {audio_rate!r} is not an AAC sample rate; use 44100 or 48000")
+        if audio_layout not in ("mono", "stereo"):
+            raise ConfigError(f"audio_layout must be 'mono' or 'stereo', not {audio_layout!r}")
+        self.preset = preset
+        self.crf = crf_value
+        self.audio_bitrate = parse_bitrate(audio_bitrate, "audio_bitrate")
+        self.audio_rate = int(audio_rate)
+        self.audio_layout = audio_layout
+        self.pix_fmt = pix_fmt
+        self.faststart = bool(faststart)
+        self._container: Any = None
+        self._enc: Any = None
+        self._info: StreamInfo | None = None
+        self._closed = False
+        self._frames = 0
+
+    def open(self, info: StreamInfo) -> None:
+        import av
+
+        from ._encode import AVEncoder
+
+        if info.audio_channels != 1:
+            raise SinkError(f"the file sink takes mono audio shares, got {info.audio_channels} channels")
+        opts = {"movflags": "+faststart"} if self.faststart and self.path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
+        try:
+            self._container = av.open(str(self.path), "w", options=opts)
+        except (OSError, ValueError, av.FFmpegError) as exc:
+            raise SinkError(f"cannot create {self.path}: {exc}") from exc
+        if info.title:
+            self._container.metadata["title"] = info.title
+        try:
+            self._enc = AVEncoder(
+                self._container,
+                width=info.width,
+                height=info.height,
+                fps=info.fps,
+                sample_rate=info.sample_rate,
+                audio_rate=self.audio_rate,
+                audio_bitrate=self.audio_bitrate,
+                audio_layout=self.audio_layout,
+                video_options={"preset": self.preset, "crf": f"{self.crf:g}"},
+                pix_fmt=self.pix_fmt,
+            )
+        except Exception:
+            self._container.close()
+            raise
+        self._info = info
+        log.info("writing %s (%dx%d @ %s fps, preset %s, crf %g)", self.path, self._enc.width,
+                 self._enc.height, info.fps, self.preset, self.crf)
+
+    def write(self, frame: VideoFrame) -> None:
+        if self._enc is None:
+            raise SinkError("write() before open(): call open(StreamInfo) first")
+        start = Fraction(frame.pts) if self._frames == 0 else None
+        self._enc.encode_audio(frame.audio, start=start)
+        self._enc.encode_video(frame.image, frame.index)
+        self._frames += 1
+
+    def close(self, aborted: bool = False) -> SinkReport:
+        report = SinkReport(frames=self._frames, details={"path": str(self.path), "aborted": aborted})
+        if self._closed or self._container is None:
+            return report
+        self._closed = True
+        try:
+            self._enc.flush()
+        except Exception as exc:
+            log.warning("flushing the encoders of %s failed: %s", self.path, exc)
+        try:
+            self._container.close()  # writes the trailer: the file is playable
+        except Exception as exc:
+            if not aborted:
+                raise SinkError(f"cannot finalise {self.path}: {exc}") from exc
+            log.warning("finalising %s after an interrupt failed: %s", self.path, exc)
+        report.details["audio_s"] = self._enc.audio_seconds
+        report.details["video_s"] = float(self._frames / self._info.fps) if self._info else 0.0
+        report.details["bytes"] = self.path.stat().st_size if self.path.exists() else 0
+        log.info("%s %s: %d frames, %.2f s of audio", "interrupted" if aborted else "wrote",
+                 self.path, self._frames, self._enc.audio_seconds)
+        return report
+
+
+@hookimpl
+def register_sinks(register):  # type: ignore[no-untyped-def]
+    register(FileSink)
