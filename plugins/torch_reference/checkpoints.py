@@ -123,7 +123,7 @@ def load_unet_checkpoint(path: str | Path, mode: str = "ave") -> Any:
     only in a stride, so no file can tell them apart: pick by the features the
     model was trained on).
     """
-    from .networks import MODES, UNet328
+    from .networks import MODES
 
     if mode not in MODES:
         raise ConfigError(f"unknown audio mode {mode!r}; use one of {', '.join(MODES)}")
