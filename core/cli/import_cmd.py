@@ -1,0 +1,80 @@
+"""``avatar import synctalk|spec SRC -o DST``: build an avatar package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..vision import DEFAULT_INTERPOLATION, INTERPOLATIONS
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every importer."""
+    options = [
+        click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path),
+                     help="Package directory to create."),
+        click.option("--name", help="Avatar name (default: the source folder's name)."),
+        click.option("--limit", type=click.IntRange(min=1), help="Import only the first N frames."),
+        click.option("--interpolation", type=click.Choice(sorted(INTERPOLATIONS)), default=DEFAULT_INTERPOLATION,
+                     show_default=True, help="Resize used for the 328 crop (upstream inference: cubic)."),
+        click.option("--crf", type=click.IntRange(0, 51), default=14, show_default=True,
+                     help="H.264 quality of frames.mp4 (0 = lossless)."),
+        click.option("--preset", default="veryfast", show_default=True, help="x264 preset (speed of the import)."),
+        click.option("--gop", type=click.IntRange(min=1), default=12, show_default=True,
+                     help="Keyframe interval: smaller = cheaper random access, bigger file."),
+        click.option("--force", is_flag=True, help="Replace DST if it exists."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def _summary(dst: Path) -> None:
+    from ..package import AvatarPackage
+
+    with AvatarPackage.open(dst) as pkg:
+        side = pkg.boxes[:, 2] - pkg.boxes[:, 0]
+        click.echo(f"avatar package: {pkg.path}")
+        click.echo(f"name:           {pkg.name}")
+        click.echo(f"frames:         {pkg.frame_count} ({pkg.frame_count / pkg.fps:.1f} s)")
+        click.echo(f"size:           {pkg.width}x{pkg.height}")
+        click.echo(f"fps:            {pkg.fps:g}")
+        click.echo(f"boxes:          {int(side.min())}-{int(side.max())} px square")
+        click.echo(f"crop resize:    {pkg.crop_interpolation}")
+        if pkg.manifest.audio_features:
+            click.echo(f"audio features: {pkg.manifest.audio_features['file']}")
+
+
+@click.group("import")
+def import_() -> None:
+    """Build an avatar package from a SyncTalk_2D dataset or the specification's layout."""
+
+
+@import_.command("synctalk")
+@_common
+@click.option("--fps", type=float, default=25.0, show_default=True, help="Frame rate of the image sequence.")
+def synctalk(src: Path, dst: Path, name: str | None, limit: int | None, interpolation: str, crf: int,
+             preset: str, gop: int, force: bool, fps: float) -> None:
+    """Import SRC/full_body_img/*.jpg + SRC/landmarks/*.lms (+ aud_ave.npy)."""
+    from ..importers import import_synctalk
+
+    import_synctalk(src, dst, fps=fps, name=name, limit=limit, crop_interpolation=interpolation, crf=crf,
+                    preset=preset, gop=gop, overwrite=force)
+    _summary(dst)
+
+
+@import_.command("spec")
+@_common
+@click.option("--fps", type=float, default=None, help="Override the frame rate (default: the video's).")
+@click.option("--no-rois", is_flag=True, help="Compute faces with the crop rule instead of using rois_320_video.mp4.")
+def spec(src: Path, dst: Path, name: str | None, limit: int | None, interpolation: str, crf: int,
+         preset: str, gop: int, force: bool, fps: float | None, no_rois: bool) -> None:
+    """Import SRC/full_body_video.mp4 + roi_bounds.npy or crop_rectangles.json (+ rois_320_video.mp4, aud_ave.npy)."""
+    from ..importers import import_spec
+
+    import_spec(src, dst, fps=fps, name=name, limit=limit, rois=not no_rois, crop_interpolation=interpolation,
+                crf=crf, preset=preset, gop=gop, overwrite=force)
+    _summary(dst)

@@ -1,0 +1,309 @@
+"""Build avatar packages from the layouts avatars come in.
+
+* :func:`import_synctalk` — a SyncTalk_2D dataset folder: ``full_body_img/N.jpg``
+  (0- or 1-based), ``landmarks/N.lms`` (110 points), optional ``aud_ave.npy``.
+* :func:`import_spec` — the model I/O specification's layout:
+  ``full_body_video.mp4``, ``roi_bounds.npy`` or ``crop_rectangles.json``,
+  optional ``rois_320_video.mp4`` (used as the face cache), ``aud_ave.npy``.
+
+Both check the source before encoding anything and name the offending files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import vision
+from .errors import AvatarPackageError
+from .package import DEFAULT_CRF, DEFAULT_GOP, DEFAULT_PRESET, _box_problems, write_package
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_SHOW = 5  # how many offending names an error lists
+
+
+def _names(items: list[str]) -> str:
+    more = f" (and {len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return ", ".join(items[:_SHOW]) + more
+
+
+def _numbered(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[int, Path]:
+    """``{number: path}`` of the files ``<number><suffix>`` in ``folder``."""
+    if not folder.is_dir():
+        raise AvatarPackageError(f"{folder} is missing; a SyncTalk_2D dataset has {folder.name}/ with {what}")
+    found: dict[int, Path] = {}
+    odd: list[str] = []
+    for p in folder.iterdir():
+        if p.suffix.lower() not in suffixes:
+            continue
+        if re.fullmatch(r"\d+", p.stem):
+            found[int(p.stem)] = p
+        else:
+            odd.append(p.name)
+    if odd:
+        raise AvatarPackageError(f"{folder}: file names must be frame numbers (0.jpg, 1.jpg, ...): {_names(sorted(odd))}")
+    if not found:
+        raise AvatarPackageError(f"{folder} has no {what}")
+    return found
+
+
+def _check_boxes_early(boxes: np.ndarray, width: int, height: int, where: str) -> None:
+    problems = _box_problems(boxes, width, height)
+    if problems:
+        raise AvatarPackageError(f"{where}:\n  - " + "\n  - ".join(problems))
+
+
+def import_synctalk(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    fps: float = 25,
+    name: str | None = None,
+    limit: int | None = None,
+    crop_interpolation: str = vision.DEFAULT_INTERPOLATION,
+    crf: int = DEFAULT_CRF,
+    preset: str = DEFAULT_PRESET,
+    gop: int = DEFAULT_GOP,
+    overwrite: bool = False,
+) -> Path:
+    """Import a SyncTalk_2D dataset folder into an avatar package at ``dst``.
+
+    Numbering may start at 0 or 1 (detected); gaps, frames without landmarks,
+    landmarks without frames and malformed ``.lms`` files are errors naming the
+    files. ``limit`` imports only the first N frames (quick previews, tests).
+    ``aud_ave.npy`` is copied in when present (whole, regardless of ``limit``).
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise AvatarPackageError(f"{src} is not a directory; pass a SyncTalk_2D dataset folder")
+    imgs = _numbered(src / "full_body_img", IMAGE_SUFFIXES, "frame images (0.jpg, 1.jpg, ...)")
+    lms = _numbered(src / "landmarks", (".lms",), "landmark files (0.lms, 1.lms, ...)")
+    first = min(imgs)
+    if first not in (0, 1):
+        raise AvatarPackageError(f"{src / 'full_body_img'}: numbering starts at {first}; expected 0 or 1")
+    expected = range(first, first + len(imgs))
+    gaps = [f"{i}.jpg" for i in range(first, max(imgs) + 1) if i not in imgs]
+    if gaps:
+        raise AvatarPackageError(
+            f"{src / 'full_body_img'}: {len(gaps)} frame(s) missing from the numbering {first}..{max(imgs)}: {_names(gaps)}"
+        )
+    no_lms = [f"landmarks/{i}.lms" for i in expected if i not in lms]
+    extra = [f"landmarks/{i}.lms" for i in sorted(lms) if i not in imgs]
+    if no_lms or extra:
+        parts = [f"{len(imgs)} frames but {len(lms)} landmark files"]
+        if no_lms:
+            parts.append(f"missing: {_names(no_lms)}")
+        if extra:
+            parts.append(f"without a frame: {_names(extra)}")
+        raise AvatarPackageError(f"{src}: " + "; ".join(parts) + " — re-run the landmark detection")
+    if limit is not None and limit < 1:
+        raise AvatarPackageError(f"limit must be at least 1, got {limit}")
+    used = list(expected)[: limit or None]
+    boxes = np.array([vision.crop_box_from_landmarks(vision.read_lms(lms[i])) for i in used], dtype=np.int32)
+
+    import cv2
+
+    def frames() -> Iterator[np.ndarray]:
+        for i in used:
+            img = cv2.imread(str(imgs[i]), cv2.IMREAD_COLOR)
+            if img is None:
+                raise AvatarPackageError(f"cannot decode image {imgs[i]}; replace or remove it")
+            yield img
+
+    first_img = cv2.imread(str(imgs[used[0]]), cv2.IMREAD_COLOR)
+    if first_img is None:
+        raise AvatarPackageError(f"cannot decode image {imgs[used[0]]}")
+    _check_boxes_early(boxes, first_img.shape[1], first_img.shape[0], f"{src}: bad crop boxes from the landmarks")
+    aud = src / "aud_ave.npy"
+    source: dict[str, Any] = {
+        "importer": "synctalk",
+        "path": str(src.resolve()),
+        "first_index": first,
+        "source_frames": len(imgs),
+    }
+    if limit is not None:
+        source["limit"] = limit
+    return write_package(
+        dst,
+        frames(),
+        boxes,
+        fps,
+        name or src.resolve().name,
+        crop_interpolation=crop_interpolation,
+        audio_features=aud if aud.is_file() else None,
+        source=source,
+        crf=crf,
+        preset=preset,
+        gop=gop,
+        overwrite=overwrite,
+    )
+
+
+# --------------------------------------------------------------------------- spec layout
+
+
+def _decode_video(path: Path, limit: int | None = None) -> Iterator[np.ndarray]:
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            st = c.streams.video[0]
+            st.thread_type = "AUTO"
+            for k, fr in enumerate(c.decode(st)):
+                if limit is not None and k >= limit:
+                    return
+                yield fr.to_ndarray(format="bgr24")
+    except av.FFmpegError as exc:
+        raise AvatarPackageError(f"cannot decode {path}: {exc}") from None
+
+
+def _video_info(path: Path) -> tuple[int, int, int, Fraction | None]:
+    """(frames, width, height, fps) of a video; frames counted by demuxing."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            st = c.streams.video[0]
+            n = sum(1 for p in c.demux(st) if p.pts is not None)
+            rate = st.average_rate or st.guessed_rate
+            return n, st.codec_context.width, st.codec_context.height, Fraction(rate) if rate else None
+    except (av.FFmpegError, IndexError) as exc:
+        raise AvatarPackageError(f"cannot read video {path}: {exc}") from None
+
+
+def read_crop_rectangles(path: str | Path) -> np.ndarray:
+    """Boxes ``[N, 4]`` from a ``crop_rectangles.json``.
+
+    Accepts ``{"<frame>": {"rect": [x1, y1, x2, y2]}, ...}`` (the spec author's
+    tools), ``{"<frame>": [x1, y1, x2, y2]}`` and a plain list of either.
+    Frame keys may start at 0 or 1 and must be contiguous.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AvatarPackageError(f"cannot read {path}: {exc}") from None
+
+    def rect(v: Any, key: object) -> list[int]:
+        r = v.get("rect", v.get("bounds")) if isinstance(v, dict) else v
+        if isinstance(r, dict):
+            r = [r.get("x1"), r.get("y1"), r.get("x2"), r.get("y2")]
+        try:
+            out = [int(round(float(x))) for x in r]
+        except (TypeError, ValueError):
+            out = []
+        if len(out) != 4:
+            raise AvatarPackageError(f"{path}: entry {key} is not a rectangle [x1, y1, x2, y2]: {v!r}")
+        return out
+
+    if isinstance(data, list):
+        return np.array([rect(v, i) for i, v in enumerate(data)], dtype=np.int32).reshape(-1, 4)
+    if not isinstance(data, dict) or not data:
+        raise AvatarPackageError(f"{path}: expected a list or a frame-keyed object of rectangles")
+    try:
+        keys = sorted(int(k) for k in data)
+    except ValueError:
+        raise AvatarPackageError(f"{path}: keys must be frame numbers") from None
+    first = keys[0]
+    if first not in (0, 1) or keys != list(range(first, first + len(keys))):
+        missing = [str(i) for i in range(first, keys[-1] + 1) if i not in set(keys)]
+        raise AvatarPackageError(f"{path}: frame keys must run 0.. or 1.. without gaps; missing {_names(missing)}")
+    return np.array([rect(data[str(k)], k) for k in keys], dtype=np.int32).reshape(-1, 4)
+
+
+def import_spec(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    fps: float | None = None,
+    name: str | None = None,
+    limit: int | None = None,
+    rois: bool = True,
+    crop_interpolation: str = vision.DEFAULT_INTERPOLATION,
+    crf: int = DEFAULT_CRF,
+    preset: str = DEFAULT_PRESET,
+    gop: int = DEFAULT_GOP,
+    overwrite: bool = False,
+) -> Path:
+    """Import the specification's layout into an avatar package at ``dst``.
+
+    Boxes come from ``roi_bounds.npy`` ``[N, 4]`` or, failing that,
+    ``crop_rectangles.json`` (in the folder or its ``cache/``). With ``rois``
+    (default) the frames of ``rois_320_video.mp4`` become the face cache, so
+    the model sees exactly the faces the source was prepared with; otherwise
+    (or when the video is absent) faces are computed with the crop rule.
+    ``model_inputs_video.mp4`` is only count-checked: the masked copy is a fixed
+    function of the face. ``fps`` defaults to the full-body video's rate.
+    """
+    src = Path(src)
+    video = src / "full_body_video.mp4"
+    if not video.is_file():
+        raise AvatarPackageError(f"{video} is missing; the specification's layout has full_body_video.mp4")
+    if (src / "roi_bounds.npy").is_file():
+        box_file = src / "roi_bounds.npy"
+        boxes = np.load(box_file)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise AvatarPackageError(f"{box_file} must be [frames, 4] (x1, y1, x2, y2), it is {list(boxes.shape)}")
+        boxes = np.rint(boxes).astype(np.int32)
+    else:
+        cands = [src / "crop_rectangles.json", src / "cache" / "crop_rectangles.json"]
+        box_file = next((c for c in cands if c.is_file()), None)  # type: ignore[assignment]
+        if box_file is None:
+            raise AvatarPackageError(f"{src} has neither roi_bounds.npy nor crop_rectangles.json; one gives the crop boxes")
+        boxes = read_crop_rectangles(box_file)
+    n_video, width, height, rate = _video_info(video)
+    if n_video != len(boxes):
+        raise AvatarPackageError(f"{video.name} has {n_video} frames but {box_file.name} has {len(boxes)} boxes")
+    roi_video = src / "rois_320_video.mp4"
+    use_rois = rois and roi_video.is_file()
+    for extra in ([roi_video] if use_rois else []) + [src / "model_inputs_video.mp4"]:
+        if extra.is_file():
+            n, w, h, _ = _video_info(extra)
+            if n != n_video:
+                raise AvatarPackageError(f"{extra.name} has {n} frames but {video.name} has {n_video}")
+            if (w, h) != (320, 320):
+                raise AvatarPackageError(f"{extra.name} is {w}x{h}; it must be 320x320")
+    if limit is not None:
+        if limit < 1:
+            raise AvatarPackageError(f"limit must be at least 1, got {limit}")
+        boxes = boxes[:limit]
+    _check_boxes_early(boxes, width, height, f"{box_file}: bad crop boxes")
+    if fps is None:
+        if rate is None:
+            raise AvatarPackageError(f"{video.name} does not state its frame rate; pass fps")
+        fps_value: float | Fraction = rate
+    else:
+        fps_value = fps
+    aud = src / "aud_ave.npy"
+    source: dict[str, Any] = {
+        "importer": "spec",
+        "path": str(src.resolve()),
+        "boxes": box_file.name,
+        "faces": roi_video.name if use_rois else "computed",
+        "source_frames": n_video,
+    }
+    if limit is not None:
+        source["limit"] = limit
+    return write_package(
+        dst,
+        _decode_video(video, limit),
+        boxes,
+        fps_value,
+        name or src.resolve().name,
+        crop_interpolation=crop_interpolation,
+        faces=_decode_video(roi_video, limit) if use_rois else True,
+        audio_features=aud if aud.is_file() else None,
+        source=source,
+        crf=crf,
+        preset=preset,
+        gop=gop,
+        overwrite=overwrite,
+    )

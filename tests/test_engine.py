@@ -1,0 +1,282 @@
+"""The engine end to end, through real plugins, real ONNX Runtime sessions and real files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avatar import ConfigError, ModelError
+from avatar.engine import _AudioClock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from avatar.models.synthetic import make_audio_encoder, make_unet
+
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "unet": make_unet(d / "unet.onnx", mode="ave", seed=1, tiny=True),
+        "unet_full": make_unet(d / "unet_full.onnx", mode="ave", seed=1),
+        "encoder": make_audio_encoder(d / "enc.onnx", seed=1, tiny=False),
+        "hubert_unet": make_unet(d / "unet_hubert.onnx", mode="hubert", seed=1, tiny=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def demo_avatar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avatar.demo import synthetic_frames
+    from avatar.package import write_package
+
+    d = tmp_path_factory.mktemp("demo-avatar") / "avatar"
+    frames, boxes = synthetic_frames(12, width=320, height=240)
+    write_package(d, iter(frames), boxes, fps=25, name="test")
+    return d
+
+
+@pytest.fixture(scope="module")
+def sanders_pkg(sanders_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avatar.importers import import_synctalk
+
+    d = tmp_path_factory.mktemp("sanders") / "pkg"
+    import_synctalk(sanders_dir, d, limit=60)
+    return d
+
+
+def collect(**kwargs):  # type: ignore[no-untyped-def]
+    from avatar.render import render
+    from avatar_plugins.sinks.callback import CallbackSink
+
+    frames = []
+    sink = CallbackSink(frames.append, with_face=True)
+    report = render(sinks=[sink], **kwargs)
+    return frames, report
+
+
+# --------------------------------------------------------------------------- unit-level
+
+
+def test_audio_clock_shares_cover_the_audio_exactly() -> None:
+    clock = _AudioClock(16000, Fraction(25))
+    pcm = np.arange(16000 * 2 + 123, dtype=np.float32)
+    for i in range(0, len(pcm), 999):
+        clock.add(pcm[i : i + 999])
+    clock.close()
+    n = int(np.ceil(len(pcm) * 25 / 16000))
+    shares = [clock.take(i, last=i == n - 1) for i in range(n)]
+    assert all(len(s) == 640 for s in shares[:-1])
+    assert np.array_equal(np.concatenate(shares), pcm)
+
+
+# --------------------------------------------------------------------------- synthetic avatar
+
+
+def test_render_callback_frames_match_reference(models: dict[str, Path], demo_avatar: Path) -> None:
+    """Each frame equals a straightforward per-frame crop → model → composite."""
+    import onnxruntime as ort
+
+    from avatar.audio import load_audio  # noqa: F401  (the loader is part of the path under test)
+    from avatar.demo import speechlike_audio
+    from avatar.package import AvatarPackage
+    from avatar.plugins import get_plugin_manager
+    from avatar.schedule import pingpong
+    from avatar.vision import composite, face_320, output_to_uint8, visual_input
+
+    pcm = speechlike_audio(2.0, seed=3)
+    frames, report = collect(
+        avatar=demo_avatar, audio=pcm, model=models["unet"], feature_options={"encoder": str(models["encoder"])},
+        backend="cpu", batch_size=4,
+    )
+    assert report.frames == len(frames) == 50
+    assert [f.index for f in frames] == list(range(50))
+    src = get_plugin_manager().feature_source("ave", encoder=str(models["encoder"]))
+    windows = src.windows(pcm)
+    pkg = AvatarPackage.open(demo_avatar)
+    sess = ort.InferenceSession(str(models["unet"]), providers=["CPUExecutionProvider"])
+    for f in frames[::7]:
+        a = pingpong(f.index, pkg.frame_count)
+        assert f.avatar_index == a
+        full = pkg.frame(a)
+        box = tuple(int(v) for v in pkg.boxes[a])
+        vis = visual_input(face_320(full, box))[None].astype(np.float32) / 255.0
+        out = sess.run(None, {"input": vis, "audio": windows[f.index][None].astype(np.float32)})[0]
+        ref = composite(full, box, output_to_uint8(out)[0])
+        assert psnr(f.image, ref) >= 45
+        mask = np.ones(full.shape[:2], bool)
+        x1, y1, x2, y2 = box
+        mask[max(y1, 0) : y2, max(x1, 0) : x2] = False
+        assert np.array_equal(f.image[mask], full[mask])
+        assert len(f.audio) == 640
+
+
+def test_different_audio_changes_the_mouth(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar.demo import speechlike_audio
+
+    kw = dict(avatar=demo_avatar, model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu", frame_limit=20)
+    a, _ = collect(audio=speechlike_audio(1.0, seed=1), **kw)
+    b, _ = collect(audio=speechlike_audio(1.0, seed=2), **kw)
+    diffs = [np.abs(x.face.astype(int) - y.face.astype(int)).mean() for x, y in zip(a, b)]
+    assert np.mean(diffs) > 0.5
+    silent, _ = collect(audio=np.zeros(16000, np.float32), **kw)
+    assert np.mean([np.abs(x.face.astype(int) - y.face.astype(int)).mean() for x, y in zip(a, silent)]) > 0.5
+
+
+def test_batch_size_does_not_change_frames(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar.demo import speechlike_audio
+
+    kw = dict(avatar=demo_avatar, audio=speechlike_audio(0.8), model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    a, ra = collect(batch_size=1, **kw)
+    b, rb = collect(batch_size=7, **kw)
+    assert len(a) == len(b) == 20
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert ra.stages.items["inference"] == rb.stages.items["inference"] == 20
+
+
+def test_pingpong_schedule_when_audio_outlasts_video(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar.demo import speechlike_audio
+
+    frames, _ = collect(
+        avatar=demo_avatar, audio=speechlike_audio(1.2), model=models["unet"], feature_options={"encoder": str(models["encoder"])},
+        backend="cpu",
+    )
+    order = [f.avatar_index for f in frames]
+    assert order[:24] == list(range(12)) + list(range(10, -1, -1)) + [1]
+
+
+def test_streamed_audio_chunks_equal_offline(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar.demo import speechlike_audio
+
+    pcm = speechlike_audio(1.0, seed=5)
+    kw = dict(avatar=demo_avatar, model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    a, _ = collect(audio=pcm, **kw)
+    rng = np.random.default_rng(0)
+    cuts = np.sort(rng.choice(np.arange(1, len(pcm)), size=40, replace=False))
+    b, _ = collect(audio=iter(np.split(pcm, cuts)), **kw)
+    assert len(a) == len(b)
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert np.array_equal(np.concatenate([f.audio for f in a]), np.concatenate([f.audio for f in b]))
+
+
+def test_model_feature_mismatch_is_a_clear_error(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar.render import render
+
+    with pytest.raises(ModelError, match=r"\(32, 32, 32\).*'ave' makes \(32, 16, 16\)"):
+        render(demo_avatar, np.zeros(16000, np.float32), sinks=[("callback", {"fn": lambda f: None})], model=models["hubert_unet"],
+               feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+
+
+def test_missing_encoder_is_a_clear_error(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar.render import render
+
+    with pytest.raises(ConfigError, match="audio-encoder"):
+        render(demo_avatar, np.zeros(16000, np.float32), sinks=[("callback", {"fn": lambda f: None})], model=models["unet"], backend="cpu")
+
+
+def test_sink_error_propagates_and_stops_the_run(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar import SinkError
+    from avatar.demo import speechlike_audio
+    from avatar.render import render
+
+    seen = []
+
+    def fn(frame):  # type: ignore[no-untyped-def]
+        seen.append(frame.index)
+        if frame.index == 5:
+            raise RuntimeError("user code failed")
+
+    with pytest.raises((SinkError, RuntimeError)):
+        render(demo_avatar, speechlike_audio(3.0), sinks=[("callback", {"fn": fn})], model=models["unet"],
+               feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    assert seen == list(range(6))
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_real_dataset_real_speech_callback_and_file(models: dict[str, Path], sanders_pkg: Path, talk_wav: Path, tmp_path: Path) -> None:
+    """≥ 100 frames of real speech on cpu: callback == reference; MP4 decodes right."""
+    import av
+    import onnxruntime as ort
+
+    from avatar.audio import load_audio
+    from avatar.package import AvatarPackage
+    from avatar.plugins import get_plugin_manager
+    from avatar.render import render
+    from avatar.schedule import pingpong
+    from avatar.vision import composite, face_320, output_to_uint8, visual_input
+    from avatar_plugins.sinks.callback import CallbackSink
+
+    pcm = load_audio(talk_wav)[: 16000 * 5]  # 5 s → 125 frames
+    frames: list = []
+    out = tmp_path / "out.mp4"
+    report = render(
+        sanders_pkg, pcm, model=models["unet_full"], feature_options={"encoder": str(models["encoder"])},
+        backend="cpu", batch_size=8, sinks=[CallbackSink(frames.append, with_face=True), ("file", {"path": str(out)})],
+    )
+    assert report.frames == len(frames) == 125
+    pkg = AvatarPackage.open(sanders_pkg)
+    windows = get_plugin_manager().feature_source("ave", encoder=str(models["encoder"])).windows(pcm)
+    assert len(windows) == 125
+    sess = ort.InferenceSession(str(models["unet_full"]), providers=["CPUExecutionProvider"])
+    for f in frames[::31]:
+        a = pingpong(f.index, pkg.frame_count)
+        full = pkg.frame(a)
+        box = tuple(int(v) for v in pkg.boxes[a])
+        vis = visual_input(face_320(full, box))[None].astype(np.float32) / 255.0
+        ref = composite(full, box, output_to_uint8(sess.run(None, {"input": vis, "audio": windows[f.index][None]})[0])[0])
+        assert psnr(f.image, ref) >= 45
+    with av.open(str(out)) as c:
+        v = c.streams.video[0]
+        a_stream = c.streams.audio[0]
+        assert v.codec_context.name == "h264" and a_stream.codec_context.name == "aac"
+        decoded = [fr.to_ndarray(format="bgr24") for fr in c.decode(video=0)]
+    assert abs(len(decoded) - 125) <= 1
+    with av.open(str(out)) as c:
+        samples = sum(fr.samples for fr in c.decode(audio=0))
+        rate = c.streams.audio[0].rate
+    assert abs(samples / rate - 5.0) <= 0.04 + 1024 / rate
+    assert np.mean([psnr(d, f.image) for d, f in zip(decoded[::10], frames[::10])]) >= 35
+
+
+@pytest.mark.slow
+def test_cli_run_interrupted_leaves_a_playable_file(models: dict[str, Path], demo_avatar: Path, tmp_path: Path) -> None:
+    import av
+
+    from avatar.demo import speechlike_audio, write_wav
+
+    wav = tmp_path / "long.wav"
+    write_wav(wav, speechlike_audio(60.0))
+    out = tmp_path / "interrupted.mp4"
+    cmd = [sys.executable, "-m", "avatar.cli", "run", "--avatar", str(demo_avatar), "--audio", str(wav), "--model", str(models["unet_full"]),
+           "--ave-encoder", str(models["encoder"]), "--backend", "cpu", "-o", str(out), "--no-progress"]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and (not out.exists() or out.stat().st_size < 20000):
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err
+        with av.open(str(out)) as c:
+            n = sum(1 for _ in c.decode(video=0))
+        assert n > 10
+        out.unlink()
