@@ -130,5 +130,6 @@ def _mono(frame: object) -> np.ndarray:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
+    # FFmpeg errors carry a readable strerror; str() adds an errno and the path
+    text = (getattr(exc, "strerror", None) or str(exc)).strip() or exc.__class__.__name__
     return text if len(text) < 160 else text[:157] + "..."

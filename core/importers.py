@@ -193,7 +193,7 @@ def read_crop_rectangles(path: str | Path) -> np.ndarray:
         raise AvatarPackageError(f"cannot read {path}: {exc}") from None
 
     def rect(v: Any, key: object) -> list[int]:
-        r = v.get("rect", v.get("bounds")) if isinstance(v, dict) else v
+        r = v.get("rect", v.get("bounds", v)) if isinstance(v, dict) else v
         if isinstance(r, dict):
             r = [r.get("x1"), r.get("y1"), r.get("x2"), r.get("y2")]
         try:

@@ -42,6 +42,7 @@ PAD_MODES = ("constant", "reflect")
 SILENCE = -4.0
 
 _HALF = N_FFT // 2
+_BLOCK_FRAMES = 2048
 
 
 # ----------------------------------------------------------------- filterbank
@@ -109,13 +110,17 @@ def _hann() -> np.ndarray:
 
 def _frames_to_mel(padded: np.ndarray, n_frames: int) -> np.ndarray:
     """Normalised mel rows ``[n_frames, 80]`` of frames starting at ``padded[200 t]``."""
-    if n_frames <= 0:
-        return np.zeros((0, N_MELS), np.float32)
-    frames = np.lib.stride_tricks.sliding_window_view(padded[: (n_frames - 1) * HOP + N_FFT], N_FFT)[::HOP]
-    mag = np.abs(np.fft.rfft(frames * _hann(), axis=1))
-    mel = mag @ mel_filterbank().T.astype(np.float64)
-    db = 20.0 * np.log10(np.maximum(1e-5, mel)) - 20.0
-    return np.clip(8.0 * (db + 100.0) / 100.0 - 4.0, -4.0, 4.0).astype(np.float32)
+    out = np.empty((max(n_frames, 0), N_MELS), np.float32)
+    basis = mel_filterbank().T.astype(np.float64)
+    # blocks bound the float64 frame matrix (an hour of audio would need 1.8 GB at once)
+    for b0 in range(0, n_frames, _BLOCK_FRAMES):
+        b1 = min(n_frames, b0 + _BLOCK_FRAMES)
+        seg = padded[b0 * HOP : (b1 - 1) * HOP + N_FFT]
+        frames = np.lib.stride_tricks.sliding_window_view(seg, N_FFT)[::HOP]
+        mel = np.abs(np.fft.rfft(frames * _hann(), axis=1)) @ basis
+        db = 20.0 * np.log10(np.maximum(1e-5, mel)) - 20.0
+        out[b0:b1] = np.clip(8.0 * (db + 100.0) / 100.0 - 4.0, -4.0, 4.0)
+    return out
 
 
 def _preemphasis(x: np.ndarray, prev: float = 0.0) -> np.ndarray:
@@ -173,7 +178,11 @@ class MelStream:
 
     @staticmethod
     def rows_final_after(n_samples: int) -> int:
-        """How many rows are final once ``n_samples`` samples were pushed (before finish)."""
+        """How many rows are final once ``n_samples`` samples were pushed (before finish).
+
+        Exact for ``"constant"`` padding; ``"reflect"`` also waits for sample 401
+        (its left padding mirrors samples 1..400), which only matters before row 0.
+        """
         return max(0, (n_samples - _HALF) // HOP + 1) if n_samples >= _HALF else 0
 
     def push(self, pcm: np.ndarray) -> np.ndarray:

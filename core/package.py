@@ -65,10 +65,15 @@ class Manifest:
     width: int
     height: int
     crop_interpolation: str = vision.DEFAULT_INTERPOLATION
-    #: optional model shipped with the avatar: {"file", "feature_type", "padding"}
-    model: dict[str, Any] | None = None
-    #: optional features of the recording's own audio: {"file", "feature_type"}
-    audio_features: dict[str, Any] | None = None
+    #: optional UNet-328 shipped with the avatar (file name inside the package)
+    model: str | None = None
+    #: the model's feature type (``ave``, ``hubert``, ``wenet``) and window edge padding
+    feature_type: str | None = None
+    padding: str | None = None
+    #: optional AVE audio-encoder ONNX shipped with the avatar (file name)
+    audio_encoder: str | None = None
+    #: optional AVE features of the recording's own audio (file name, ``[frames, 512]``)
+    audio_features: str | None = None
     #: where the avatar came from (importer, source path, numbering, ...)
     source: dict[str, Any] = field(default_factory=dict)
     video: dict[str, Any] = field(default_factory=dict)
@@ -79,7 +84,18 @@ class Manifest:
         if float(d["fps"]).is_integer():
             d["fps"] = int(d["fps"])
         crop = {"rule": "synctalk-110", "interpolation": d.pop("crop_interpolation")}
-        return {"format": FORMAT_NAME, "version": d.pop("version"), **d, "crop": crop, "boxes": BOXES}
+        model_keys = ("feature_type", "padding", "audio_encoder")
+        model = {"file": d.pop("model"), **{k: d.pop(k) for k in model_keys}}
+        aud = d.pop("audio_features")
+        return {
+            "format": FORMAT_NAME,
+            "version": d.pop("version"),
+            **d,
+            "crop": crop,
+            "boxes": BOXES,
+            "model": model if any(model.values()) else None,
+            "audio_features": {"file": aud, "feature_type": "ave"} if aud else None,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: Path) -> "Manifest":
@@ -99,8 +115,11 @@ class Manifest:
                 width=int(d["width"]),
                 height=int(d["height"]),
                 crop_interpolation=str(d.get("crop", {}).get("interpolation", vision.DEFAULT_INTERPOLATION)),
-                model=d.get("model"),
-                audio_features=d.get("audio_features"),
+                model=(d.get("model") or {}).get("file"),
+                feature_type=(d.get("model") or {}).get("feature_type"),
+                padding=(d.get("model") or {}).get("padding"),
+                audio_encoder=(d.get("model") or {}).get("audio_encoder"),
+                audio_features=(d.get("audio_features") or {}).get("file"),
                 source=dict(d.get("source", {})),
                 video=dict(d.get("video", {})),
                 version=int(version),
@@ -195,7 +214,7 @@ class FrameStore:
         self._gop_starts = starts
         self._frame_bytes = self.width * self.height * 3
         longest = max((b - a for a, b in zip(starts, starts[1:] + [len(pts)])), default=1)
-        self.capacity = max(2, self.memory_budget // max(1, longest * self._frame_bytes))
+        self._capacity = max(2, self.memory_budget // max(1, longest * self._frame_bytes))
         self._index_built = True
 
     def _ensure_index(self) -> None:
@@ -205,6 +224,12 @@ class FrameStore:
     def __len__(self) -> int:
         self._ensure_index()
         return len(self._pts)
+
+    @property
+    def capacity(self) -> int:
+        """How many decoded GOPs the cache holds (at least 2)."""
+        self._ensure_index()
+        return self._capacity
 
     @property
     def gop_count(self) -> int:
@@ -229,7 +254,7 @@ class FrameStore:
             if gop is None:
                 gop = self._decode_gop(g)
                 self._gops[g] = gop
-                while len(self._gops) > self.capacity:
+                while len(self._gops) > self._capacity:
                     self._gops.popitem(last=False)
             else:
                 self._gops.move_to_end(g)
@@ -331,6 +356,7 @@ def write_package(
     feature_type: str | None = None,
     padding: str | None = None,
     audio_features: str | Path | None = None,
+    audio_encoder: str | Path | None = None,
     source: Mapping[str, Any] | None = None,
     crf: int = DEFAULT_CRF,
     preset: str = DEFAULT_PRESET,
@@ -343,8 +369,9 @@ def write_package(
     ``[N, 4]``: x1, y1, x2, y2). ``faces=True`` computes the face cache from
     these (source) frames while encoding; an iterable of 320x320 BGR images
     uses those instead (e.g. an existing ROI video); ``False`` leaves the cache
-    to be built on first use. ``model`` and ``audio_features`` files are copied
-    in. The package is assembled in a temporary directory beside ``dst`` and
+    to be built on first use. ``model``, ``audio_encoder`` and
+    ``audio_features`` files are copied in (``feature_type``/``padding``
+    describe the model). The package is assembled in a temporary directory beside ``dst`` and
     moved into place only when complete, then validated.
     """
     dst = Path(dst)
@@ -400,17 +427,18 @@ def write_package(
             face_store.flush()
             del face_store
             _write_faces_meta(tmp, crop_interpolation, n, "source-frames" if face_iter is None else "supplied")
-        model_info = None
-        if model is not None:
-            model = Path(model)
-            if not model.is_file():
-                raise AvatarPackageError(f"model file {model} not found")
-            shutil.copy2(model, tmp / model.name)
-            model_info = {"file": model.name, "feature_type": feature_type, "padding": padding}
-        audio_info = None
-        if audio_features is not None:
-            shutil.copy2(audio_features, tmp / "aud_ave.npy")
-            audio_info = {"file": "aud_ave.npy", "feature_type": "ave"}
+        copied: dict[str, str | None] = {}
+        for key, f in (("model", model), ("audio_encoder", audio_encoder), ("audio_features", audio_features)):
+            copied[key] = None
+            if f is not None:
+                f = Path(f)
+                if not f.is_file():
+                    raise AvatarPackageError(f"{key.replace('_', ' ')} file {f} not found")
+                target = "aud_ave.npy" if key == "audio_features" else f.name
+                if (tmp / target).exists():
+                    raise AvatarPackageError(f"{f.name}: two packaged files would have the same name; rename one")
+                shutil.copy2(f, tmp / target)
+                copied[key] = target
         manifest = Manifest(
             name=name,
             fps=float(rate),
@@ -418,8 +446,11 @@ def write_package(
             width=size[0],
             height=size[1],
             crop_interpolation=crop_interpolation,
-            model=model_info,
-            audio_features=audio_info,
+            model=copied["model"],
+            feature_type=feature_type,
+            padding=padding,
+            audio_encoder=copied["audio_encoder"],
+            audio_features=copied["audio_features"],
             source=dict(source or {}),
             video={"file": FRAMES, "codec": "h264", "pix_fmt": "yuv420p", "crf": crf, "gop": gop, "fps": str(rate)},
         )
@@ -456,6 +487,7 @@ class AvatarPackage:
         self.manifest = manifest
         self.store = FrameStore(path / FRAMES, memory_budget_mb=memory_budget_mb)
         self._faces: np.ndarray | None = None
+        self._faces_lock = threading.Lock()
         f = path / BOXES
         if not f.is_file():
             raise AvatarPackageError(f"{f} is missing; re-import the avatar")
@@ -499,14 +531,17 @@ class AvatarPackage:
 
     @property
     def model_path(self) -> Path | None:
-        m = self.manifest.model
-        return self.path / m["file"] if m and m.get("file") else None
+        return self.path / self.manifest.model if self.manifest.model else None
+
+    @property
+    def audio_encoder_path(self) -> Path | None:
+        return self.path / self.manifest.audio_encoder if self.manifest.audio_encoder else None
 
     @property
     def audio_features(self) -> np.ndarray | None:
         """The recording's own audio features (``aud_ave.npy``), if packaged."""
         a = self.manifest.audio_features
-        return np.load(self.path / a["file"]) if a else None
+        return np.load(self.path / a) if a else None
 
     def validate(self) -> None:
         """Raise :class:`AvatarPackageError` listing every problem found."""
@@ -533,13 +568,15 @@ class AvatarPackage:
             shape = np.load(faces, mmap_mode="r").shape
             if shape != (n, 320, 320, 3):
                 problems.append(f"{FACES} is {list(shape)}, expected [{n}, 320, 320, 3]; delete it to rebuild it")
-        for key, info in (("model", m.model), ("audio_features", m.audio_features)):
-            if info and not (self.path / str(info.get("file"))).is_file():
-                problems.append(f"the manifest names {key} file {info.get('file')!r} but it is missing")
-        if m.model and m.model.get("feature_type") and not problems:
-            problems += _model_problems(self.path / m.model["file"], m.model["feature_type"])
+        for key, name in (("model", m.model), ("audio_encoder", m.audio_encoder), ("audio_features", m.audio_features)):
+            if name and not (self.path / name).is_file():
+                problems.append(f"the manifest names {key} file {name!r} but it is missing")
+        if m.padding not in (None, "replicate", "zero"):
+            problems.append(f"model padding must be 'replicate' or 'zero', not {m.padding!r}")
+        if m.model and m.feature_type and not problems:
+            problems += _model_problems(self.path / m.model, m.feature_type)
         if m.audio_features:
-            f = self.path / m.audio_features["file"]
+            f = self.path / m.audio_features
             if f.is_file() and np.load(f, mmap_mode="r").ndim != 2:
                 problems.append(f"{f.name} must be a [frames, 512] array")
         if problems:
@@ -557,11 +594,12 @@ class AvatarPackage:
     @property
     def faces(self) -> np.ndarray:
         """uint8 ``[N, 320, 320, 3]`` memory-mapped face cache (built when absent or stale)."""
-        if self._faces is None:
-            if not self._faces_current():
-                self.build_faces()
-            self._faces = np.load(self.path / FACES, mmap_mode="r")
-        return self._faces
+        with self._faces_lock:  # the engine may ask from several threads
+            if self._faces is None:
+                if not self._faces_current():
+                    self.build_faces()
+                self._faces = np.load(self.path / FACES, mmap_mode="r")
+            return self._faces
 
     def _faces_current(self) -> bool:
         f, meta_f = self.path / FACES, self.path / FACES_META

@@ -200,10 +200,11 @@ def output_to_uint8(out: np.ndarray) -> np.ndarray:
     axes = (1, 2, 0) if out.ndim == 3 else (0, 2, 3, 1)
     if out.dtype == np.uint8:
         return np.ascontiguousarray(out.transpose(axes))
-    scaled = np.multiply(out.transpose(axes), np.float32(255.0), dtype=np.float32)
+    # scale in the input's own (contiguous) layout, transpose the 4x smaller uint8
+    scaled = np.multiply(out, np.float32(255.0), dtype=np.float32)
     scaled += np.float32(0.5)
     np.clip(scaled, 0.0, 255.0, out=scaled)
-    return scaled.astype(np.uint8)
+    return np.ascontiguousarray(scaled.astype(np.uint8).transpose(axes))
 
 
 def composite(

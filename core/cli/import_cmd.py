@@ -7,7 +7,10 @@ from typing import Any, Callable
 
 import click
 
-from ..vision import DEFAULT_INTERPOLATION, INTERPOLATIONS
+# the names of avatar.vision.INTERPOLATIONS, spelled out so that `avatar --help`
+# does not import OpenCV (tests/test_importers.py checks they agree)
+INTERPOLATION_NAMES = ("area", "cubic", "lanczos", "linear", "nearest")
+DEFAULT_INTERPOLATION = "cubic"
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -18,7 +21,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Package directory to create."),
         click.option("--name", help="Avatar name (default: the source folder's name)."),
         click.option("--limit", type=click.IntRange(min=1), help="Import only the first N frames."),
-        click.option("--interpolation", type=click.Choice(sorted(INTERPOLATIONS)), default=DEFAULT_INTERPOLATION,
+        click.option("--interpolation", type=click.Choice(INTERPOLATION_NAMES), default=DEFAULT_INTERPOLATION,
                      show_default=True, help="Resize used for the 328 crop (upstream inference: cubic)."),
         click.option("--crf", type=click.IntRange(0, 51), default=14, show_default=True,
                      help="H.264 quality of frames.mp4 (0 = lossless)."),
@@ -45,7 +48,7 @@ def _summary(dst: Path) -> None:
         click.echo(f"boxes:          {int(side.min())}-{int(side.max())} px square")
         click.echo(f"crop resize:    {pkg.crop_interpolation}")
         if pkg.manifest.audio_features:
-            click.echo(f"audio features: {pkg.manifest.audio_features['file']}")
+            click.echo(f"audio features: {pkg.manifest.audio_features}")
 
 
 @click.group("import")

@@ -296,6 +296,7 @@ def to_fp16(
         have = home.get(out.name, F32)
         want = F32 if keep_io_types else F16
         if have == want:
+            out.type.tensor_type.elem_type = want
             continue
         # the producer writes a renamed tensor; a Cast gives the graph output its old name and type
         inner = _unique(names, f"{out.name}__{'fp16' if have == F16 else 'fp32'}")

@@ -109,14 +109,14 @@ class GraphBuilder:
 
         return init
 
-    def _bn_params(self, prefix: str, c: int) -> tuple[np.ndarray, ...]:
+    def _bn_params(self, prefix: str, c: int, gamma_scale: float = 1.0) -> tuple[np.ndarray, ...]:
         rng = self.rng
 
         # Gamma/beta are perturbed around PyTorch's (1, 0) so channels differ;
         # the running statistics are placeholders until calibration sets them.
         def gamma(shape: tuple[int, ...]) -> np.ndarray:
             assert rng is not None
-            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+            return (gamma_scale * (1.0 + 0.1 * rng.standard_normal(shape))).astype(np.float32)
 
         def beta(shape: tuple[int, ...]) -> np.ndarray:
             assert rng is not None
@@ -171,11 +171,15 @@ class GraphBuilder:
         pad: Pair = 0,
         groups: int = 1,
         bias: bool = False,
+        gamma_scale: float = 1.0,
     ) -> str:
-        """``nn.Conv2d`` followed by ``nn.BatchNorm2d``: folded, or batch-normalised when calibrating."""
+        """``nn.Conv2d`` followed by ``nn.BatchNorm2d``: folded, or batch-normalised when calibrating.
+
+        ``gamma_scale`` scales the initial BatchNorm weight (initialise mode only).
+        """
         kk = _pair(k)
         w, b = self._conv_params(conv_prefix, cin, cout, kk, groups, bias)
-        gamma, beta, mean, var = self._bn_params(bn_prefix, cout)
+        gamma, beta, mean, var = self._bn_params(bn_prefix, cout, gamma_scale)
         if self.calibrate:
             y = self._conv_node(x, w, b, kk, stride, pad, groups, conv_prefix)
             return self._batch_norm_train(y, bn_prefix, gamma, beta)

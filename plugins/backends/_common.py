@@ -8,15 +8,20 @@ instead of an opaque runtime error from deep inside a provider.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from avatar.errors import BackendError, ConfigError
+from avatar.errors import BackendError, ConfigError, ModelError
 from avatar.interfaces import TensorInfo
+
+log = logging.getLogger(__name__)
 
 #: bytes read per hashing step (hashing a 48 MB model takes ~0.1 s)
 _HASH_CHUNK = 1 << 20
@@ -161,3 +166,66 @@ def random_feeds(inputs: Sequence[TensorInfo], batch: int, seed: int = 0) -> dic
         else:
             feeds[t.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
     return feeds
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_driver_status() -> tuple[bool, str, int]:
+    """(usable, reason, device count) from the NVIDIA driver alone, via ctypes.
+
+    Cheap: loads ``libcuda.so.1`` and calls ``cuInit`` / ``cuDeviceGetCount``;
+    creates no context.
+    """
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False, "no NVIDIA driver (libcuda.so.1) was found", 0
+    rc = lib.cuInit(0)
+    if rc != 0:
+        return False, f"the NVIDIA driver is present but cuInit failed (CUresult {rc}; no usable GPU?)", 0
+    count = ctypes.c_int(0)
+    rc = lib.cuDeviceGetCount(ctypes.byref(count))
+    if rc != 0 or count.value < 1:
+        return False, "the NVIDIA driver is present but reports no GPU", 0
+    return True, "", count.value
+
+
+def prepare_model(model_path: str | Path, *, precision: str, uint8_visual: bool, cache: str | Path | None) -> Path:
+    """The model file to load: the original, or a cached fp16 / uint8-visual variant.
+
+    The cache key is the source file's SHA-256 and the variant, so a changed
+    model is converted again and an unchanged one is converted once.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
+    if uint8_visual:
+        from avatar.contract import read_contract
+
+        uint8_visual = not read_contract(path).visual_uint8  # already normalised in the graph
+    if precision == "fp32" and not uint8_visual:
+        return path
+    from avatar.models import graph
+
+    variant = "-".join(v for v, on in (("u8", uint8_visual), ("fp16", precision == "fp16")) if on)
+    digest = file_sha256(path)[:16]
+    out_dir = cache_dir(cache, "models")
+    out = out_dir / f"{path.stem}.{digest}.{variant}.onnx"
+    if out.is_file():
+        log.debug("using cached %s variant %s", variant, out)
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.onnx")
+    src: Path = path
+    try:
+        if uint8_visual:
+            graph.with_uint8_visual(src, tmp)
+            src = tmp
+        if precision == "fp16":
+            graph.to_fp16(src, tmp, keep_io_types=True)
+        os.replace(tmp, out)  # atomic: a concurrent loader sees the whole file or none
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("converted %s to %s (%s)", path, out, variant)
+    return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -30,7 +29,7 @@ from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelEr
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
 
-from ._common import cache_dir, check_extra, check_feeds, file_sha256, psnr, random_feeds
+from ._common import check_extra, check_feeds, cuda_driver_status, prepare_model, psnr, random_feeds
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ _CUDA_EXTRA = {
     "cuda_stream": "an existing CUDA stream handle (int) ONNX Runtime should compute on",
     "cudnn_conv_algo_search": "EXHAUSTIVE (default), HEURISTIC or DEFAULT",
     "gpu_mem_limit": "bytes the CUDA arena may use",
+    "tf32": "allow TF32 tensor-core math in fp32 convolutions (faster, ~1e-3 less exact; default False)",
 }
 
 
@@ -66,47 +66,6 @@ def _ort():  # type: ignore[no-untyped-def]
     import onnxruntime
 
     return onnxruntime
-
-
-# --------------------------------------------------------------------------- model variants
-
-
-def prepare_model(model_path: str | Path, *, precision: str, uint8_visual: bool, cache: str | Path | None) -> Path:
-    """The model file to load: the original, or a cached fp16 / uint8-visual variant.
-
-    The cache key is the source file's SHA-256 and the variant, so a changed
-    model is converted again and an unchanged one is converted once.
-    """
-    path = Path(model_path)
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
-    if precision not in ("fp32", "fp16"):
-        raise ConfigError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
-    if precision == "fp32" and not uint8_visual:
-        return path
-    from avatar.models import graph
-
-    variant = "-".join(v for v, on in (("u8", uint8_visual), ("fp16", precision == "fp16")) if on)
-    digest = file_sha256(path)[:16]
-    out_dir = cache_dir(cache, "models")
-    out = out_dir / f"{path.stem}.{digest}.{variant}.onnx"
-    if out.is_file():
-        log.debug("using cached %s variant %s", variant, out)
-        return out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}.onnx")
-    src: Path = path
-    try:
-        if uint8_visual:
-            graph.with_uint8_visual(src, tmp)
-            src = tmp
-        if precision == "fp16":
-            graph.to_fp16(src, tmp, keep_io_types=True)
-        os.replace(tmp, out)  # atomic: a concurrent loader sees the whole file or none
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.info("converted %s to %s (%s)", path, out, variant)
-    return out
 
 
 def _tensor_infos(values: Sequence[Any]) -> list[TensorInfo]:
@@ -276,27 +235,6 @@ class CpuBackend(_OrtBackend):
 
 
 @functools.lru_cache(maxsize=1)
-def cuda_driver_status() -> tuple[bool, str, int]:
-    """(usable, reason, device count) from the NVIDIA driver alone, via ctypes.
-
-    Cheap: loads ``libcuda.so.1`` and calls ``cuInit`` / ``cuDeviceGetCount``;
-    creates no context.
-    """
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False, "no NVIDIA driver (libcuda.so.1) was found", 0
-    rc = lib.cuInit(0)
-    if rc != 0:
-        return False, f"the NVIDIA driver is present but cuInit failed (CUresult {rc}; no usable GPU?)", 0
-    count = ctypes.c_int(0)
-    rc = lib.cuDeviceGetCount(ctypes.byref(count))
-    if rc != 0 or count.value < 1:
-        return False, "the NVIDIA driver is present but reports no GPU", 0
-    return True, "", count.value
-
-
-@functools.lru_cache(maxsize=1)
 def _cuda_provider_status() -> Availability:
     try:
         ort = _ort()
@@ -340,6 +278,8 @@ def cuda_provider_options(options: BackendOptions) -> dict[str, str]:
         "cudnn_conv_use_max_workspace": "1",
         "do_copy_in_default_stream": "1",
         "arena_extend_strategy": "kSameAsRequested",
+        # ORT enables TF32 by default on Ampere and newer; fp32 should mean fp32 unless asked
+        "use_tf32": "1" if extra.get("tf32", False) else "0",
     }
     if po["cudnn_conv_algo_search"] not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
         raise ConfigError(f"cudnn_conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT, not {po['cudnn_conv_algo_search']!r}")
@@ -354,23 +294,25 @@ def cuda_provider_options(options: BackendOptions) -> dict[str, str]:
 class _Binding:
     """Device buffers for one batch size, bound once and reused for every run of that size."""
 
-    def __init__(self, session: Any, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], batch: int, device_id: int) -> None:
+    def __init__(
+        self, session: Any, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], batch: int, device: str, device_id: int
+    ) -> None:
         ort = _ort()
         self.batch = batch
         self.binding = session.io_binding()
         self.in_values: dict[str, Any] = {}
         self.out_values: dict[str, Any] = {}
         for t in inputs:
-            v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, "cuda", device_id)
+            v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, device, device_id)
             self.binding.bind_ortvalue_input(t.name, v)
             self.in_values[t.name] = v
         for t in outputs:
             if all(isinstance(d, int) for d in t.shape[1:]):
-                v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, "cuda", device_id)
+                v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, device, device_id)
                 self.binding.bind_ortvalue_output(t.name, v)
                 self.out_values[t.name] = v
             else:  # shape known only after the run: let ORT allocate on the device
-                self.binding.bind_output(t.name, "cuda", device_id)
+                self.binding.bind_output(t.name, device, device_id)
 
 
 class OnnxCudaBackend(_OrtBackend):
@@ -387,6 +329,8 @@ class OnnxCudaBackend(_OrtBackend):
     description = "ONNX Runtime CUDAExecutionProvider with IO binding (NVIDIA GPU)"
     provider = "CUDAExecutionProvider"
     _extra = {**_COMMON_EXTRA, **_CUDA_EXTRA}
+    #: where bound buffers live (ONNX Runtime device name)
+    _device_type: ClassVar[str] = "cuda"
 
     @classmethod
     def availability(cls) -> Availability:
@@ -414,7 +358,7 @@ class OnnxCudaBackend(_OrtBackend):
     def _binding_for(self, batch: int) -> _Binding:
         b = self._bindings.get(batch)
         if b is None:
-            b = _Binding(self._session, self._inputs, self._outputs, batch, int(self.options.device_id))
+            b = _Binding(self._session, self._inputs, self._outputs, batch, self._device_type, int(self.options.device_id))
             self._bindings[batch] = b
         return b
 

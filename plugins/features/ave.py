@@ -40,6 +40,7 @@ MEL_WINDOW = 16  # mel rows per encoder window (200 ms)
 ROW_SIZE = 512
 _SR = 16000
 _SAMPLES_PER_FRAME = 640  # 16000 / 25
+_WINDOW_SLICE = 1024  # windows built per encode() call when a push releases many
 _MAKE_ENCODER = (
     "make one with `avatar export audio-encoder --checkpoint audio_visual_encoder.pth -o encoder.onnx` "
     "(the real SyncTalk_2D encoder) or `avatar make-test-model --kind audio-encoder -o encoder.onnx` "
@@ -130,7 +131,12 @@ class AveSource(FeatureSource):
 
         cls = get_plugin_manager().backend_class(backend)
         self._backend: Backend | None = cls(path, BackendOptions(max_batch=self.batch, device_id=int(device_id)))
-        self._input, self._output, self._fixed_batch = self._check_encoder(self._backend)
+        try:
+            self._input, self._output, self._fixed_batch = self._check_encoder(self._backend)
+        except FeatureError:
+            self._backend.close()
+            raise
+        log.debug("ave: encoder %s on backend %s, batch %d, stft_pad %s", path, backend, self.batch, stft_pad)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -141,6 +147,13 @@ class AveSource(FeatureSource):
         return Availability.ok()
 
     # ------------------------------------------------------------------ encoder
+
+    @property
+    def backend(self) -> Backend:
+        """The backend running the encoder (its ``stats`` time the encoder for benchmarks)."""
+        if self._backend is None:
+            raise FeatureError("the 'ave' feature source was closed; create a new one")
+        return self._backend
 
     def _check_encoder(self, be: Backend) -> tuple[Any, str, int | None]:
         if len(be.inputs) != 1 or not be.outputs:
@@ -230,7 +243,11 @@ class AveRowStream(RowStream):
 
     def _emit(self, starts: np.ndarray) -> np.ndarray:
         uniq, inverse = np.unique(starts, return_inverse=True)
-        return self.source.encode(self._windows(uniq))[inverse]
+        # windows are materialised a slice at a time: an hour of audio pushed at
+        # once would otherwise hold 90,000 x 5 KB of copies
+        step = self.source.batch * max(1, _WINDOW_SLICE // self.source.batch)
+        parts = [self.source.encode(self._windows(uniq[i : i + step])) for i in range(0, len(uniq), step)]
+        return np.concatenate(parts)[inverse]
 
     def push(self, pcm: np.ndarray) -> np.ndarray:
         if self._done:

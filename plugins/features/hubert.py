@@ -75,7 +75,10 @@ class _Clips:
 
     def __init__(self, run: rt.Runner, clip: int, norm: Callable[[np.ndarray], np.ndarray]) -> None:
         self.run, self.clip, self.norm = run, clip, norm
-        self._buf = np.zeros(0, np.float32)  # samples from the current clip's start on
+        # samples from the current clip's start on, kept as pieces so that many small
+        # pushes do not copy a 20 s buffer each time
+        self._pieces: list[np.ndarray] = []
+        self._held = 0
         self._samples = 0
         self._frames_done = 0  # HuBERT frames produced by whole clips
         self._odd: np.ndarray | None = None  # a frame waiting for its pair
@@ -99,26 +102,34 @@ class _Clips:
                 self._odd, frames = frames[-1], frames[:-1]
         return frames.reshape(-1, *ROW_SHAPE)
 
+    def _buffer(self) -> np.ndarray:
+        if len(self._pieces) != 1:
+            self._pieces = [np.concatenate(self._pieces) if self._pieces else np.zeros(0, np.float32)]
+        return self._pieces[0]
+
     def push(self, pcm: np.ndarray) -> np.ndarray:
-        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        pcm = np.array(pcm, dtype=np.float32).reshape(-1)  # a copy: callers may reuse their buffer
         self._samples += pcm.size
-        self._buf = np.concatenate([self._buf, pcm]) if self._buf.size else pcm.copy()
+        self._pieces.append(pcm)
+        self._held += pcm.size
         parts = []
-        while len(self._buf) >= self.clip + _EXTRA:
-            frames = self._encode(self._buf[: self.clip + _EXTRA])
+        while self._held >= self.clip + _EXTRA:
+            buf = self._buffer()
+            frames = self._encode(buf[: self.clip + _EXTRA])
             # A whole clip makes exactly clip/320 frames; never more than the file keeps.
             frames = _fit(frames, self.clip // rt.STRIDE)
             self._frames_done += len(frames)
             parts.append(frames)
-            self._buf = self._buf[self.clip :]
+            self._pieces = [buf[self.clip :]]
+            self._held -= self.clip
         if not parts:
             return np.zeros((0, *ROW_SHAPE), np.float32)
         return self._pair(np.concatenate(parts), final=False)
 
     def finish(self) -> np.ndarray:
         need = expected_frames(self._samples) - self._frames_done
-        tail = _fit(self._encode(self._buf), max(0, need))
-        self._buf = np.zeros(0, np.float32)
+        tail = _fit(self._encode(self._buffer()), max(0, need))
+        self._pieces, self._held = [], 0
         rows = self._pair(tail, final=True)
         return rows if len(rows) else np.zeros((0, *ROW_SHAPE), np.float32)
 
@@ -207,8 +218,7 @@ class HubertSource(FeatureSource):
             if model_dir is None and runner.do_normalize is not None:
                 self.do_normalize = runner.do_normalize
             self._runner = runner
-        else:
-            assert model_dir is not None  # for the type checker: one of the two was given
+        elif model_dir is not None:
             self._runner = rt.TorchRunner(model_dir, device)
         self.model_dir = model_dir
         self.onnx_path = Path(onnx).expanduser() if onnx is not None else None

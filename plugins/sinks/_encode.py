@@ -89,7 +89,13 @@ class AVEncoder:
         self.in_width, self.in_height = int(width), int(height)
         self.width, self.height = even_size(self.in_width, self.in_height)
         self.sample_rate = int(sample_rate)
-        self.video = container.add_stream("libx264", rate=self.fps, options=dict(video_options or {}))
+        vopts = dict(video_options or {})
+        # maxrate/bufsize are generic codec options PyAV has no attribute for
+        if max_rate:
+            vopts["maxrate"] = str(int(max_rate))
+        if buf_size:
+            vopts["bufsize"] = str(int(buf_size))
+        self.video = container.add_stream("libx264", rate=self.fps, options=vopts)
         self.video.width, self.video.height = self.width, self.height
         self.video.pix_fmt = pix_fmt
         self.video.time_base = Fraction(1) / self.fps
@@ -97,10 +103,6 @@ class AVEncoder:
         cc.time_base = Fraction(1) / self.fps
         if bit_rate:
             cc.bit_rate = int(bit_rate)
-        if max_rate:
-            cc.rc_max_rate = int(max_rate)
-        if buf_size:
-            cc.rc_buffer_size = int(buf_size)
         if gop:
             cc.gop_size = int(gop)
         self.audio = container.add_stream("aac", rate=int(audio_rate))

@@ -320,7 +320,7 @@ def example_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> tuple[tor
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, seed: int, steps: int = 4, batch: int = 2) -> nn.Module:
+def calibrate_batchnorm(model: nn.Module, seed: int, steps: int = 4, batch: int = 1) -> nn.Module:
     """Set every BatchNorm's running statistics from random forward passes.
 
     A freshly initialised network keeps mean 0 / variance 1 running statistics,

@@ -1,0 +1,173 @@
+"""The TensorRT backend's pure logic: cache keys, profiles, buffer sizes, messages.
+
+Nothing here imports TensorRT or pycuda, so CI (no GPU) tests every decision
+the backend makes before it touches the device: which engine file a build maps
+to, which shapes the optimisation profile allows, how many bytes each buffer
+needs, and what a user reads when something is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from avatar.errors import BackendError, ConfigError, ModelError
+from avatar.interfaces import TensorInfo
+
+INSTALL = "pip install 'avatar-sdk[tensorrt]' --extra-index-url https://pypi.nvidia.com"
+INSTALL_NOTE = (
+    "TensorRT's PyPI packages are download stubs that fetch the libraries from NVIDIA's index "
+    "(pypi.nvidia.com) at install time; install on a machine that can reach it"
+)
+#: bump when the engine layout or build recipe changes, so old engines are rebuilt
+RECIPE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything that changes the engine a build produces (besides model, GPU, TensorRT)."""
+
+    precision: str = "fp32"  # fp32 | fp16
+    min_batch: int = 1
+    opt_batch: int = 16
+    max_batch: int = 16
+    workspace_mb: int = 4096
+    uint8_visual: bool = False
+    tf32: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16"):
+            raise ConfigError(f"precision must be 'fp32' or 'fp16', not {self.precision!r}")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ConfigError(
+                f"the batch profile needs 1 <= min <= opt <= max, got min={self.min_batch}, "
+                f"opt={self.opt_batch}, max={self.max_batch}"
+            )
+        if self.workspace_mb < 16:
+            raise ConfigError(f"workspace_mb must be at least 16, not {self.workspace_mb}")
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """What makes an engine valid on a GPU: engines are not portable across these."""
+
+    gpu_name: str
+    compute_capability: tuple[int, int]
+    trt_version: str
+
+
+def engine_cache_key(model_sha256: str, device: DeviceIdentity, build: BuildOptions) -> str:
+    """A short hex key that changes whenever any ingredient of the engine changes."""
+    doc = {
+        "recipe": RECIPE_VERSION,
+        "model": model_sha256,
+        "gpu": device.gpu_name,
+        "cc": list(device.compute_capability),
+        "trt": device.trt_version,
+        "build": asdict(build),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def engine_path(cache_dir: Path, model_path: Path, key: str) -> Path:
+    """Where the engine for ``key`` lives (the model's stem keeps the folder readable)."""
+    return Path(cache_dir) / f"{Path(model_path).stem}.{key}.engine"
+
+
+def timing_cache_path(cache_dir: Path, device: DeviceIdentity) -> Path:
+    """One timing cache per GPU model and TensorRT version, shared by all builds."""
+    gpu = "".join(c if c.isalnum() else "-" for c in device.gpu_name).strip("-").lower() or "gpu"
+    cc = "".join(map(str, device.compute_capability))
+    return Path(cache_dir) / f"timing.{gpu}.sm{cc}.trt{device.trt_version}.cache"
+
+
+def profile_shapes(inputs: Sequence[TensorInfo], build: BuildOptions) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """``{input: (min, opt, max)}`` shapes for the optimisation profile.
+
+    Only the batch axis may be dynamic: TensorRT needs every other dimension
+    fixed, and the UNet-328 and audio-encoder contracts fix them.
+    """
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for t in inputs:
+        tail = t.shape[1:]
+        if not all(isinstance(d, int) for d in tail):
+            raise ModelError(
+                f"input {t} has a dynamic dimension besides the batch; TensorRT needs the others fixed "
+                "(re-export the model with fixed image and audio sizes)"
+            )
+        fixed = t.shape[0] if t.shape else None
+        if isinstance(fixed, int):
+            if fixed < build.min_batch or fixed > build.max_batch:
+                raise ConfigError(
+                    f"input {t} has a fixed batch of {fixed}, outside the requested profile "
+                    f"[{build.min_batch}, {build.max_batch}]; pass --max-batch {fixed} or re-export with a dynamic batch"
+                )
+            shapes[t.name] = tuple((fixed, *tail) for _ in range(3))  # type: ignore[misc]
+        else:
+            shapes[t.name] = tuple((b, *tail) for b in (build.min_batch, build.opt_batch, build.max_batch))  # type: ignore[misc]
+    return shapes
+
+
+def buffer_bytes(shape: Sequence[int], dtype: Any) -> int:
+    """Bytes of a dense tensor; -1 (TensorRT's 'dynamic') is an error here."""
+    n = 1
+    for d in shape:
+        if int(d) < 0:
+            raise BackendError(f"cannot size a buffer for shape {tuple(shape)}: it still has a dynamic dimension")
+        n *= int(d)
+    return n * np.dtype(dtype).itemsize
+
+
+def buffer_plan(tensors: Mapping[str, tuple[Sequence[int], Any]]) -> dict[str, int]:
+    """Bytes to allocate per tensor from its profile-max shape and dtype."""
+    return {name: buffer_bytes(shape, dtype) for name, (shape, dtype) in tensors.items()}
+
+
+def check_shape(name: str, shape: Sequence[int], lo: Sequence[int], hi: Sequence[int]) -> None:
+    """Raise a clear error when ``shape`` falls outside the profile range ``[lo, hi]``."""
+    shape, lo, hi = tuple(shape), tuple(lo), tuple(hi)
+    if len(shape) != len(hi):
+        raise BackendError(f"tensorrt: input '{name}' must have {len(hi)} dimensions, got shape {shape}")
+    if shape[1:] != hi[1:] or shape[1:] != lo[1:]:
+        raise BackendError(f"tensorrt: input '{name}' must have shape [B,{','.join(map(str, hi[1:]))}], got {shape}")
+    if not lo[0] <= shape[0] <= hi[0]:
+        raise BackendError(
+            f"tensorrt: batch {shape[0]} of input '{name}' is outside the engine's profile [{lo[0]}, {hi[0]}]; "
+            f"split the batch or rebuild with `avatar build-engine --max-batch {shape[0]}`"
+        )
+
+
+def missing_parts(*, have_tensorrt: bool, have_pycuda: bool, driver: tuple[bool, str]) -> list[str]:
+    """What keeps the TensorRT backend from running here, one phrase per part."""
+    out = []
+    if not have_tensorrt:
+        out.append("TensorRT (the tensorrt Python package) is not installed")
+    if not have_pycuda:
+        out.append("pycuda is not installed")
+    ok, why = driver
+    if not ok:
+        out.append(why or "no NVIDIA driver was found")
+    return out
+
+
+def unavailable_message(reason: str, install: str | None) -> str:
+    """One line: what is missing and how to fix it."""
+    if install:
+        fix = f"install with `{install}` ({INSTALL_NOTE})"
+    else:
+        fix = "use --backend onnx-cuda or cpu, or run on a machine with an NVIDIA GPU and driver"
+    return f"tensorrt backend unavailable: {reason}; {fix}"
+
+
+def have_module(name: str) -> bool:
+    """Whether ``name`` is importable, without importing it (cheap)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False

@@ -1,0 +1,395 @@
+"""The ONNX Runtime backends: ``cpu`` everywhere, ``onnx-cuda`` where a GPU is.
+
+CPU tests run real ONNX Runtime sessions on seeded tiny UNet-328 and audio
+encoder models; GPU tests (marked ``gpu``) compare onnx-cuda with cpu and skip
+cleanly when no GPU is usable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avatar import BackendOptions, get_plugin_manager
+from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError
+from avatar.interfaces import TensorInfo
+from avatar.models.synthetic import make_audio_encoder, make_unet, sample_audio, sample_mel, sample_visual
+from avatar_plugins.backends._common import check_feeds, cuda_driver_status, psnr
+from avatar_plugins.backends.ort import CpuBackend, OnnxCudaBackend, cuda_provider_options
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AVATAR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ort_models")
+    return {
+        "unet": make_unet(d / "tiny.onnx", tiny=True, seed=0),
+        "encoder": make_audio_encoder(d / "enc.onnx", tiny=True),
+    }
+
+
+def _feeds(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"input": sample_visual(batch, seed=seed), "audio": sample_audio("ave", batch, seed=seed)}
+
+
+# --------------------------------------------------------------------------- cpu
+
+
+def test_cpu_is_registered_and_usable():
+    pm = get_plugin_manager()
+    assert pm.backend_class("cpu") is CpuBackend
+    assert pm.get("backend", "onnx-cuda").obj is OnnxCudaBackend
+    assert CpuBackend.availability().usable
+
+
+def test_cpu_metadata_and_providers(models):
+    with CpuBackend(models["unet"]) as b:
+        assert [t.name for t in b.inputs] == ["input", "audio"]
+        assert [tuple(t.shape[1:]) for t in b.inputs] == [(6, 320, 320), (32, 16, 16)]
+        assert all(np.dtype(t.dtype) == np.float32 for t in b.inputs)
+        assert [(t.name, tuple(t.shape[1:])) for t in b.outputs] == [("output", (3, 320, 320))]
+        assert b.providers == ["CPUExecutionProvider"]
+        assert b.stats.load_s > 0
+
+
+def test_cpu_runs_any_model_the_audio_encoder_too(models):
+    with CpuBackend(models["encoder"]) as b:
+        assert [(t.name, tuple(t.shape[1:])) for t in b.inputs] == [("mel", (1, 80, 16))]
+        out = b.run({"mel": sample_mel(7)})
+        assert out["feature"].shape == (7, 512)
+
+
+def test_cpu_batch_is_one_call_and_equals_per_item_runs(models):
+    feeds = _feeds(5)
+    with CpuBackend(models["unet"]) as b:
+        batched = b.run(feeds)["output"]
+        assert b.stats.calls == 1 and b.stats.items == 5
+        singles = np.concatenate([b.run({k: v[i : i + 1] for k, v in feeds.items()})["output"] for i in range(5)])
+        assert b.stats.calls == 6 and b.stats.items == 10
+    assert batched.shape == (5, 3, 320, 320) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, singles, atol=1e-5)
+
+
+def test_cpu_inputs_change_the_output(models):
+    with CpuBackend(models["unet"]) as b:
+        base = b.run(_feeds(2))["output"]
+        other_audio = b.run({"input": sample_visual(2), "audio": sample_audio("ave", 2, seed=9)})["output"]
+        other_visual = b.run({"input": sample_visual(2, seed=9), "audio": sample_audio("ave", 2)})["output"]
+    assert np.abs(base - other_audio).mean() > 1e-3
+    assert np.abs(base - other_visual).mean() > 1e-3
+
+
+def test_cpu_outputs_are_owned_by_the_caller(models):
+    with CpuBackend(models["unet"]) as b:
+        first = b.run(_feeds(1))["output"]
+        keep = first.copy()
+        b.run(_feeds(1, seed=3))
+    np.testing.assert_array_equal(first, keep)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda f: {"input": f["input"]}, "missing 'audio'"),
+        (lambda f: {**f, "extra": f["audio"]}, "unknown 'extra'"),
+        (lambda f: {**f, "input": f["input"].astype(np.float64)}, "must be float32, got float64"),
+        (lambda f: {**f, "input": (f["input"] * 255).astype(np.uint8)}, "uint8-visual"),
+        (lambda f: {**f, "audio": np.zeros((2, 32, 32, 32), np.float32)}, r"dimension 2 is 32, the model needs 16"),
+        (lambda f: {**f, "audio": np.zeros((2, 32, 16), np.float32)}, "must have 4 dimensions"),
+        (lambda f: {**f, "audio": f["audio"][:1]}, "same batch size"),
+        (lambda f: {"input": f["input"][:0], "audio": f["audio"][:0]}, "empty batch"),
+        (lambda f: {**f, "audio": f["audio"].tolist()}, "must be a numpy array"),
+    ],
+)
+def test_cpu_rejects_bad_feeds_with_clear_messages(models, mutate, match):
+    with CpuBackend(models["unet"]) as b:
+        with pytest.raises(BackendError, match=match):
+            b.run(mutate(_feeds(2)))
+        assert b.stats.calls == 0
+
+
+def test_fixed_batch_and_max_batch_validation():
+    inputs = [TensorInfo("x", (2, 3), np.dtype("float32"))]
+    with pytest.raises(BackendError, match="fixed batch of 2"):
+        check_feeds({"x": np.zeros((3, 3), np.float32)}, inputs)
+    assert check_feeds({"x": np.zeros((2, 3), np.float32)}, inputs) == 2
+    dyn = [TensorInfo("x", ("batch", 3), np.dtype("float32"))]
+    with pytest.raises(BackendError, match="exceeds max_batch=4"):
+        check_feeds({"x": np.zeros((5, 3), np.float32)}, dyn, max_batch=4)
+    assert check_feeds({"x": np.zeros((4, 3), np.float32)}, dyn, max_batch=4) == 4
+    with pytest.raises(BackendError, match="mapping"):
+        check_feeds([np.zeros((1, 3))], dyn)  # type: ignore[arg-type]
+
+
+def test_cpu_threads_and_optimization_options_reach_the_session(models):
+    with CpuBackend(models["unet"], BackendOptions(threads=1, extra={"optimization": "disabled"})) as b:
+        so = b._session.get_session_options()
+        assert so.intra_op_num_threads == 1
+        import onnxruntime as ort
+
+        assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        out1 = b.run(_feeds(1))["output"]
+    with CpuBackend(models["unet"], BackendOptions(threads=2)) as b:
+        assert b._session.get_session_options().intra_op_num_threads == 2
+        assert b._session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        np.testing.assert_allclose(b.run(_feeds(1))["output"], out1, atol=1e-5)
+
+
+def test_cpu_profile_option_writes_a_profile(models, tmp_path):
+    b = CpuBackend(models["unet"], BackendOptions(extra={"profile": str(tmp_path / "prof")}))
+    b.run(_feeds(1))
+    written = b._session.end_profiling()
+    b.close()
+    assert Path(written).is_file() and Path(written).name.startswith("prof")
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        (BackendOptions(threads=0), ConfigError, "threads"),
+        (BackendOptions(max_batch=0), ConfigError, "max_batch"),
+        (BackendOptions(precision="int8"), ConfigError, "precision"),
+        (BackendOptions(extra={"optimization": "max"}), ConfigError, "optimization"),
+        (BackendOptions(extra={"no_such_option": 1}), ConfigError, "unknown option"),
+        (BackendOptions(extra={"io_binding": False}), ConfigError, "unknown option"),  # a CUDA-only option
+    ],
+)
+def test_cpu_rejects_bad_options(models, options, error, match):
+    with pytest.raises(error, match=match):
+        CpuBackend(models["unet"], options)
+
+
+def test_cpu_bad_model_files(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        CpuBackend(tmp_path / "none.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(BackendError, match="cannot load"):
+        CpuBackend(tmp_path / "junk.onnx")
+
+
+def test_cpu_closed_backend_refuses_to_run(models):
+    b = CpuBackend(models["unet"])
+    b.close()
+    with pytest.raises(BackendError, match="closed"):
+        b.run(_feeds(1))
+
+
+def test_cpu_uint8_visual_option(models):
+    x = np.round(sample_visual(3) * 255).astype(np.uint8)
+    a = sample_audio("ave", 3)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run({"input": x.astype(np.float32) / 255, "audio": a})["output"]
+    with CpuBackend(models["unet"], BackendOptions(extra={"uint8_visual": True})) as b:
+        assert np.dtype(b.inputs[0].dtype) == np.uint8
+        assert b.model_file != models["unet"] and b.model_file.parent.name == "models"
+        got = b.run({"input": x, "audio": a})["output"]
+        with pytest.raises(BackendError, match="must be uint8"):
+            b.run({"input": x.astype(np.float32), "audio": a})
+    assert np.abs(want - got).max() <= 1e-6
+
+
+def test_cpu_fp16_is_converted_checked_and_cached(models):
+    feeds = _feeds(2)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run(feeds)["output"]
+    with CpuBackend(models["unet"], BackendOptions(precision="fp16")) as b:
+        assert b.fp16_psnr is not None and b.fp16_psnr >= 40.0
+        first_file = b.model_file
+        assert first_file.name.endswith(".fp16.onnx")
+        got = b.run(feeds)["output"]
+        assert got.dtype == np.float32
+    assert psnr(want, got) >= 40.0 and not np.array_equal(want, got)
+    mtime = first_file.stat().st_mtime_ns
+    with CpuBackend(models["unet"], BackendOptions(precision="fp16")) as again:
+        assert again.model_file == first_file and first_file.stat().st_mtime_ns == mtime
+
+
+def test_cpu_fp16_gate_refuses_an_inaccurate_conversion(models):
+    with pytest.raises(BackendError, match="too inaccurate"):
+        CpuBackend(models["unet"], BackendOptions(precision="fp16", extra={"fp16_min_psnr": 500}))
+    with CpuBackend(models["unet"], BackendOptions(precision="fp16", extra={"fp16_min_psnr": 0})) as b:
+        assert b.fp16_psnr is None  # 0 skips the check
+
+
+def test_cpu_cache_dir_option(models, tmp_path):
+    with CpuBackend(models["unet"], BackendOptions(extra={"uint8_visual": True, "cache_dir": str(tmp_path / "mine")})) as b:
+        assert b.model_file.parent == tmp_path / "mine"
+
+
+# --------------------------------------------------------------------------- onnx-cuda (CPU-side)
+
+
+def test_onnx_cuda_availability_is_accurate_here():
+    a = OnnxCudaBackend.availability()
+    driver_ok, reason, _ = cuda_driver_status()
+    if not driver_ok:
+        assert not a.usable
+        assert reason in a.reason
+        assert "libcuda.so.1" in a.reason or "GPU" in a.reason
+        with pytest.raises(BackendUnavailable, match="onnx-cuda is unavailable"):
+            OnnxCudaBackend("whatever.onnx")
+        with pytest.raises(BackendUnavailable, match="onnx-cuda"):
+            get_plugin_manager().backend_class("onnx-cuda")
+    else:  # on a GPU machine the answer depends on the ONNX Runtime build
+        assert a.usable or a.reason
+
+
+def test_cuda_provider_options_follow_backend_options():
+    po = cuda_provider_options(BackendOptions(device_id=3))
+    assert po["device_id"] == "3" and po["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    assert "user_compute_stream" not in po and "gpu_mem_limit" not in po
+    assert po["use_tf32"] == "0" and cuda_provider_options(BackendOptions(extra={"tf32": True}))["use_tf32"] == "1"
+    po = cuda_provider_options(BackendOptions(extra={"cuda_stream": 1234, "gpu_mem_limit": 2 << 30, "cudnn_conv_algo_search": "HEURISTIC"}))
+    assert po["user_compute_stream"] == "1234" and po["has_user_compute_stream"] == "1"
+    assert po["gpu_mem_limit"] == str(2 << 30) and po["cudnn_conv_algo_search"] == "HEURISTIC"
+    with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
+        cuda_provider_options(BackendOptions(extra={"cudnn_conv_algo_search": "FAST"}))
+
+
+# --------------------------------------------------------------------------- onnx-cuda (GPU)
+
+needs_cuda = pytest.mark.skipif(not OnnxCudaBackend.availability().usable, reason="onnx-cuda is not usable here")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_gpu_onnx_cuda_matches_cpu(models, io_binding):
+    feeds = _feeds(4)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run(feeds)["output"]
+        want1 = ref.run({k: v[:1] for k, v in feeds.items()})["output"]
+    opts = BackendOptions(max_batch=4, extra={"io_binding": io_binding})
+    with OnnxCudaBackend(models["unet"], opts) as b:
+        assert "CUDAExecutionProvider" in b.providers
+        got = b.run(feeds)["output"]
+        got1 = b.run({k: v[:1] for k, v in feeds.items()})["output"]  # a tail batch: its own binding
+        again = b.run(feeds)["output"]
+        assert b.stats.calls == 3
+        if io_binding:
+            assert sorted(b._bindings) == [1, 4]
+            with pytest.raises(BackendError, match="exceeds max_batch=4"):
+                b.run(_feeds(5))
+    assert np.abs(want - got).max() <= 1e-3
+    assert np.abs(want1 - got1).max() <= 1e-3
+    np.testing.assert_array_equal(got, again)
+    assert not np.shares_memory(got, again)  # caller-owned copies
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_onnx_cuda_fp16_and_uint8(models):
+    x = np.round(sample_visual(4) * 255).astype(np.uint8)
+    a = sample_audio("ave", 4)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run({"input": x.astype(np.float32) / 255, "audio": a})["output"]
+    with OnnxCudaBackend(models["unet"], BackendOptions(max_batch=4, extra={"uint8_visual": True})) as b:
+        assert np.abs(b.run({"input": x, "audio": a})["output"] - want).max() <= 1e-3
+    with OnnxCudaBackend(models["unet"], BackendOptions(max_batch=4, precision="fp16", extra={"uint8_visual": True})) as b:
+        assert b.fp16_psnr is not None and b.fp16_psnr >= 40.0
+        assert psnr(want, b.run({"input": x, "audio": a})["output"]) >= 40.0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_onnx_cuda_user_stream(models):
+    cupy = pytest.importorskip("cupy")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run(_feeds(2))["output"]
+    with OnnxCudaBackend(models["unet"], BackendOptions(max_batch=2, extra={"cuda_stream": stream.ptr})) as b:
+        assert np.abs(b.run(_feeds(2))["output"] - want).max() <= 1e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_onnx_cuda_audio_encoder(models):
+    mel = sample_mel(8)
+    with CpuBackend(models["encoder"]) as ref, OnnxCudaBackend(models["encoder"], BackendOptions(max_batch=8)) as b:
+        np.testing.assert_allclose(b.run({"mel": mel})["feature"], ref.run({"mel": mel})["feature"], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- benchmark script
+
+
+def test_gpu_backends_benchmark_runs_on_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_backends.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--batches", "1,2", "--repeats", "2", "--warmup", "1",
+         "--cpu-repeats", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    (js,) = tmp_path.glob("gpu_*.json")
+    doc = json.loads(js.read_text())
+    assert js.with_suffix(".md").is_file()
+    assert {"gpu", "cpu", "libraries"} & set(doc["device"]) and doc["device"]["libraries"]["onnxruntime"]
+    rows = {r["variant"]: r for r in doc["results"]}
+    cpu = rows["cpu"]
+    assert cpu["status"] == "ok" and [c["batch"] for c in cpu["cells"]] == [1, 2]
+    assert all(c["calls"] == 2 and c["median_ms"] > 0 and c["p95_ms"] >= c["median_ms"] for c in cpu["cells"])
+    assert cpu["parity"]["max_abs"] == 0.0
+    for label in ("onnx-cuda fp32", "tensorrt fp16"):
+        assert rows[label]["status"] in ("ok", "skipped", "failed")
+        if rows[label]["status"] == "skipped":
+            assert rows[label]["reason"]
+    # the table comes last on stdout
+    assert res.stdout.strip().splitlines()[-1].startswith("| ")
+    assert "| cpu | 2 |" in res.stdout
+
+
+# --------------------------------------------------------------------------- IO binding logic on CPU memory
+
+
+class _BoundOnCpu(OnnxCudaBackend):
+    """onnx-cuda's IO-binding path with its buffers in CPU memory (same code, no GPU needed)."""
+
+    name = "test-bound-cpu"
+    provider = "CPUExecutionProvider"
+    _device_type = "cpu"
+
+    @classmethod
+    def availability(cls):  # type: ignore[no-untyped-def]
+        from avatar.interfaces import Availability
+
+        return Availability.ok()
+
+    def _providers(self):  # type: ignore[no-untyped-def]
+        return ["CPUExecutionProvider"]
+
+
+def test_io_binding_path_binds_per_batch_size_and_matches_plain_runs(models):
+    feeds = _feeds(4)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run(feeds)["output"]
+        want_tail = ref.run({k: v[:3] for k, v in feeds.items()})["output"]
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=4)) as b:
+        assert sorted(b._bindings) == [4]  # max_batch buffers made at load
+        got = b.run(feeds)["output"]
+        tail = b.run({k: v[:3] for k, v in feeds.items()})["output"]
+        assert sorted(b._bindings) == [3, 4]
+        again = b.run(_feeds(4, seed=8))["output"]
+        assert b.stats.calls == 3
+        with pytest.raises(BackendError, match="exceeds max_batch=4"):
+            b.run(_feeds(5))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(tail, want_tail, atol=1e-6)
+    assert np.abs(again - got).mean() > 1e-3  # new inputs really reached the bound buffers
+    assert not np.shares_memory(got, again)
+
+
+def test_io_binding_can_be_switched_off(models):
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2, extra={"io_binding": False})) as b:
+        assert b._bindings == {}
+        out = b.run(_feeds(5))["output"]  # no buffers, so no max_batch limit
+        assert out.shape[0] == 5 and b._bindings == {}

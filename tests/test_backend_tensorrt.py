@@ -1,0 +1,305 @@
+"""The ``tensorrt`` backend: pure logic everywhere, parity on a GPU with TensorRT.
+
+CI has neither TensorRT nor a GPU: the tests here check what the backend
+decides before it touches the device (cache keys, profiles, buffer sizes,
+shape checks, messages), that the plugin registers and explains what is
+missing, and that ``avatar build-engine`` fails with one clear line. The
+``gpu`` tests build real engines and compare them with the cpu backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from avatar import BackendOptions, get_plugin_manager
+from avatar.cli import cli
+from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError
+from avatar.interfaces import TensorInfo
+from avatar_plugins.backends import tensorrt as trt_backend
+from avatar_plugins.backends._common import cuda_driver_status, psnr
+from avatar_plugins.backends._trt_engine_cache import (
+    INSTALL,
+    BuildOptions,
+    DeviceIdentity,
+    buffer_bytes,
+    buffer_plan,
+    check_shape,
+    engine_cache_key,
+    engine_path,
+    have_module,
+    missing_parts,
+    profile_shapes,
+    timing_cache_path,
+    unavailable_message,
+)
+
+F32, U8 = np.dtype("float32"), np.dtype("uint8")
+UNET_INPUTS = [TensorInfo("input", ("batch", 6, 320, 320), F32), TensorInfo("audio", ("batch", 32, 16, 16), F32)]
+H100 = DeviceIdentity("NVIDIA H100 80GB HBM3", (9, 0), "10.13.0")
+
+
+# --------------------------------------------------------------------------- cache key
+
+
+def test_engine_cache_key_changes_with_every_ingredient():
+    base = engine_cache_key("a" * 64, H100, BuildOptions())
+    assert base == engine_cache_key("a" * 64, H100, BuildOptions())  # deterministic
+    variants = [
+        engine_cache_key("b" * 64, H100, BuildOptions()),
+        engine_cache_key("a" * 64, dataclasses.replace(H100, gpu_name="NVIDIA H200"), BuildOptions()),
+        engine_cache_key("a" * 64, dataclasses.replace(H100, compute_capability=(8, 9)), BuildOptions()),
+        engine_cache_key("a" * 64, dataclasses.replace(H100, trt_version="10.14.1"), BuildOptions()),
+    ]
+    changes = {
+        "precision": "fp16",
+        "min_batch": 2,
+        "opt_batch": 8,
+        "max_batch": 32,
+        "workspace_mb": 1024,
+        "uint8_visual": True,
+        "tf32": True,
+    }
+    assert set(changes) == {f.name for f in dataclasses.fields(BuildOptions)}  # a new field needs a case here
+    for field, value in changes.items():
+        b = dataclasses.replace(BuildOptions(max_batch=32 if field == "min_batch" else 16), **{field: value})
+        variants.append(engine_cache_key("a" * 64, H100, b))
+    assert base not in variants and len(set(variants)) == len(variants)
+
+
+def test_engine_and_timing_cache_paths(tmp_path):
+    p = engine_path(tmp_path, Path("/models/sanders.onnx"), "abc123")
+    assert p == tmp_path / "sanders.abc123.engine"
+    t = timing_cache_path(tmp_path, H100)
+    assert t.parent == tmp_path and "sm90" in t.name and "10.13.0" in t.name and " " not in t.name
+    assert timing_cache_path(tmp_path, dataclasses.replace(H100, compute_capability=(8, 9))) != t
+
+
+def test_build_options_validation():
+    with pytest.raises(ConfigError, match="precision"):
+        BuildOptions(precision="int8")
+    with pytest.raises(ConfigError, match="min <= opt <= max"):
+        BuildOptions(opt_batch=32, max_batch=16)
+    with pytest.raises(ConfigError, match="min <= opt <= max"):
+        BuildOptions(min_batch=0)
+    with pytest.raises(ConfigError, match="workspace"):
+        BuildOptions(workspace_mb=1)
+
+
+def test_build_options_from_backend_options():
+    b = trt_backend.build_options_from(BackendOptions(precision="fp16", max_batch=8))
+    assert (b.precision, b.min_batch, b.opt_batch, b.max_batch, b.uint8_visual) == ("fp16", 1, 8, 8, False)
+    b = trt_backend.build_options_from(
+        BackendOptions(max_batch=64, extra={"opt_batch": 16, "workspace_mb": 512, "uint8_visual": True})
+    )
+    assert (b.opt_batch, b.max_batch, b.workspace_mb, b.uint8_visual, b.tf32) == (16, 64, 512, True, False)
+    assert trt_backend.build_options_from(BackendOptions(extra={"tf32": True})).tf32
+    with pytest.raises(ConfigError):
+        trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"opt_batch": 8}))
+
+
+# --------------------------------------------------------------------------- profile and buffers
+
+
+def test_profile_shapes_for_dynamic_batch():
+    shapes = profile_shapes(UNET_INPUTS, BuildOptions(opt_batch=8, max_batch=16))
+    assert shapes["input"] == ((1, 6, 320, 320), (8, 6, 320, 320), (16, 6, 320, 320))
+    assert shapes["audio"] == ((1, 32, 16, 16), (8, 32, 16, 16), (16, 32, 16, 16))
+
+
+def test_profile_shapes_for_fixed_batch_and_errors():
+    fixed = [TensorInfo("x", (4, 3, 8, 8), F32)]
+    assert profile_shapes(fixed, BuildOptions(max_batch=16)) == {"x": ((4, 3, 8, 8),) * 3}
+    with pytest.raises(ConfigError, match="--max-batch 4"):
+        profile_shapes(fixed, BuildOptions(opt_batch=2, max_batch=2))
+    with pytest.raises(ModelError, match="dynamic dimension besides the batch"):
+        profile_shapes([TensorInfo("x", ("b", 3, None, 8), F32)], BuildOptions())
+
+
+def test_buffer_sizes_from_profile_max_and_dtype():
+    assert buffer_bytes((16, 6, 320, 320), F32) == 16 * 6 * 320 * 320 * 4
+    assert buffer_bytes((16, 6, 320, 320), U8) == 16 * 6 * 320 * 320
+    assert buffer_bytes((16, 3, 320, 320), np.float16) == 16 * 3 * 320 * 320 * 2
+    plan = buffer_plan({"input": ((64, 6, 320, 320), U8), "audio": ((64, 32, 16, 16), F32), "output": ((64, 3, 320, 320), F32)})
+    assert plan == {"input": 39_321_600, "audio": 2_097_152, "output": 78_643_200}
+    with pytest.raises(BackendError, match="dynamic dimension"):
+        buffer_bytes((-1, 3, 320, 320), F32)
+
+
+def test_check_shape_against_the_profile():
+    lo, hi = (1, 6, 320, 320), (16, 6, 320, 320)
+    check_shape("input", (16, 6, 320, 320), lo, hi)
+    check_shape("input", (1, 6, 320, 320), lo, hi)
+    with pytest.raises(BackendError, match=r"batch 17 .* outside the engine's profile \[1, 16\].*--max-batch 17"):
+        check_shape("input", (17, 6, 320, 320), lo, hi)
+    with pytest.raises(BackendError, match=r"must have shape \[B,6,320,320\]"):
+        check_shape("input", (2, 3, 320, 320), lo, hi)
+    with pytest.raises(BackendError, match="4 dimensions"):
+        check_shape("input", (2, 6, 320), lo, hi)
+    with pytest.raises(BackendError, match="outside"):
+        check_shape("input", (1, 6, 320, 320), (2, 6, 320, 320), hi)
+
+
+# --------------------------------------------------------------------------- availability and messages
+
+
+def test_missing_parts_and_message():
+    all_missing = missing_parts(have_tensorrt=False, have_pycuda=False, driver=(False, "no NVIDIA driver (libcuda.so.1) was found"))
+    assert len(all_missing) == 3 and "tensorrt" in all_missing[0].lower() and "pycuda" in all_missing[1]
+    assert missing_parts(have_tensorrt=True, have_pycuda=True, driver=(True, "")) == []
+    only_driver = missing_parts(have_tensorrt=True, have_pycuda=True, driver=(False, ""))
+    assert only_driver == ["no NVIDIA driver was found"]
+    line = unavailable_message("; ".join(all_missing), INSTALL)
+    assert "\n" not in line and INSTALL in line and "pypi.nvidia.com" in line
+    assert "onnx-cuda or cpu" in unavailable_message("no NVIDIA driver was found", None)
+
+
+def test_availability_lists_exactly_what_is_missing_here():
+    a = trt_backend.TensorRTBackend.availability()
+    have_trt, have_pycuda = have_module("tensorrt"), have_module("pycuda")
+    driver_ok = cuda_driver_status()[0]
+    if have_trt and have_pycuda and driver_ok:
+        pytest.skip("TensorRT, pycuda and a driver are all present")
+    assert not a.usable
+    assert ("TensorRT" in a.reason) is not have_trt
+    assert ("pycuda is not installed" in a.reason) is not have_pycuda
+    assert ("driver" in a.reason or "GPU" in a.reason) is not driver_ok
+    if not (have_trt and have_pycuda):
+        assert a.install == INSTALL
+
+
+def test_plugin_registers_backend_and_command_even_without_tensorrt():
+    pm = get_plugin_manager()
+    reg = pm.get("backend", "tensorrt")
+    assert reg.obj is trt_backend.TensorRTBackend and reg.plugin == "tensorrt"
+    assert pm.records["tensorrt"].status == "loaded"
+    assert "build-engine" in cli.list_commands(None)  # type: ignore[arg-type]
+
+
+needs_trt = pytest.mark.skipif(not trt_backend.TensorRTBackend.availability().usable, reason="TensorRT is not usable here")
+no_trt = pytest.mark.skipif(trt_backend.TensorRTBackend.availability().usable, reason="TensorRT is usable here")
+
+
+@no_trt
+def test_constructing_without_tensorrt_raises_one_clear_line(tmp_path):
+    with pytest.raises(BackendUnavailable) as info:
+        trt_backend.TensorRTBackend(tmp_path / "m.onnx")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("tensorrt backend unavailable:")
+    with pytest.raises(BackendUnavailable, match="tensorrt"):
+        get_plugin_manager().backend_class("tensorrt")
+
+
+@no_trt
+def test_build_engine_command_fails_with_one_clear_line(tmp_path):
+    res = CliRunner().invoke(cli, ["build-engine", str(tmp_path / "m.onnx"), "--fp16", "--max-batch", "8"])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tensorrt backend unavailable")
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_build_engine_command_validates_its_options(tmp_path):
+    res = CliRunner().invoke(cli, ["build-engine", str(tmp_path / "m.onnx"), "--max-batch", "0"])
+    assert res.exit_code == 2 and "max-batch" in res.output
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avatar.models.synthetic import make_unet
+
+    return make_unet(tmp_path_factory.mktemp("trt") / "tiny.onnx", tiny=True, seed=0)
+
+
+def _feeds(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    from avatar.models.synthetic import sample_audio, sample_visual
+
+    return {"input": sample_visual(batch, seed=seed), "audio": sample_audio("ave", batch, seed=seed)}
+
+
+def _cpu(unet: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    from avatar_plugins.backends.ort import CpuBackend
+
+    with CpuBackend(unet) as b:
+        return b.run(feeds)["output"]
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_gpu_tensorrt_fp32_matches_cpu_and_engine_is_cached(unet, tmp_path):
+    opts = BackendOptions(max_batch=8, extra={"cache_dir": str(tmp_path)})
+    feeds = _feeds(5)
+    want = _cpu(unet, feeds)
+    with trt_backend.TensorRTBackend(unet, opts) as b:
+        first_load = b.stats.load_s
+        engine = b.engine_file
+        assert [t.name for t in b.inputs] == ["input", "audio"]
+        got = b.run(feeds)["output"]
+        assert b.stats.calls == 1 and b.stats.items == 5
+        with pytest.raises(BackendError, match="max_batch=8"):
+            b.run(_feeds(9))
+    assert np.abs(got - want).max() <= 1e-3
+    assert engine.is_file() and engine.with_suffix(".json").is_file()
+    assert list(tmp_path.glob("timing.*.cache"))
+    with trt_backend.TensorRTBackend(unet, opts) as again:
+        assert again.engine_file == engine
+        assert again.stats.load_s < first_load
+        np.testing.assert_allclose(again.run(feeds)["output"], got, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_gpu_tensorrt_fp16_and_uint8(unet, tmp_path):
+    x = np.round(_feeds(4)["input"] * 255).astype(np.uint8)
+    a = _feeds(4)["audio"]
+    want = _cpu(unet, {"input": x.astype(np.float32) / 255, "audio": a})
+    opts = BackendOptions(max_batch=4, precision="fp16", extra={"cache_dir": str(tmp_path), "uint8_visual": True})
+    with trt_backend.TensorRTBackend(unet, opts) as b:
+        assert np.dtype(b.inputs[0].dtype) == np.uint8
+        got = b.run({"input": x, "audio": a})["output"]
+    assert psnr(want, got) >= 40.0
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_gpu_tensorrt_alias_outputs_threads_and_onnx_runtime_together(unet, tmp_path):
+    from avatar_plugins.backends.ort import OnnxCudaBackend
+
+    opts = BackendOptions(max_batch=4, extra={"cache_dir": str(tmp_path), "alias_outputs": True})
+    with trt_backend.TensorRTBackend(unet, opts) as b:
+        first = b.run(_feeds(2))["output"]
+        kept = first.copy()
+        b.run(_feeds(2, seed=4))
+        assert not np.array_equal(first, kept)  # documented: views are overwritten by the next run
+        results: dict[str, np.ndarray] = {}
+
+        def worker() -> None:
+            results["out"] = b.run(_feeds(2))["output"].copy()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        np.testing.assert_allclose(results["out"], kept, atol=1e-6)
+        if OnnxCudaBackend.availability().usable:  # same primary context, same process
+            with OnnxCudaBackend(unet, BackendOptions(max_batch=2)) as ort_b:
+                np.testing.assert_allclose(ort_b.run(_feeds(2))["output"], kept, atol=1e-3)
+            np.testing.assert_allclose(b.run(_feeds(2))["output"], kept, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_gpu_build_engine_command(unet, tmp_path):
+    res = CliRunner().invoke(cli, ["build-engine", str(unet), "--max-batch", "4", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    path = Path(res.output.split()[0])
+    assert path.is_file() and path.parent == tmp_path
+    res2 = CliRunner().invoke(cli, ["build-engine", str(unet), "--max-batch", "4", "--cache-dir", str(tmp_path)])
+    assert res2.exit_code == 0 and Path(res2.output.split()[0]) == path  # found in the cache

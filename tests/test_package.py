@@ -1,0 +1,318 @@
+"""The avatar package format: writing, opening, validating, frame store, caches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from avatar import vision
+from avatar.errors import AvatarPackageError
+from avatar.package import FACES, AvatarPackage, FrameStore, write_package
+
+W, H, N, GOP = 256, 192, 30, 5
+BOX = (60, 30, 200, 170)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def make_frames(n: int = N, seed: int = 0) -> list[np.ndarray]:
+    """Smooth frames, each with a bright block at a position unique to the frame."""
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(cv2.resize(rng.integers(0, 256, (H // 8, W // 8, 3), dtype=np.uint8), (W, H)), (0, 0), 2)
+    frames = []
+    for i in range(n):
+        f = base.copy()
+        x = 8 + 7 * i
+        f[8:40, x % (W - 40) : x % (W - 40) + 24] = (255, 255, 255)
+        cv2.circle(f, (130, 100 + i % 30), 20, (40, 40, 200), -1)
+        frames.append(cv2.GaussianBlur(f, (0, 0), 1.5))  # camera-like edges (chroma is subsampled)
+    return frames
+
+
+def make_boxes(n: int = N) -> np.ndarray:
+    return np.array([BOX] * n, np.int32) + np.array([[i % 3, 0, i % 3, 0] for i in range(n)], np.int32)
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    return make_frames()
+
+
+@pytest.fixture(scope="module")
+def pkg_dir(tmp_path_factory: pytest.TempPathFactory, frames: list[np.ndarray]) -> Path:
+    dst = tmp_path_factory.mktemp("pkg") / "avatar"
+    write_package(dst, iter(frames), make_boxes(), 25, "synthetic", gop=GOP, preset="ultrafast")
+    return dst
+
+
+def copy_pkg(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_layout_and_manifest(pkg_dir: Path) -> None:
+    assert {p.name for p in pkg_dir.iterdir()} >= {"avatar.json", "frames.mp4", "boxes.npy", "cache"}
+    m = json.loads((pkg_dir / "avatar.json").read_text())
+    assert m["format"] == "avatar-package" and m["version"] == 1
+    assert (m["name"], m["fps"], m["frame_count"], m["width"], m["height"]) == ("synthetic", 25, N, W, H)
+    assert m["crop"]["interpolation"] == "cubic"
+    assert m["video"]["gop"] == GOP and m["video"]["pix_fmt"] == "yuv420p"
+    assert not list(pkg_dir.parent.glob(".avatar.partial-*"))
+
+
+def test_open_attributes(pkg_dir: Path) -> None:
+    with AvatarPackage.open(pkg_dir) as pkg:
+        assert (pkg.frame_count, pkg.width, pkg.height, pkg.fps, pkg.name) == (N, W, H, 25.0, "synthetic")
+        assert pkg.boxes.dtype == np.int32 and np.array_equal(pkg.boxes, make_boxes())
+        assert pkg.manifest.crop_interpolation == "cubic"
+        assert pkg.model_path is None and pkg.audio_features is None
+
+
+def test_frames_decode_to_the_source_frames(pkg_dir: Path, frames: list[np.ndarray]) -> None:
+    with AvatarPackage.open(pkg_dir) as pkg:
+        assert pkg.store.gop_count == N // GOP
+        for i in (0, 4, 5, 17, N - 1, 3):  # random order, across GOPs
+            f = pkg.frame(i)
+            assert f.shape == (H, W, 3) and f.dtype == np.uint8
+            assert psnr(f, frames[i]) > 30  # saturated synthetic colours: 4:2:0 chroma bounds this (real: > 40)
+            # each frame is its own (not a neighbour): best match is the source frame i
+            assert int(np.argmax([psnr(f, s) for s in frames])) == i
+        assert not pkg.frame(3).flags.writeable  # read-only view into the cache
+        got = list(pkg.frames([7, 2, 9]))
+        assert all(np.array_equal(g, pkg.frame(i)) for g, i in zip(got, [7, 2, 9]))
+        with pytest.raises(IndexError):
+            pkg.frame(N)
+
+
+def test_frame_store_decodes_each_gop_once_for_pingpong(pkg_dir: Path) -> None:
+    frame_mb = W * H * 3 / 2**20
+    # budget for 2 GOPs only: forward then backward sequential access
+    store = FrameStore(pkg_dir / "frames.mp4", memory_budget_mb=2 * GOP * frame_mb + 0.01)
+    assert store.capacity == 2 and not store.fits_in_budget
+    gops = N // GOP
+    list(store.frames(range(N)))
+    assert store.decoded_gops == gops
+    list(store.frames(range(N - 2, -1, -1)))  # the last two GOPs are still cached
+    assert store.decoded_gops == gops + gops - 2
+    assert len(store._gops) == 2  # bounded
+    store.close()
+
+
+def test_frame_store_keeps_everything_when_it_fits(pkg_dir: Path) -> None:
+    store = FrameStore(pkg_dir / "frames.mp4", memory_budget_mb=64)
+    assert store.fits_in_budget
+    list(store.frames(range(N)))
+    list(store.frames(range(N - 1, -1, -1)))
+    list(store.frames(np.random.default_rng(0).permutation(N)))
+    assert store.decoded_gops == N // GOP  # decoded once, kept
+    store.close()
+
+
+def test_memory_budget_option_has_an_effect(pkg_dir: Path) -> None:
+    small = AvatarPackage.open(pkg_dir, memory_budget_mb=0.5)
+    big = AvatarPackage.open(pkg_dir, memory_budget_mb=512)
+    for p in (small, big):
+        list(p.frames(range(N)))
+        list(p.frames(range(N)))
+    assert big.store.decoded_gops == N // GOP < small.store.decoded_gops
+    small.close()
+    big.close()
+
+
+def test_faces_cache_is_memmapped_and_made_from_source_frames(pkg_dir: Path, frames: list[np.ndarray]) -> None:
+    with AvatarPackage.open(pkg_dir) as pkg:
+        faces = pkg.faces
+        assert isinstance(faces, np.memmap) and faces.shape == (N, 320, 320, 3)
+        for i in (0, 13):
+            assert np.array_equal(faces[i], vision.face_320(frames[i], tuple(make_boxes()[i])))
+        v = pkg.visual_inputs([3, 0, 3])
+        assert v.shape == (3, 6, 320, 320) and v.dtype == np.uint8
+        assert np.array_equal(v, vision.visual_batch(faces[[3, 0, 3]]))
+        assert not np.array_equal(v[0], v[1])  # the index changes the input
+
+
+def test_faces_built_lazily_from_the_package(tmp_path: Path, frames: list[np.ndarray]) -> None:
+    dst = write_package(tmp_path / "a", iter(frames), make_boxes(), 25, "lazy", faces=False, gop=GOP, preset="ultrafast")
+    assert not (dst / FACES).exists()
+    with AvatarPackage.open(dst) as pkg:
+        faces = pkg.faces
+        assert (dst / FACES).is_file()
+        assert psnr(faces[10], vision.face_320(frames[10], tuple(make_boxes()[10]))) > 30
+
+
+def test_crop_interpolation_option_has_an_effect(tmp_path: Path, frames: list[np.ndarray]) -> None:
+    a = write_package(tmp_path / "c", iter(frames[:5]), make_boxes(5), 25, "c", gop=GOP, preset="ultrafast")
+    b = write_package(tmp_path / "l", iter(frames[:5]), make_boxes(5), 25, "l", gop=GOP, preset="ultrafast",
+                      crop_interpolation="linear")
+    with AvatarPackage.open(a) as pa, AvatarPackage.open(b) as pb:
+        assert pb.crop_interpolation == "linear"
+        assert not np.array_equal(pa.faces[2], pb.faces[2])
+        face = np.zeros((320, 320, 3), np.uint8)
+        assert not np.array_equal(pa.composite(2, face), pb.composite(2, face))
+
+
+def test_editing_the_manifest_interpolation_rebuilds_a_stale_cache(tmp_path: Path, frames: list[np.ndarray]) -> None:
+    dst = write_package(tmp_path / "s", iter(frames[:5]), make_boxes(5), 25, "s", gop=GOP, preset="ultrafast")
+    with AvatarPackage.open(dst) as pkg:
+        cubic = np.array(pkg.faces[1])
+    m = json.loads((dst / "avatar.json").read_text())
+    m["crop"]["interpolation"] = "nearest"
+    (dst / "avatar.json").write_text(json.dumps(m))
+    with AvatarPackage.open(dst) as pkg:
+        nearest = np.array(pkg.faces[1])
+        assert json.loads((dst / "cache/faces320.json").read_text())["interpolation"] == "nearest"
+    assert not np.array_equal(cubic, nearest)
+
+
+def test_package_composite(pkg_dir: Path) -> None:
+    with AvatarPackage.open(pkg_dir) as pkg:
+        out = pkg.composite(4, np.zeros((320, 320, 3), np.uint8))
+        assert out.flags.writeable and out.shape == (H, W, 3)
+        x1, y1, x2, y2 = pkg.boxes[4]
+        assert out[(y1 + y2) // 2, (x1 + x2) // 2].max() < 10
+        assert np.array_equal(out[:, : x1], pkg.frame(4)[:, : x1])
+
+
+def test_model_and_audio_features_are_copied_and_checked(tmp_path: Path, frames: list[np.ndarray]) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    def model(audio_shape: list[int], path: Path) -> Path:
+        vis = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", 6, 320, 320])
+        aud = helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["B", *audio_shape])
+        out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", 3, 320, 320])
+        starts = helper.make_tensor("s", TensorProto.INT64, [1], [0])
+        ends = helper.make_tensor("e", TensorProto.INT64, [1], [3])
+        axes = helper.make_tensor("a", TensorProto.INT64, [1], [1])
+        node = helper.make_node("Slice", ["input", "s", "e", "a"], ["output"])
+        g = helper.make_graph([node], "m", [vis, aud], [out], initializer=[starts, ends, axes])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    aud = tmp_path / "feat.npy"
+    np.save(aud, np.zeros((6, 512), np.float32))
+    enc = tmp_path / "enc.onnx"
+    enc.write_bytes(b"encoder bytes")
+    ok = write_package(tmp_path / "ok", iter(frames[:5]), make_boxes(5), 25, "m", gop=GOP, preset="ultrafast",
+                       model=model([32, 16, 16], tmp_path / "unet.onnx"), feature_type="ave", padding="replicate",
+                       audio_features=aud, audio_encoder=enc)
+    with AvatarPackage.open(ok) as pkg:
+        assert pkg.audio_encoder_path == ok / "enc.onnx" and pkg.audio_encoder_path.read_bytes() == b"encoder bytes"
+        assert pkg.manifest.audio_encoder == "enc.onnx"
+        assert pkg.model_path == ok / "unet.onnx" and pkg.model_path.is_file()
+        m = pkg.manifest
+        assert (m.model, m.feature_type, m.padding, m.audio_features) == ("unet.onnx", "ave", "replicate", "aud_ave.npy")
+        assert json.loads((ok / "avatar.json").read_text())["model"] == {
+            "file": "unet.onnx", "feature_type": "ave", "padding": "replicate", "audio_encoder": "enc.onnx"}
+        assert pkg.audio_features.shape == (6, 512)
+    with pytest.raises(AvatarPackageError, match="takes 'hubert' audio windows"):
+        write_package(tmp_path / "bad", iter(frames[:5]), make_boxes(5), 25, "m", gop=GOP, preset="ultrafast",
+                      model=model([32, 32, 32], tmp_path / "hub.onnx"), feature_type="ave")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_validate_counts_disagree(pkg_dir: Path, tmp_path: Path) -> None:
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    np.save(p / "boxes.npy", make_boxes(N - 2))
+    with pytest.raises(AvatarPackageError, match=f"has {N - 2} boxes but the manifest says {N} frames"):
+        AvatarPackage.open(p)
+
+
+def test_validate_frame_count_and_faces_cache(pkg_dir: Path, tmp_path: Path) -> None:
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    m = json.loads((p / "avatar.json").read_text())
+    m["frame_count"] = N + 1
+    (p / "avatar.json").write_text(json.dumps(m))
+    np.save(p / "boxes.npy", make_boxes(N + 1))
+    with pytest.raises(AvatarPackageError) as e:
+        AvatarPackage.open(p)
+    assert f"frames.mp4 has {N} frames but the manifest says {N + 1}" in str(e.value)
+    assert "delete it to rebuild it" in str(e.value)  # faces cache has N rows
+
+
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ((300, 10, 340, 50), "entirely outside"),
+        ((10, 10, 60, 80), "not square"),
+        ((10, 10, 18, 18), "smaller than 16 px"),
+    ],
+)
+def test_validate_bad_boxes(pkg_dir: Path, tmp_path: Path, box: tuple[int, ...], message: str) -> None:
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    b = make_boxes()
+    b[7] = box
+    np.save(p / "boxes.npy", b)
+    with pytest.raises(AvatarPackageError, match=rf"{message}.*frame 7"):
+        AvatarPackage.open(p)
+    AvatarPackage.open(p, validate=False).close()  # opening without validation still works
+
+
+def test_validate_missing_files_and_unknown_version(pkg_dir: Path, tmp_path: Path) -> None:
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    (p / "frames.mp4").unlink()
+    with pytest.raises(AvatarPackageError, match="frames.mp4 is missing"):
+        AvatarPackage.open(p)
+    q = copy_pkg(pkg_dir, tmp_path / "q")
+    (q / "boxes.npy").unlink()
+    with pytest.raises(AvatarPackageError, match="boxes.npy is missing"):
+        AvatarPackage.open(q)
+    r = copy_pkg(pkg_dir, tmp_path / "r")
+    m = json.loads((r / "avatar.json").read_text())
+    m["version"] = 99
+    (r / "avatar.json").write_text(json.dumps(m))
+    with pytest.raises(AvatarPackageError, match="format version 99"):
+        AvatarPackage.open(r)
+    m["version"], m["model"] = 1, {"file": "gone.onnx", "feature_type": "ave"}
+    (r / "avatar.json").write_text(json.dumps(m))
+    with pytest.raises(AvatarPackageError, match="gone.onnx"):
+        AvatarPackage.open(r)
+    with pytest.raises(AvatarPackageError, match="avatar.json is missing"):
+        AvatarPackage.open(tmp_path)
+
+
+def test_write_errors_leave_nothing_behind(tmp_path: Path, frames: list[np.ndarray]) -> None:
+    with pytest.raises(AvatarPackageError, match="5 frames but 6 boxes"):
+        write_package(tmp_path / "x", iter(frames[:5]), make_boxes(6), 25, "x", preset="ultrafast")
+    with pytest.raises(AvatarPackageError, match="more frames than boxes"):
+        write_package(tmp_path / "x", iter(frames[:5]), make_boxes(4), 25, "x", preset="ultrafast")
+    with pytest.raises(AvatarPackageError, match="even sizes"):
+        write_package(tmp_path / "x", iter([f[:-1] for f in frames[:3]]), make_boxes(3), 25, "x", preset="ultrafast")
+    assert list(tmp_path.iterdir()) == []
+    write_package(tmp_path / "x", iter(frames[:3]), make_boxes(3), 25, "x", preset="ultrafast")
+    with pytest.raises(AvatarPackageError, match="already exists"):
+        write_package(tmp_path / "x", iter(frames[:3]), make_boxes(3), 25, "x", preset="ultrafast")
+    write_package(tmp_path / "x", iter(frames[:4]), make_boxes(4), 30, "y", preset="ultrafast", overwrite=True)
+    with AvatarPackage.open(tmp_path / "x") as pkg:
+        assert (pkg.frame_count, pkg.fps, pkg.name) == (4, 30.0, "y")
+
+
+def test_encoding_options_have_an_effect(tmp_path: Path, frames: list[np.ndarray]) -> None:
+    hi = write_package(tmp_path / "hi", iter(frames[:10]), make_boxes(10), 25, "h", crf=4, gop=10, preset="ultrafast")
+    lo = write_package(tmp_path / "lo", iter(frames[:10]), make_boxes(10), 25, "l", crf=40, gop=2, preset="ultrafast")
+    assert (hi / "frames.mp4").stat().st_size > (lo / "frames.mp4").stat().st_size
+    with AvatarPackage.open(hi) as a, AvatarPackage.open(lo) as b:
+        assert psnr(a.frame(5), frames[5]) > psnr(b.frame(5), frames[5])
+        assert (a.store.gop_count, b.store.gop_count) == (1, 5)
+
+
+def test_real_frames_round_trip(sanders_dir: Path, tmp_path: Path) -> None:
+    imgs = [cv2.imread(str(sanders_dir / "full_body_img" / f"{i}.jpg")) for i in range(12)]
+    boxes = np.array(
+        [vision.crop_box_from_landmarks(vision.read_lms(sanders_dir / "landmarks" / f"{i}.lms")) for i in range(12)]
+    )
+    dst = write_package(tmp_path / "s", iter(imgs), boxes, 25, "sanders", preset="ultrafast")
+    with AvatarPackage.open(dst) as pkg:
+        assert (pkg.width, pkg.height) == (1280, 720)
+        assert psnr(pkg.frame(11), imgs[11]) > 40
