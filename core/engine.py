@@ -345,7 +345,9 @@ class Renderer:
     def _infer(self, inp: _Channel, out: _Channel) -> None:
         b = self.options.batch_size
         vis_name, aud_name = self.contract.visual.name, self.contract.audio.name
-        uint8 = self.contract.visual_uint8
+        # the backend may have converted the model (e.g. uint8_visual): ask it, not the file
+        vis_info = next((t for t in self.backend.inputs if t.name == vis_name), self.contract.visual)
+        uint8 = np.dtype(vis_info.dtype) == np.uint8
         done = False
         while not done:
             idx: list[int] = []

@@ -164,6 +164,20 @@ def _to_bgr(frame: Any) -> np.ndarray:
     return frame.to_ndarray(format="bgr24")
 
 
+def _decode_all(path: Path) -> Iterator[np.ndarray]:
+    """Every frame of a video in display order, BGR."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            st = c.streams.video[0]
+            st.thread_type = "AUTO"
+            for fr in c.decode(st):
+                yield _to_bgr(fr)
+    except av.FFmpegError as exc:
+        raise AvatarPackageError(f"cannot decode {path}: {exc}") from None
+
+
 class FrameStore:
     """Random access to the frames of ``frames.mp4`` within a memory budget.
 
@@ -366,10 +380,11 @@ def write_package(
     """Write an avatar package and return its path.
 
     ``frames`` are BGR uint8 full frames, one per row of ``boxes`` (int
-    ``[N, 4]``: x1, y1, x2, y2). ``faces=True`` computes the face cache from
-    these (source) frames while encoding; an iterable of 320x320 BGR images
-    uses those instead (e.g. an existing ROI video); ``False`` leaves the cache
-    to be built on first use. ``model``, ``audio_encoder`` and
+    ``[N, 4]``: x1, y1, x2, y2). ``faces=True`` builds the face cache from the
+    *stored* frames right away (so ``faces[i] == face_320(frame(i))`` exactly,
+    and a rebuilt cache is identical); an iterable of 320x320 BGR images uses
+    those instead (e.g. an existing ROI video); ``False`` leaves the cache to be
+    built on first use. ``model``, ``audio_encoder`` and
     ``audio_features`` files are copied in (``feature_type``/``padding``
     describe the model). The package is assembled in a temporary directory beside ``dst`` and
     moved into place only when complete, then validated.
@@ -391,7 +406,7 @@ def write_package(
         (tmp / "cache").mkdir()
         face_iter = iter(faces) if not isinstance(faces, bool) else None
         face_store = None
-        if faces is not False:
+        if face_iter is not None:
             face_store = np.lib.format.open_memmap(tmp / FACES, mode="w+", dtype=np.uint8, shape=(n, 320, 320, 3))
         writer: _H264Writer | None = None
         count = 0
@@ -405,15 +420,12 @@ def write_package(
             elif (frame.shape[1], frame.shape[0]) != size:
                 raise AvatarPackageError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, frame 0 is {size[0]}x{size[1]}")
             writer.write(frame)
-            if face_store is not None:
-                if face_iter is None:
-                    face_store[count] = vision.face_320(frame, tuple(boxes[count]), crop_interpolation)
-                else:
-                    face = next(face_iter, None)
-                    if face is None:
-                        raise AvatarPackageError(f"the face images end after {count} frames; there are {n} boxes")
-                    vision._check_face(face)
-                    face_store[count] = face
+            if face_store is not None and face_iter is not None:
+                face = next(face_iter, None)
+                if face is None:
+                    raise AvatarPackageError(f"the face images end after {count} frames; there are {n} boxes")
+                vision._check_face(face)
+                face_store[count] = face
             count += 1
         if writer is None:
             raise AvatarPackageError("no frames to write")
@@ -426,7 +438,7 @@ def write_package(
         if face_store is not None:
             face_store.flush()
             del face_store
-            _write_faces_meta(tmp, crop_interpolation, n, "source-frames" if face_iter is None else "supplied")
+            _write_faces_meta(tmp, crop_interpolation, n, "supplied")
         copied: dict[str, str | None] = {}
         for key, f in (("model", model), ("audio_encoder", audio_encoder), ("audio_features", audio_features)):
             copied[key] = None
@@ -461,7 +473,9 @@ def write_package(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    AvatarPackage.open(dst).close()  # validates
+    with AvatarPackage.open(dst) as pkg:  # validates
+        if faces is True:
+            pkg.build_faces()
     return dst
 
 
@@ -625,8 +639,15 @@ class AvatarPackage:
         except OSError as exc:
             raise AvatarPackageError(f"cannot write the face cache {dst}: {exc}; make the package writable") from None
         log.info("building the face cache of %s (%d frames)", self.path, self.frame_count)
-        for i, frame in enumerate(self.frames(range(self.frame_count))):
+        # one sequential pass (no per-GOP seeks, no LRU churn)
+        count = 0
+        for i, frame in enumerate(_decode_all(self.store.path)):
+            if i >= self.frame_count:
+                break
             store[i] = vision.face_320(frame, tuple(self.boxes[i]), self.crop_interpolation)
+            count += 1
+        if count != self.frame_count:
+            raise AvatarPackageError(f"{FRAMES} decoded to {count} frames, expected {self.frame_count}; re-import")
         store.flush()
         del store
         os.replace(tmp, dst)

@@ -205,7 +205,8 @@ def test_no_server_is_a_clear_fast_error(secret_logs) -> None:
 @needs_nginx
 def test_paced_push_is_recorded_in_sync(server, secret_logs) -> None:
     n = 200  # 8 s
-    sink = RtmpSink(url=server.url(KEY))
+    # a generous max_lag_s: a busy CI machine must not turn a hiccup into dropped frames here
+    sink = RtmpSink(url=server.url(KEY), max_lag_s=5.0)
     sink.open(info())
     t0 = time.monotonic()
     push(sink, n, flashes=(25, 175))
@@ -362,7 +363,7 @@ def test_late_frames_follow_on_lag(server, policy: str) -> None:
     if policy == "drop":
         assert report.dropped >= 1 and report.stalled_s == 0
         assert len(p["video"]) == n - report.dropped
-        assert abs(wall - (n - 1) / FPS) < 0.5  # the clock did not slip
+        assert abs(wall - (n - 1) / FPS) < 1.0  # the clock did not slip
     else:
         assert report.dropped == 0 and report.stalled_s >= pause - 0.1
         assert len(p["video"]) == n

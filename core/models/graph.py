@@ -202,7 +202,6 @@ def to_fp16(
     names = _all_names(graph)
     inits = {t.name: t for t in graph.initializer}
     graph_inputs = {i.name for i in graph.input}
-    graph_outputs = {o.name for o in graph.output}
 
     # 1. which precision every float tensor is produced in ("home")
     home: dict[str, int] = {}
@@ -322,13 +321,3 @@ def to_fp16(
         log.warning("to_fp16: %d weight value(s) exceeded the float16 range and were clipped to +-%g", clipped, FP16_MAX)
     return _save(model, dst)
 
-
-def float_io(model_path: str | Path) -> dict[str, str]:
-    """``{tensor name: element type name}`` of a model's inputs and outputs (for reports)."""
-    from onnx import TensorProto
-
-    model = _load(model_path)
-    return {
-        v.name: TensorProto.DataType.Name(v.type.tensor_type.elem_type)
-        for v in (*model.graph.input, *model.graph.output)
-    }

@@ -58,6 +58,8 @@ def check_feeds(
             f"{', '.join(str(t) for t in inputs)} (map names with avatar.read_contract)"
         )
     batch: int | None = None
+    batch_name = ""
+    fixed_batch: int | None = None
     for info in inputs:
         arr = feeds[info.name]
         if not isinstance(arr, np.ndarray):
@@ -83,21 +85,28 @@ def check_feeds(
                     f"{backend}: input '{info.name}' must have shape {_fmt(info.shape)}, got {tuple(arr.shape)} "
                     f"(dimension {axis} is {got}, the model needs {dim})"
                 )
-        b = int(arr.shape[0]) if arr.ndim else 1
-        if batch is None:
-            batch = b
-        elif b != batch:
-            raise BackendError(
-                f"{backend}: all inputs must have the same batch size; '{inputs[0].name}' has {batch}, "
-                f"'{info.name}' has {b}"
-            )
         fixed = info.shape[0] if info.shape else None
+        b = int(arr.shape[0]) if arr.ndim else 1
         if isinstance(fixed, int) and fixed != b:
             raise BackendError(
-                f"{backend}: the model has a fixed batch of {fixed} but '{info.name}' has batch {b}; "
+                f"{backend}: the model has a fixed batch of {fixed} (first dimension) but '{info.name}' has {b}; "
                 "re-export the model with a dynamic batch axis or pass exactly that many items"
             )
-    batch = batch or 0
+        # Only inputs with a dynamic first axis are batch inputs: a cache
+        # [layers, ...] or a scalar next to them (WeNet's encoder) is not.
+        if arr.ndim == 0 or isinstance(fixed, int):
+            fixed_batch = b if fixed_batch is None else fixed_batch
+            continue
+        if batch is None:
+            batch = b
+            batch_name = info.name
+        elif b != batch:
+            raise BackendError(
+                f"{backend}: all batch inputs must have the same batch size; '{batch_name}' has {batch}, "
+                f"'{info.name}' has {b}"
+            )
+    if batch is None:
+        batch = fixed_batch or 0
     if batch < 1:
         raise BackendError(f"{backend}: empty batch; pass at least one item")
     if max_batch is not None and batch > max_batch:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -342,6 +343,7 @@ class OnnxCudaBackend(_OrtBackend):
             fix = f"; install with `{a.install}`" if a.install else ""
             raise BackendUnavailable(f"onnx-cuda is unavailable: {a.reason}{fix}")
         self._bindings: dict[int, _Binding] = {}
+        self._lock = threading.Lock()  # bound buffers are shared: one run at a time
         super().__init__(model_path, options)
 
     def _providers(self) -> list[Any]:
@@ -368,6 +370,10 @@ class OnnxCudaBackend(_OrtBackend):
         if self._session is None:
             raise BackendError(f"{self.name}: the backend is closed")
         batch = check_feeds(feeds, self._inputs, max_batch=self._max_batch(), backend=self.name)
+        with self._lock:
+            return self._run_bound(feeds, batch)
+
+    def _run_bound(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         b = self._binding_for(batch)
         try:
             for name, value in b.in_values.items():
@@ -376,7 +382,9 @@ class OnnxCudaBackend(_OrtBackend):
             self._session.run_with_iobinding(b.binding)
             b.binding.synchronize_outputs()
             if len(b.out_values) == len(self._outputs):
-                return {name: v.numpy() for name, v in b.out_values.items()}
+                # numpy() copies device memory to a new array, but views CPU memory: copy that
+                own = self._device_type == "cpu"
+                return {name: v.numpy().copy() if own else v.numpy() for name, v in b.out_values.items()}
             outs = b.binding.copy_outputs_to_cpu()
         except Exception as exc:
             raise BackendError(f"{self.name}: inference failed: {exc}") from exc

@@ -120,17 +120,6 @@ class _Encoder:
             self._plan(self.backend.inputs, self.backend.outputs)
             # One real call: the declared shapes can be dynamic, the result cannot.
             probe = np.zeros((CHUNK_FRAMES, NUM_BINS), np.float32)
-            try:
-                self.backend.run(self._feeds(probe))
-            except BackendError as exc:
-                if backend != "cpu" or "same batch size" not in str(exc):
-                    raise
-                # TEMPORARY: the backends' feed check treats axis 0 of every input as
-                # the batch, but att_cache[3,...] has none; until it accepts fixed
-                # non-batch axes, run the encoder in a private CPU session.
-                log.warning("backend 'cpu' rejects the WeNet cache inputs (%s); using ONNX Runtime directly", exc)
-                self.backend.close()
-                self.backend = _DirectCpu(path)
             out = self.encode(probe)
         except Exception:
             self.backend.close()
@@ -213,33 +202,6 @@ def _open_backend(path: Path, backend: str, options: BackendOptions | None) -> B
         return cls(path, options or BackendOptions())
     except BackendError as exc:
         raise FeatureError(f"cannot load the WeNet encoder {path} on backend '{backend}': {exc}") from exc
-
-
-class _DirectCpu(Backend):
-    """A plain ONNX Runtime CPU session (the temporary fallback described in ``_Encoder``)."""
-
-    name = "wenet-direct-cpu"
-
-    def __init__(self, model_path: str | Path, options: BackendOptions | None = None) -> None:
-        super().__init__(model_path, options)
-        import onnxruntime as ort
-
-        self._session = ort.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
-        self._outputs = [o.name for o in self._session.get_outputs()]
-
-    @property
-    def inputs(self) -> Sequence[TensorInfo]:
-        return [_info(i) for i in self._session.get_inputs()]
-
-    @property
-    def outputs(self) -> Sequence[TensorInfo]:
-        return [_info(o) for o in self._session.get_outputs()]
-
-    def _run(self, feeds: Any) -> dict[str, np.ndarray]:
-        try:
-            return dict(zip(self._outputs, self._session.run(None, dict(feeds))))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{self.name}: inference failed: {exc}") from exc
 
 
 def _info(arg: Any) -> TensorInfo:

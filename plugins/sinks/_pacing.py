@@ -107,14 +107,3 @@ class Backoff:
     def reset(self) -> None:
         self.attempt = 0
 
-
-def sleep_until(deadline: float, clock: Callable[[], float] = time.monotonic, step: float = 0.01,
-                poll: Callable[[], None] | None = None) -> None:
-    """Sleep until ``deadline``, calling ``poll`` at least every ``step`` seconds."""
-    while True:
-        remaining = deadline - clock()
-        if remaining <= 0:
-            return
-        if poll is not None:
-            poll()
-        time.sleep(min(step, max(0.0, deadline - clock())))

@@ -18,6 +18,8 @@ from avatar.errors import ConfigError, SinkError
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
 
+from ._options import as_bool
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,7 @@ class CallbackSink(Sink):
         self.on_open = on_open
         # The base class declares wants_face as a ClassVar; the engine reads it
         # from the instance, so a per-instance value is the switch.
-        self.wants_face = bool(with_face)  # type: ignore[misc]
+        self.wants_face = as_bool(with_face, "with_face")  # type: ignore[misc]
         self.info: StreamInfo | None = None
         self._frames = 0
         self._closed = False

@@ -24,26 +24,9 @@ from avatar.errors import ConfigError, SinkError
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
 
+from ._options import PRESETS, as_bool, parse_bitrate
+
 log = logging.getLogger(__name__)
-
-PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
-
-
-def parse_bitrate(value: int | str, what: str) -> int:
-    """``128k``, ``2M``, ``2500000`` → bits per second."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        bits = int(value)
-    else:
-        text = str(value).strip().lower()
-        scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
-        try:
-            bits = int(float(text[:-1] if scale != 1 else text) * scale)
-        except ValueError:
-            raise ConfigError(f"{what} must be a bitrate like 128k, 2M or 2000000, not {value!r}") from None
-    if bits <= 0:
-        raise ConfigError(f"{what} must be positive, not {value!r}")
-    return bits
-
 
 class FileSink(Sink):
     """Writes an H.264 + AAC file with PyAV (libx264 and FFmpeg's AAC encoder)."""
@@ -72,7 +55,7 @@ class FileSink(Sink):
                 "known: path, preset, crf, audio_bitrate, audio_rate, audio_layout, pix_fmt, faststart"
             )
         if not path:
-            raise ConfigError("the file sink needs a path, e.g. --sink-opt path=out.mp4")
+            raise ConfigError("the file sink needs a path (FileSink(path='out.mp4'); on the command line -o out.mp4)")
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise ConfigError(
@@ -99,7 +82,7 @@ class FileSink(Sink):
         self.audio_rate = int(audio_rate)
         self.audio_layout = audio_layout
         self.pix_fmt = pix_fmt
-        self.faststart = bool(faststart)
+        self.faststart = as_bool(faststart, "faststart")
         self._container: Any = None
         self._enc: Any = None
         self._info: StreamInfo | None = None

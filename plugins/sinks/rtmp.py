@@ -44,9 +44,9 @@ from avatar.errors import ConfigError, SinkError, StreamError
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
 
+from ._options import PRESETS, parse_bitrate
 from ._pacing import Backoff, LagStats, Pacer
 from ._redact import redact_url, scrub
-from .file import PRESETS, parse_bitrate
 
 __all__ = ["RtmpSink", "RtmpStats", "redact_url", "scrub"]
 
@@ -70,6 +70,7 @@ class RtmpStats:
     stalled_s: float = 0.0
     reconnects: int = 0
     stalls_detected: int = 0
+    reconnect_attempts: int = 0
     last_lag_s: float = 0.0
     drift_s: float = 0.0
 
@@ -225,7 +226,7 @@ class RtmpSink(Sink):
         self.reconnect = _count(reconnect, "reconnect")
         self.reconnect_backoff_s = _positive(reconnect_backoff_s, "reconnect_backoff_s", zero=True)
         self.stall_timeout_s = _positive(stall_timeout_s, "stall_timeout_s")
-        if int(audio_rate) not in (22050, 44100, 48000):
+        if _count(audio_rate, "audio_rate") not in (22050, 44100, 48000):
             raise ConfigError(f"audio_rate must be 44100 (the FLV norm), 48000 or 22050, not {audio_rate!r}")
         self.audio_rate = int(audio_rate)
         if audio_layout not in ("mono", "stereo"):
@@ -305,11 +306,11 @@ class RtmpSink(Sink):
                             attempt + 1, self.connect_retries, delay)
                 time.sleep(delay)
         self._stats.state = "failed"
-        raise StreamError(
-            f"cannot publish to {self.safe_url}: {last}. Check that the RTMP server is running and "
-            f"reachable and that the application name and stream key are right"
-            + ("" if self.connect_retries else " (connect_retries=N retries with backoff)")
-        )
+        network = last.startswith(("cannot connect", "no answer"))
+        hint = (". Check that the RTMP server is running and reachable and that the application name "
+                "and stream key are right" + ("" if self.connect_retries else
+                                              " (connect_retries=N retries with backoff)")) if network else ""
+        raise StreamError(f"cannot publish to {self.safe_url}: {last}{hint}")
 
     def write(self, frame: VideoFrame) -> None:
         if self._info is None or not self._opened:
@@ -368,7 +369,11 @@ class RtmpSink(Sink):
             self._closed = True
             worker, self._worker = self._worker, None
             if worker is not None:
-                self._finish(worker, timeout=2.0 if aborted else max(2.0, self.stall_timeout_s))
+                try:
+                    self._finish(worker, timeout=2.0 if aborted else max(2.0, self.stall_timeout_s))
+                except Exception as exc:  # close never raises: make sure the worker is gone
+                    log.warning("closing the stream to %s: %s", self.safe_url, scrub(str(exc), self.url))
+                    worker.kill()
             self._stats.state = "closed" if self._failure is None else "failed"
         st = self._stats
         details: dict[str, Any] = {
@@ -378,6 +383,7 @@ class RtmpSink(Sink):
             "frames_sent": st.frames_sent,
             "gap_frames": st.gap_frames,
             "stalls_detected": st.stalls_detected,
+            "reconnect_attempts": st.reconnect_attempts,
             "audio_s_in": self._audio_s_in,
             "end_drift_s": st.drift_s,
             "on_lag": self.on_lag,
@@ -452,6 +458,7 @@ class RtmpSink(Sink):
         if self._worker is None and self._failure is None and self._next_attempt is not None \
                 and now >= self._next_attempt:
             self._next_attempt = None
+            st.reconnect_attempts += 1
             log.info("reconnecting to %s (attempt %d/%d)", self.safe_url, self._backoff.attempt,
                      self.reconnect)
             self._worker = _Worker(self._config, self._queue_frames)
