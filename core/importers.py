@@ -55,6 +55,18 @@ def _numbered(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[int, P
     return found
 
 
+def _model_kwargs(model: str | Path | None, audio_encoder: str | Path | None, padding: str | None) -> dict[str, Any]:
+    """write_package arguments for packaging a model; the feature type comes from the model."""
+    if padding not in (None, "replicate", "zero"):
+        raise AvatarPackageError(f"padding must be 'replicate' or 'zero', not {padding!r}")
+    feature_type = None
+    if model is not None:
+        from .contract import read_contract
+
+        feature_type = read_contract(model).feature_type
+    return {"model": model, "feature_type": feature_type, "padding": padding, "audio_encoder": audio_encoder}
+
+
 def _check_boxes_early(boxes: np.ndarray, width: int, height: int, where: str) -> None:
     problems = _box_problems(boxes, width, height)
     if problems:
@@ -73,6 +85,9 @@ def import_synctalk(
     preset: str = DEFAULT_PRESET,
     gop: int = DEFAULT_GOP,
     overwrite: bool = False,
+    model: str | Path | None = None,
+    audio_encoder: str | Path | None = None,
+    padding: str | None = None,
 ) -> Path:
     """Import a SyncTalk_2D dataset folder into an avatar package at ``dst``.
 
@@ -80,6 +95,9 @@ def import_synctalk(
     landmarks without frames and malformed ``.lms`` files are errors naming the
     files. ``limit`` imports only the first N frames (quick previews, tests).
     ``aud_ave.npy`` is copied in when present (whole, regardless of ``limit``).
+    ``model`` / ``audio_encoder`` (ONNX files) are packaged with the avatar so
+    that ``avatar run --avatar`` needs nothing else; the model's feature type is
+    read from it, ``padding`` (``replicate``/``zero``) records its window padding.
     """
     src = Path(src)
     if not src.is_dir():
@@ -144,6 +162,7 @@ def import_synctalk(
         preset=preset,
         gop=gop,
         overwrite=overwrite,
+        **_model_kwargs(model, audio_encoder, padding),
     )
 
 
@@ -232,6 +251,9 @@ def import_spec(
     preset: str = DEFAULT_PRESET,
     gop: int = DEFAULT_GOP,
     overwrite: bool = False,
+    model: str | Path | None = None,
+    audio_encoder: str | Path | None = None,
+    padding: str | None = None,
 ) -> Path:
     """Import the specification's layout into an avatar package at ``dst``.
 
@@ -242,6 +264,7 @@ def import_spec(
     (or when the video is absent) faces are computed with the crop rule.
     ``model_inputs_video.mp4`` is only count-checked: the masked copy is a fixed
     function of the face. ``fps`` defaults to the full-body video's rate.
+    ``model``, ``audio_encoder`` and ``padding`` as in :func:`import_synctalk`.
     """
     src = Path(src)
     video = src / "full_body_video.mp4"
@@ -306,4 +329,5 @@ def import_spec(
         preset=preset,
         gop=gop,
         overwrite=overwrite,
+        **_model_kwargs(model, audio_encoder, padding),
     )

@@ -7,6 +7,7 @@ Layout (see ``docs/avatar-package.md`` for the full description)::
     boxes.npy              int32 [N, 4] crop boxes (x1, y1, x2, y2)
     aud_ave.npy            optional: the recording's own audio features
     <model>.onnx           optional: the UNet-328 trained for this avatar
+    <encoder>.onnx         optional: the AVE audio encoder to use with it
     cache/faces320.npy     uint8 [N, 320, 320, 3] face crops (memory-mapped)
     cache/faces320.json    how the face cache was made (to detect a stale cache)
 
@@ -17,14 +18,12 @@ cache, never from decoding.
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -34,6 +33,9 @@ import numpy as np
 
 from . import vision
 from .errors import AvatarPackageError, ConfigError
+from .framestore import DEFAULT_MEMORY_BUDGET_MB, FrameStore, H264Writer, _decode_all
+
+__all__ = ["AvatarPackage", "FrameStore", "Manifest", "read_manifest", "write_package"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,6 @@ FACES = "cache/faces320.npy"
 FACES_META = "cache/faces320.json"
 #: smaller boxes than this cannot carry a usable face
 MIN_BOX_SIDE = 16
-DEFAULT_MEMORY_BUDGET_MB = 512
 DEFAULT_CRF = 14
 DEFAULT_GOP = 12
 DEFAULT_PRESET = "veryfast"
@@ -141,7 +142,8 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def fps_fraction(fps: float | Fraction | str) -> Fraction:
-    """A frame rate as an exact fraction (``29.97`` → ``30000/1001``)."""
+    """A frame rate as an exact fraction; floats snap to the nearest fraction with
+    a denominator up to 1001 (``29.97002997`` → ``30000/1001``, ``25.0`` → ``25``)."""
     try:
         f = Fraction(fps) if not isinstance(fps, float) else Fraction(fps).limit_denominator(1001)
     except (ValueError, ZeroDivisionError):
@@ -151,210 +153,7 @@ def fps_fraction(fps: float | Fraction | str) -> Fraction:
     return f
 
 
-# --------------------------------------------------------------------------- frame store
-
-
-def _to_bgr(frame: Any) -> np.ndarray:
-    # OpenCV's I420 conversion is ~3x cheaper than swscale's; it assumes BT.601
-    # limited range, which is how write_package encodes (and tags) frames.mp4.
-    if frame.format.name == "yuv420p":
-        import cv2
-
-        return cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_YUV2BGR_I420)
-    return frame.to_ndarray(format="bgr24")
-
-
-def _decode_all(path: Path) -> Iterator[np.ndarray]:
-    """Every frame of a video in display order, BGR."""
-    import av
-
-    try:
-        with av.open(str(path)) as c:
-            st = c.streams.video[0]
-            st.thread_type = "AUTO"
-            for fr in c.decode(st):
-                yield _to_bgr(fr)
-    except av.FFmpegError as exc:
-        raise AvatarPackageError(f"cannot decode {path}: {exc}") from None
-
-
-class FrameStore:
-    """Random access to the frames of ``frames.mp4`` within a memory budget.
-
-    Frames are decoded one GOP (keyframe to keyframe) at a time and kept in an
-    LRU of decoded GOPs holding at most ``memory_budget_mb`` (but always at
-    least two GOPs, so a ping-pong turn never decodes twice). When the whole
-    video fits the budget nothing is ever evicted: it is decoded once and kept.
-    Forward and backward sequential access both cost one GOP decode per GOP.
-
-    Returned frames are **read-only views** into the cache: copy before
-    modifying (:func:`avatar.vision.composite` returns a copy by default).
-    Safe to call from several threads (one lock around decoding).
-    """
-
-    def __init__(self, path: str | Path, *, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise AvatarPackageError(f"frame video {self.path} is missing; re-import the avatar")
-        self.memory_budget = int(memory_budget_mb * 1024 * 1024)
-        self._lock = threading.Lock()
-        self._container: Any = None
-        self._index_built = False
-        self._gops: OrderedDict[int, np.ndarray] = OrderedDict()
-        #: number of GOP decodes so far (for tests and benchmarks)
-        self.decoded_gops = 0
-
-    # index: every packet's pts in display order, and where GOPs start
-    def _build_index(self) -> None:
-        import av
-
-        try:
-            with av.open(str(self.path)) as c:
-                st = c.streams.video[0]
-                pts, keys = [], []
-                for p in c.demux(st):
-                    if p.pts is None:
-                        continue
-                    pts.append(p.pts)
-                    if p.is_keyframe:
-                        keys.append(p.pts)
-                self.width, self.height = st.codec_context.width, st.codec_context.height
-        except (av.FFmpegError, IndexError) as exc:
-            raise AvatarPackageError(f"cannot read {self.path}: {exc}; re-import the avatar") from None
-        pts.sort()
-        self._pts = pts
-        self._pts_index = {p: i for i, p in enumerate(pts)}
-        starts = sorted({self._pts_index[k] for k in keys} | ({0} if pts else set()))
-        self._gop_starts = starts
-        self._frame_bytes = self.width * self.height * 3
-        longest = max((b - a for a, b in zip(starts, starts[1:] + [len(pts)])), default=1)
-        self._capacity = max(2, self.memory_budget // max(1, longest * self._frame_bytes))
-        self._index_built = True
-
-    def _ensure_index(self) -> None:
-        if not self._index_built:
-            self._build_index()
-
-    def __len__(self) -> int:
-        self._ensure_index()
-        return len(self._pts)
-
-    @property
-    def capacity(self) -> int:
-        """How many decoded GOPs the cache holds (at least 2)."""
-        self._ensure_index()
-        return self._capacity
-
-    @property
-    def gop_count(self) -> int:
-        self._ensure_index()
-        return len(self._gop_starts)
-
-    @property
-    def fits_in_budget(self) -> bool:
-        """Whether the whole decoded video fits the memory budget (decode once, keep)."""
-        self._ensure_index()
-        return len(self._pts) * self._frame_bytes <= self.memory_budget
-
-    def frame(self, i: int) -> np.ndarray:
-        """Frame ``i`` as BGR uint8 ``[H, W, 3]`` (read-only)."""
-        self._ensure_index()
-        n = len(self._pts)
-        if not 0 <= i < n:
-            raise IndexError(f"frame {i} out of range for an avatar of {n} frames")
-        g = bisect.bisect_right(self._gop_starts, i) - 1
-        with self._lock:
-            gop = self._gops.get(g)
-            if gop is None:
-                gop = self._decode_gop(g)
-                self._gops[g] = gop
-                while len(self._gops) > self._capacity:
-                    self._gops.popitem(last=False)
-            else:
-                self._gops.move_to_end(g)
-        return gop[i - self._gop_starts[g]]
-
-    def frames(self, indices: Iterable[int]) -> Iterator[np.ndarray]:
-        """Frames for ``indices`` in order (each read-only)."""
-        for i in indices:
-            yield self.frame(int(i))
-
-    def _decode_gop(self, g: int) -> np.ndarray:
-        import av
-
-        start = self._gop_starts[g]
-        end = self._gop_starts[g + 1] if g + 1 < len(self._gop_starts) else len(self._pts)
-        if self._container is None:
-            self._container = av.open(str(self.path))
-            self._container.streams.video[0].thread_type = "AUTO"
-        c = self._container
-        st = c.streams.video[0]
-        out = np.empty((end - start, self.height, self.width, 3), np.uint8)
-        got = np.zeros(end - start, bool)
-        try:
-            c.seek(self._pts[start], stream=st, backward=True, any_frame=False)
-            for fr in c.decode(st):
-                idx = self._pts_index.get(fr.pts, -1)
-                if idx >= end:
-                    break
-                if idx >= start:
-                    out[idx - start] = _to_bgr(fr)
-                    got[idx - start] = True
-                    if got.all():
-                        break
-        except av.FFmpegError as exc:
-            raise AvatarPackageError(f"cannot decode {self.path} near frame {start}: {exc}") from None
-        if not got.all():
-            missing = start + int(np.flatnonzero(~got)[0])
-            raise AvatarPackageError(f"{self.path}: frame {missing} could not be decoded; re-import the avatar")
-        out.setflags(write=False)
-        self.decoded_gops += 1
-        return out
-
-    def close(self) -> None:
-        with self._lock:
-            if self._container is not None:
-                self._container.close()
-                self._container = None
-            self._gops.clear()
-
-
 # --------------------------------------------------------------------------- writing
-
-
-class _H264Writer:
-    """BGR frames → H.264 yuv420p (BT.601 limited, tagged) with a fixed GOP."""
-
-    def __init__(self, path: Path, width: int, height: int, fps: Fraction, *, crf: int, preset: str, gop: int) -> None:
-        import av
-
-        if width % 2 or height % 2:
-            raise AvatarPackageError(
-                f"frames are {width}x{height}; H.264 yuv420p needs even sizes — crop or pad the source by one pixel"
-            )
-        self._c = av.open(str(path), "w")
-        params = f"keyint={gop}:min-keyint={gop}:scenecut=0:colormatrix=smpte170m:colorprim=smpte170m:transfer=smpte170m"
-        self._s = self._c.add_stream(
-            "libx264", rate=fps, options={"crf": str(crf), "preset": preset, "x264-params": params}
-        )
-        self._s.width, self._s.height, self._s.pix_fmt = width, height, "yuv420p"
-        self._s.codec_context.gop_size = gop
-        self._n = 0
-
-    def write(self, bgr: np.ndarray) -> None:
-        import av
-        import cv2
-
-        vf = av.VideoFrame.from_ndarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420), format="yuv420p")
-        vf.pts = self._n
-        self._n += 1
-        for p in self._s.encode(vf):
-            self._c.mux(p)
-
-    def close(self) -> None:
-        for p in self._s.encode():
-            self._c.mux(p)
-        self._c.close()
 
 
 def write_package(
@@ -402,13 +201,13 @@ def write_package(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a package is an ordinary directory
+    writer: H264Writer | None = None
     try:
         (tmp / "cache").mkdir()
         face_iter = iter(faces) if not isinstance(faces, bool) else None
         face_store = None
         if face_iter is not None:
             face_store = np.lib.format.open_memmap(tmp / FACES, mode="w+", dtype=np.uint8, shape=(n, 320, 320, 3))
-        writer: _H264Writer | None = None
         count = 0
         size: tuple[int, int] = (0, 0)
         for frame in frames:
@@ -416,7 +215,7 @@ def write_package(
                 raise AvatarPackageError(f"more frames than boxes ({n}); every frame needs a crop box")
             if writer is None:
                 size = (frame.shape[1], frame.shape[0])
-                writer = _H264Writer(tmp / FRAMES, *size, rate, crf=crf, preset=preset, gop=gop)
+                writer = H264Writer(tmp / FRAMES, *size, rate, crf=crf, preset=preset, gop=gop)
             elif (frame.shape[1], frame.shape[0]) != size:
                 raise AvatarPackageError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, frame 0 is {size[0]}x{size[1]}")
             writer.write(frame)
@@ -430,6 +229,7 @@ def write_package(
         if writer is None:
             raise AvatarPackageError("no frames to write")
         writer.close()
+        writer = None
         if count != n:
             raise AvatarPackageError(f"{count} frames but {n} boxes; they must correspond one to one")
         if face_iter is not None and next(face_iter, None) is not None:
@@ -471,6 +271,8 @@ def write_package(
             shutil.rmtree(dst)
         os.replace(tmp, dst)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     with AvatarPackage.open(dst) as pkg:  # validates

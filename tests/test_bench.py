@@ -124,6 +124,17 @@ def test_options_have_effects(workdir: dict[str, Path]) -> None:
     assert a.min() >= 0 and a.max() <= 1 and not np.array_equal(a, b)
 
 
+def test_baseline_options(workdir: dict[str, Path]) -> None:
+    """--baseline-frames bounds the baseline loop; --baseline none skips it; --mode e2e skips model-only cells."""
+    common = dict(mode="e2e", backends=["cpu"], e2e_batch_sizes=[1], seconds=0.4, avatar=workdir["avatar"],
+                  audio=workdir["audio"], isolate=False, cache_dir=workdir["cache"], **TINY)  # fmt: skip
+    result = run_bench(BenchConfig(baseline="onnxruntime", baseline_frames=4, **common))
+    assert result["model_only"] == [] and result["baseline"]["frames"] == 4
+    assert result["e2e"]["runs"][0]["e2e_over_model"] is None  # no model-only cell to compare with
+    result = run_bench(BenchConfig(baseline="none", **common))
+    assert result["baseline"] is None and result["e2e"]["runs"][0]["frames"] == 10
+
+
 def test_bad_options_are_config_errors(workdir: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="--mode"):
         run_bench(BenchConfig(mode="fast"))

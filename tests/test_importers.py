@@ -299,3 +299,34 @@ def test_cli_interpolation_option_has_an_effect(tmp_path: Path) -> None:
         assert f"crop resize:    {interp}" in res.output
     with AvatarPackage.open(tmp_path / "cubic") as a, AvatarPackage.open(tmp_path / "nearest") as b:
         assert not np.array_equal(a.faces[1], b.faces[1])
+
+
+def tiny_unet_onnx(path: Path, audio_shape: list[int]) -> Path:
+    """A graph with the UNet-328 contract (its output is the first 3 visual channels)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    vis = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", 6, 320, 320])
+    aud = helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["B", *audio_shape])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", 3, 320, 320])
+    inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("s", 0), ("e", 3), ("a", 1))]
+    node = helper.make_node("Slice", ["input", "s", "e", "a"], ["output"])
+    g = helper.make_graph([node], "m", [vis, aud], [out], initializer=inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_cli_import_packages_a_model(tmp_path: Path) -> None:
+    src = make_synctalk(tmp_path / "ds", aud=False)
+    model = tiny_unet_onnx(tmp_path / "unet_hubert.onnx", [32, 32, 32])
+    enc = tmp_path / "enc.onnx"
+    enc.write_bytes(b"x")
+    res = CliRunner().invoke(cli, ["import", "synctalk", str(src), "-o", str(tmp_path / "p"), "--limit", "2",
+                                   "--model", str(model), "--ave-encoder", str(enc), "--padding", "zero",
+                                   "--preset", "ultrafast"])
+    assert res.exit_code == 0, res.output
+    assert "model:          unet_hubert.onnx (hubert)" in res.output
+    with AvatarPackage.open(tmp_path / "p") as pkg:
+        m = pkg.manifest
+        assert (m.model, m.feature_type, m.padding, m.audio_encoder) == ("unet_hubert.onnx", "hubert", "zero", "enc.onnx")
+        assert pkg.model_path.is_file() and pkg.audio_encoder_path.is_file()

@@ -173,24 +173,28 @@ SCRIPT = textwrap.dedent(
     from avatar.interfaces import StreamInfo, VideoFrame
     from avatar_plugins.sinks.file import FileSink
 
+    # exactly what the engine does: SIGTERM becomes KeyboardInterrupt (as SIGINT is),
+    # and the sink is closed with aborted=True on the way out
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     sink = FileSink(path=sys.argv[1], preset="ultrafast")
     sink.open(StreamInfo(96, 64, Fraction(25), 16000))
-
-    def stop(signum, frame):
-        report = sink.close(aborted=True)   # exactly what the engine does on Ctrl-C / SIGTERM
-        print("closed", report.frames, flush=True)
-        sys.exit(0)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     i = 0
-    while True:
-        img = np.full((64, 96, 3), (i * 5) % 256, np.uint8)
-        sink.write(VideoFrame(i, Fraction(i, 25), img, np.zeros(640, np.float32)))
-        i += 1
-        if i == 20:
-            print("ready", flush=True)
-        time.sleep(0.002)
+    try:
+        while True:
+            img = np.full((64, 96, 3), (i * 5) % 256, np.uint8)
+            sink.write(VideoFrame(i, Fraction(i, 25), img, np.zeros(640, np.float32)))
+            i += 1
+            if i == 20:
+                print("ready", flush=True)
+            time.sleep(0.002)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        report = sink.close(aborted=True)
+        print("closed", report.frames, flush=True)
     """
 )
 
@@ -218,7 +222,8 @@ def test_interrupted_process_leaves_a_playable_file(tmp_path: Path, sig: int) ->
     assert proc.returncode == 0
     written = int(stdout.split("closed")[1].split()[0])
     d = decode(out)
-    assert written >= 20 and len(d["images"]) == written
+    # the signal may land between encoding a frame and counting it: allow one frame
+    assert written >= 20 and abs(len(d["images"]) - written) <= 1
 
 
 def test_options_are_validated(tmp_path: Path) -> None:

@@ -147,9 +147,16 @@ def test_calibration_is_what_makes_the_audio_matter(tmp_path, state_dicts) -> No
             sd[k] = np.zeros_like(sd[k])
         elif k.endswith("running_var"):
             sd[k] = np.ones_like(sd[k])
-    raw = S.check_sensitivity(S.build_unet_onnx(sd, "ave", tmp_path / "raw.onnx"))
-    calibrated = S.check_sensitivity(S.build_unet_onnx(_sd(state_dicts, "ave"), "ave", tmp_path / "cal.onnx"))
-    assert calibrated.audio > 10 * raw.audio
+    v = np.repeat(S.sample_visual(1, seed=1), 2, axis=0)
+    a = S.sample_audio("ave", 2, seed=1)
+
+    def audio_effect(path: Path) -> float:
+        out = _run(path, v, a)
+        return float(np.abs(out[0] - out[1]).mean())
+
+    raw = audio_effect(S.build_unet_onnx(sd, "ave", tmp_path / "raw.onnx"))
+    calibrated = audio_effect(S.build_unet_onnx(_sd(state_dicts, "ave"), "ave", tmp_path / "cal.onnx"))
+    assert calibrated > 1e-2 and calibrated > 10 * raw, (calibrated, raw)
 
 
 def test_same_seed_same_model_other_seed_other_model(tmp_path, state_dicts) -> None:
@@ -160,11 +167,10 @@ def test_same_seed_same_model_other_seed_other_model(tmp_path, state_dicts) -> N
     v, a = S.sample_visual(1, seed=1), S.sample_audio("hubert", 1, seed=1)
     assert np.abs(_run(a1, v, a) - _run(b, v, a)).mean() > 1e-3
     # Full size: the state dict is a pure function of (mode, seed).
-    again = S.unet_state_dict("ave", seed=0)
-    ref = _sd(state_dicts, "ave")
+    again = S.unet_state_dict("wenet", seed=0)
+    ref = _sd(state_dicts, "wenet")
+    assert list(again) == list(ref)
     assert all(np.array_equal(again[k], ref[k]) for k in ref)
-    other = S.unet_state_dict("ave", seed=1)
-    assert not np.array_equal(other["outc.conv.weight"], ref["outc.conv.weight"])
 
 
 def test_alternative_names(tmp_path, state_dicts) -> None:
@@ -325,7 +331,7 @@ def test_onnx_matches_pytorch_reference(mode, tmp_path, state_dicts) -> None:
     net = networks.UNet328(mode).eval()
     net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, strict=True)
     path = S.build_unet_onnx(sd, mode, tmp_path / "m.onnx")
-    v, a = S.sample_visual(2, seed=11), S.sample_audio(mode, 2, seed=11)
+    v, a = S.sample_visual(1, seed=11), S.sample_audio(mode, 1, seed=11)
     with torch.no_grad():
         want = net(torch.from_numpy(v), torch.from_numpy(a)).numpy()
     got = _run(path, v, a)

@@ -29,6 +29,12 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--gop", type=click.IntRange(min=1), default=12, show_default=True,
                      help="Keyframe interval: smaller = cheaper random access, bigger file."),
         click.option("--force", is_flag=True, help="Replace DST if it exists."),
+        click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="UNet-328 ONNX model to package with the avatar."),
+        click.option("--ave-encoder", "audio_encoder", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="AVE audio-encoder ONNX to package with the avatar."),
+        click.option("--padding", type=click.Choice(["replicate", "zero"]),
+                     help="Audio window edge padding the packaged model was trained with."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -47,6 +53,8 @@ def _summary(dst: Path) -> None:
         click.echo(f"fps:            {pkg.fps:g}")
         click.echo(f"boxes:          {int(side.min())}-{int(side.max())} px square")
         click.echo(f"crop resize:    {pkg.crop_interpolation}")
+        if pkg.manifest.model:
+            click.echo(f"model:          {pkg.manifest.model} ({pkg.manifest.feature_type})")
         if pkg.manifest.audio_features:
             click.echo(f"audio features: {pkg.manifest.audio_features}")
 
@@ -60,12 +68,14 @@ def import_() -> None:
 @_common
 @click.option("--fps", type=float, default=25.0, show_default=True, help="Frame rate of the image sequence.")
 def synctalk(src: Path, dst: Path, name: str | None, limit: int | None, interpolation: str, crf: int,
-             preset: str, gop: int, force: bool, fps: float) -> None:
+             preset: str, gop: int, force: bool, model: Path | None, audio_encoder: Path | None,
+             padding: str | None, fps: float) -> None:
     """Import SRC/full_body_img/*.jpg + SRC/landmarks/*.lms (+ aud_ave.npy)."""
     from ..importers import import_synctalk
 
     import_synctalk(src, dst, fps=fps, name=name, limit=limit, crop_interpolation=interpolation, crf=crf,
-                    preset=preset, gop=gop, overwrite=force)
+                    preset=preset, gop=gop, overwrite=force, model=model, audio_encoder=audio_encoder,
+                    padding=padding)
     _summary(dst)
 
 
@@ -74,10 +84,12 @@ def synctalk(src: Path, dst: Path, name: str | None, limit: int | None, interpol
 @click.option("--fps", type=float, default=None, help="Override the frame rate (default: the video's).")
 @click.option("--no-rois", is_flag=True, help="Compute faces with the crop rule instead of using rois_320_video.mp4.")
 def spec(src: Path, dst: Path, name: str | None, limit: int | None, interpolation: str, crf: int,
-         preset: str, gop: int, force: bool, fps: float | None, no_rois: bool) -> None:
+         preset: str, gop: int, force: bool, model: Path | None, audio_encoder: Path | None,
+         padding: str | None, fps: float | None, no_rois: bool) -> None:
     """Import SRC/full_body_video.mp4 + roi_bounds.npy or crop_rectangles.json (+ rois_320_video.mp4, aud_ave.npy)."""
     from ..importers import import_spec
 
     import_spec(src, dst, fps=fps, name=name, limit=limit, rois=not no_rois, crop_interpolation=interpolation,
-                crf=crf, preset=preset, gop=gop, overwrite=force)
+                crf=crf, preset=preset, gop=gop, overwrite=force, model=model, audio_encoder=audio_encoder,
+                padding=padding)
     _summary(dst)

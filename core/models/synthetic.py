@@ -22,7 +22,6 @@ The models are untrained: their output is structured noise, never a face.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,6 @@ import numpy as np
 
 from ..errors import ConfigError, ModelError
 from .onnx_builder import GraphBuilder, make_model
-
-log = logging.getLogger(__name__)
 
 MODES = ("ave", "hubert", "wenet")
 #: per-frame audio window of each mode (the model's audio input without batch)
@@ -437,8 +434,7 @@ def check_sensitivity(path: str | Path, *, seed: int = 12345) -> Sensitivity:
     """
     import onnxruntime as ort
 
-    from ..contract import read_io
-    from ..contract import contract_from_io
+    from ..contract import contract_from_io, read_io
 
     inputs, outputs, _ = read_io(path)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -133,6 +133,15 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def drained(self) -> bool:
+        """Nothing more to read: the pipe is at EOF or empty."""
+        if self.broken:
+            return True
+        try:
+            return not self.rx.poll(0)
+        except (EOFError, OSError):
+            return True
+
     def stderr_tail(self, url: str, n: int = 400) -> str:
         try:
             self.stderr.seek(0)
@@ -332,7 +341,6 @@ class RtmpSink(Sink):
                 st.stalled_s += lag
             else:
                 send_video = False
-                st.dropped += 1
         elif lag < 0:
             self._wait_until(self._pacer.due(frame.pts))
         now = time.monotonic()
@@ -353,6 +361,7 @@ class RtmpSink(Sink):
                 worker.q.put_nowait(item)
                 worker.pending[frame.index] = (time.monotonic(), send_video)
                 st.frames_sent += 1
+                st.dropped += int(not send_video)
                 return
             except queue.Full:
                 # the worker is behind; wait, watching for a stall (bounded by stall_timeout_s)
@@ -407,7 +416,7 @@ class RtmpSink(Sink):
                 if msg[0] == "error":
                     worker.stop(1.0)
                     return msg[1]
-            if not worker.alive() and not worker.rx.poll(0):
+            if not worker.alive() and worker.drained():
                 code = worker.proc.returncode
                 tail = worker.stderr_tail(self.url)
                 worker.stop(0.5)
@@ -446,7 +455,7 @@ class RtmpSink(Sink):
                     log.info("reconnected to %s (reconnect %d)", self.safe_url, st.reconnects)
                 elif kind == "error":
                     worker.error = msg[1]
-            if worker.error is not None or (not worker.alive() and not worker.rx.poll(0)):
+            if worker.error is not None or (not worker.alive() and worker.drained()):
                 reason = worker.error or f"the RTMP worker exited with code {worker.proc.returncode}"
                 self._drop_worker(worker, reason)
             elif worker.ready and worker.pending and now - next(iter(worker.pending.values()))[0] > self.stall_timeout_s:
