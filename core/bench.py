@@ -335,6 +335,7 @@ def run_bench(config: BenchConfig | None = None, *, progress: Any = None) -> dic
         check = _check_inputs(model, tmp / "check.npz", cfg.seed)
         reference = None
         if cfg.mode in ("model", "all"):
+            say(f"model only: {', '.join(backends)} at batch {', '.join(map(str, batches))}")
             reference = _model_only(cfg, result, backends, batches, model, tmp, check)
         model_fps = {(c["backend"], c["batch"]): c["fps"] for c in result["model_only"]}
         if cfg.mode in ("e2e", "all"):

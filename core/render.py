@@ -98,7 +98,7 @@ def render(
     from .package import AvatarPackage
 
     package = avatar if not isinstance(avatar, (str, Path)) else AvatarPackage.open(avatar)
-    model_path = Path(model) if model is not None else _package_path(package, "model")
+    model_path = Path(model) if model is not None else getattr(package, "model_path", None)
     if model_path is None:
         raise ConfigError("no model given and the avatar package names none; pass --model MODEL.onnx")
     contract = read_contract(model_path)
@@ -107,7 +107,7 @@ def render(
     else:
         opts = dict(feature_options or {})
         if features == "ave" and not opts.get("encoder"):
-            enc = _package_path(package, "audio_encoder")
+            enc = getattr(package, "audio_encoder_path", None)
             if enc is None:
                 raise ConfigError(
                     "the ave feature source needs an audio-encoder model: pass --ave-encoder ENCODER.onnx "
@@ -133,16 +133,3 @@ def render(
         source.close()
         raise
     return renderer.run(audio)
-
-
-def _package_path(package: Any, key: str) -> Path | None:
-    manifest = getattr(package, "manifest", None)
-    value = None
-    if isinstance(manifest, Mapping):
-        value = manifest.get(key)
-    elif manifest is not None:
-        value = getattr(manifest, key, None)
-    if not value:
-        return None
-    p = Path(value)
-    return p if p.is_absolute() else Path(package.path) / p
