@@ -14,6 +14,7 @@ when nginx or its RTMP module is not installed (CI installs them with
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -120,6 +121,8 @@ class NginxRtmp:
         self.conf = self.prefix / "nginx.conf"
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopped_worker: int | None = None
+        # nginx runs in its own session: make sure an aborted test run does not leave it behind
+        atexit.register(self.close)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,6 +237,7 @@ class NginxRtmp:
 
     def close(self) -> None:
         self.stop()
+        atexit.unregister(self.close)
         if self._own_dir:
             shutil.rmtree(self.prefix, ignore_errors=True)
 

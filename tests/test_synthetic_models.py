@@ -105,16 +105,17 @@ def test_uint8_visual_equals_float_on_scaled_input(model, tmp_path, state_dicts)
     assert np.abs(got - want).max() <= 1e-5
 
 
-def test_real_ave_windows_move_the_output(model, sanders_dir) -> None:
+def test_real_ave_windows_move_the_output(sanders_dir, tmp_path, state_dicts) -> None:
     """Real AVE features (made by the pretrained encoder) drive the AVE models visibly."""
-    mode, _, path = model
-    if mode != "ave":
-        pytest.skip("real features exist for AVE only")
     feats = np.load(sanders_dir / "aud_ave.npy")
     w = np.stack([feats[100:116].reshape(32, 16, 16), feats[300:316].reshape(32, 16, 16)])
     v = np.repeat(S.sample_visual(1, seed=8), 2, axis=0)
-    out = _run(path, v, w)
-    assert np.abs(out[0] - out[1]).mean() > 1e-2
+    for path in (
+        S.make_unet(tmp_path / "tiny.onnx", mode="ave", tiny=True),
+        S.build_unet_onnx(_sd(state_dicts, "ave"), "ave", tmp_path / "full.onnx"),
+    ):
+        out = _run(path, v, w)
+        assert np.abs(out[0] - out[1]).mean() > 1e-2, path.name
 
 
 # ---------------------------------------------------------------- state dicts

@@ -51,7 +51,7 @@ def _coerce(v: str) -> Any:
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
 @click.option("--rtmp-url", help="rtmp://host/app/KEY for the rtmp sink (the key is never printed).")
-@click.option("--sink-opt", multiple=True, help="Extra sink option KEY=VALUE (e.g. crf=18, preset=fast, bitrate=2500k, on_lag=drop); repeatable.")
+@click.option("--sink-opt", multiple=True, help="Extra sink option KEY=VALUE for every sink, or SINK.KEY=VALUE for one (e.g. file.crf=18, rtmp.bitrate=2500k, rtmp.on_lag=stall); repeatable.")
 @click.option("--frames", "frame_limit", type=int, help="Stop after this many frames.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the render report as JSON here.")
@@ -107,7 +107,9 @@ def run(
     extra = _kv(sink_opt)
     sinks: list[tuple[str, dict[str, Any]]] = []
     for name in dict.fromkeys(sink_names):
-        opts = dict(extra)
+        # KEY=VALUE goes to every sink; SINK.KEY=VALUE only to that sink
+        opts = {k: v for k, v in extra.items() if "." not in k}
+        opts.update({k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(name.replace("-", "_") + ".")})
         if name == "file":
             if not output:
                 raise ConfigError("the file sink needs -o/--output OUT.mp4")
