@@ -53,7 +53,8 @@ class BenchConfig:
     mode: str = "all"
     #: backend names; None = every registered backend usable here
     backends: Sequence[str] | None = None
-    batch_sizes: Sequence[int] = (1, 4, 16)
+    #: model-only batch sizes; None = 1,4,16 on CPU-only runs, 1,4,16,64 when a GPU backend is measured
+    batch_sizes: Sequence[int] | None = None
     #: batch sizes of the end-to-end renders; None = ``batch_sizes``
     e2e_batch_sizes: Sequence[int] | None = None
     #: least number of timed calls per model-only cell
@@ -89,7 +90,7 @@ class BenchConfig:
     def check(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        for what, sizes in (("--batch-sizes", self.batch_sizes), ("--e2e-batch-sizes", self.e2e_batch_sizes or [1])):
+        for what, sizes in (("--batch-sizes", self.batch_sizes or [1]), ("--e2e-batch-sizes", self.e2e_batch_sizes or [1])):
             if not sizes or any(int(b) < 1 for b in sizes):
                 raise ConfigError(f"{what} needs positive integers, e.g. 1,4,16; got {list(sizes)}")
         if self.repeats < 1 or self.warmup < 0 or self.cell_seconds < 0:
@@ -240,6 +241,11 @@ def usable_backends() -> list[str]:
     return sorted(names, key=lambda n: (n != REFERENCE_BACKEND, n))
 
 
+def default_batch_sizes(backends: Sequence[str]) -> list[int]:
+    """1,4,16 for CPU-only runs; GPUs also get 64, where large batches pay off."""
+    return [1, 4, 16, 64] if any(b != REFERENCE_BACKEND for b in backends) else [1, 4, 16]
+
+
 def feature_backend(backend: str) -> str:
     """The backend the AVE audio encoder runs on during a render with ``backend``: on the GPU when there is one."""
     if backend != REFERENCE_BACKEND and "onnx-cuda" in usable_backends():
@@ -298,7 +304,7 @@ def run_bench(config: BenchConfig | None = None, *, progress: Any = None) -> dic
     backends = [b for b in wanted if b in available]
     if not backends:
         raise ConfigError(f"none of the backends {', '.join(wanted)} is usable here; usable: {', '.join(available) or 'none'}")
-    batches = sorted({int(b) for b in cfg.batch_sizes})
+    batches = sorted({int(b) for b in (cfg.batch_sizes or default_batch_sizes(backends))})
     e2e_batches = sorted({int(b) for b in (cfg.e2e_batch_sizes or batches)})
 
     say("preparing models")

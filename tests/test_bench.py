@@ -236,3 +236,10 @@ def test_default_name_names_the_machine() -> None:
     name = default_name(env)
     assert name.startswith("cpu-" if not env["gpus"] else "gpu-")
     assert f"{env['cpu_cores']}core" in name or env["gpus"]
+
+
+def test_default_batch_sizes_depend_on_the_backends() -> None:
+    from avatar.bench import default_batch_sizes
+
+    assert default_batch_sizes(["cpu"]) == [1, 4, 16]
+    assert default_batch_sizes(["cpu", "onnx-cuda"]) == [1, 4, 16, 64]

@@ -25,7 +25,7 @@ def _ints(value: str | None, what: str) -> list[int] | None:
 @click.option("--mode", type=click.Choice(["model", "e2e", "all"]), default="all", show_default=True,
               help="model: inference calls only; e2e: real renders and the upstream-style baseline; all: both.")
 @click.option("--backends", help="Comma-separated backends, e.g. cpu,onnx-cuda,tensorrt (default: every usable one).")
-@click.option("--batch-sizes", default="1,4,16", show_default=True, help="Model-only batch sizes.")
+@click.option("--batch-sizes", help="Model-only batch sizes (default: 1,4,16; 1,4,16,64 when a GPU backend is measured).")
 @click.option("--e2e-batch-sizes", help="End-to-end batch sizes (default: --batch-sizes).")
 @click.option("--repeats", default=5, show_default=True, help="Least number of timed calls per model-only cell.")
 @click.option("--warmup", default=2, show_default=True, help="Untimed calls before each model-only cell.")
@@ -49,7 +49,7 @@ def _ints(value: str | None, what: str) -> list[int] | None:
 def bench(
     mode: str,
     backends: str | None,
-    batch_sizes: str,
+    batch_sizes: str | None,
     e2e_batch_sizes: str | None,
     repeats: int,
     warmup: int,
@@ -81,7 +81,7 @@ def bench(
     cfg = BenchConfig(
         mode=mode,
         backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None,
-        batch_sizes=_ints(batch_sizes, "--batch-sizes") or [1, 4, 16],
+        batch_sizes=_ints(batch_sizes, "--batch-sizes"),
         e2e_batch_sizes=_ints(e2e_batch_sizes, "--e2e-batch-sizes"),
         repeats=repeats,
         warmup=warmup,
