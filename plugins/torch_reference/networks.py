@@ -354,19 +354,22 @@ def calibrate_batchnorm(model: nn.Module, seed: int, steps: int = 4, batch: int 
     return model
 
 
-def _seeded(build: "type[nn.Module]", seed: int, **kwargs: object) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
+def _seeded(build: "type[nn.Module]", seed: int, steps: int, **kwargs: object) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
         torch.manual_seed(seed)
         model = build(**kwargs)
-    return calibrate_batchnorm(model, seed)
+    return calibrate_batchnorm(model, seed, steps=steps)
 
 
 def seeded_unet(mode: str = "ave", seed: int = 0) -> UNet328:
-    """A reproducible random UNet-328 whose output depends on both inputs."""
-    model = _seeded(UNet328, seed, mode=mode)
-    return model  # type: ignore[return-value]
+    """A reproducible random UNet-328 whose output depends on both inputs.
+
+    Calibrated on 2 random frames: each frame already pools 100-102400
+    positions per channel, and a train-mode frame costs ~1 s of CPU.
+    """
+    return _seeded(UNet328, seed, 2, mode=mode)  # type: ignore[return-value]
 
 
 def seeded_audio_encoder(seed: int = 0) -> AudioEncoder:
     """A reproducible random AVE audio encoder with calibrated BatchNorm."""
-    return _seeded(AudioEncoder, seed)  # type: ignore[return-value]
+    return _seeded(AudioEncoder, seed, 4)  # type: ignore[return-value]
