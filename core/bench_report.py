@@ -155,7 +155,7 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     cells = result.get("model_only") or []
     runs = ((result.get("e2e") or {}).get("runs")) or []
     base = result.get("baseline")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
     # throughput: one group per backend, one bar pair (model / e2e) per batch size
     keys = sorted({(c["backend"], c["batch"]) for c in cells} | {(r["backend"], r["batch_size"]) for r in runs},
                   key=lambda k: (k[0] != "cpu", k[0], k[1]))  # fmt: skip
@@ -188,7 +188,7 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     ax2.invert_yaxis()
     ax2.set_xlabel("ms per frame (stage busy time; stages overlap in the SDK)")
     ax2.set_title("Where the time goes")
-    ax2.legend(fontsize=7, loc="lower right")
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"avatar-sdk benchmark — {result['hardware']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

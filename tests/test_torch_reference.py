@@ -9,6 +9,7 @@ the Python API with non-default options).
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -234,8 +235,8 @@ def test_calibrate_batchnorm_uses_its_seed_and_restores_momentum() -> None:
     a = AudioEncoder()
     b = AudioEncoder()
     b.load_state_dict(a.state_dict())
-    calibrate_batchnorm(a, seed=1)
-    calibrate_batchnorm(b, seed=2)
+    calibrate_batchnorm(a, seed=1, steps=1)
+    calibrate_batchnorm(b, seed=2, steps=1)
     bn_a, bn_b = a.audio_encoder[0].conv_block[1], b.audio_encoder[0].conv_block[1]
     assert bn_a.momentum == 0.1  # restored
     assert not torch.equal(bn_a.running_mean, bn_b.running_mean)
@@ -380,6 +381,29 @@ def test_export_audio_encoder_python_api(tmp_path: Path, encoder: AudioEncoder) 
     mel = example_inputs(encoder, batch=5, seed=8)[0]
     np.testing.assert_allclose(ort_run(out, mel.numpy()), run(encoder, mel), atol=1e-4)
     assert export_audio_encoder(encoder, tmp_path / "nocheck.onnx", check=False) is None
+
+
+def test_legacy_exporter_fallback_gives_the_same_contract(tmp_path: Path, encoder: AudioEncoder,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without onnxscript (or on torch < 2.5) the TorchScript exporter is used; the checks still hold."""
+    import avatar_plugins.torch_reference.export as export_mod
+
+    real_export, seen = torch.onnx.export, []
+
+    @functools.wraps(real_export)  # keeps the signature the exporter choice inspects
+    def spy(*args, **kwargs):  # records the exporter choice, then runs the real exporter
+        seen.append(kwargs.get("dynamo"))
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "_use_dynamo", lambda: False)
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    out = tmp_path / "legacy.onnx"
+    result = export_audio_encoder(encoder, out)
+    assert seen == [False]
+    assert result is not None and result.ok, result
+    contract = onnx.load(str(out))
+    assert contract.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert [o.version for o in contract.opset_import if o.domain in ("", "ai.onnx")] == [17]
 
 
 # ------------------------------------------------------------------ CLI

@@ -62,7 +62,7 @@ def export_unet_cmd(checkpoint: str, mode: str, output: str, names: str, opset: 
     require_torch()
     from .export import export_unet
 
-    result = export_unet(checkpoint, mode, output, opset=opset, names=names.split(","), tolerance=tolerance)
+    result = export_unet(checkpoint, mode, output, opset=opset, names=names, tolerance=tolerance)
     click.echo(f"wrote {output} (UNet-328, mode {mode}, opset {opset}, dynamic batch)")
     _report(result)
 
@@ -81,7 +81,7 @@ def export_audio_encoder_cmd(checkpoint: str, output: str, names: str, opset: in
     require_torch()
     from .export import export_audio_encoder
 
-    result = export_audio_encoder(checkpoint, output, opset=opset, names=names.split(","), tolerance=tolerance)
+    result = export_audio_encoder(checkpoint, output, opset=opset, names=names, tolerance=tolerance)
     click.echo(f"wrote {output} (AVE audio encoder [B,1,80,16] -> [B,512], opset {opset}, dynamic batch)")
     _report(result)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import inspect
 import logging
 import math
@@ -78,8 +79,8 @@ class ParityResult:
 
 def export_unet(
     model_or_ckpt: Any,
-    mode: str | None = "ave",
-    out_path: str | Path = "model.onnx",
+    mode: str | None,
+    out_path: str | Path,
     *,
     opset: int = DEFAULT_OPSET,
     names: Sequence[str] = UNET_NAMES,
@@ -89,7 +90,11 @@ def export_unet(
 ) -> ParityResult | None:
     """Export a UNet-328 (a :class:`UNet328` or a checkpoint path) to ONNX.
 
-    ``names`` are (visual input, audio input, output). Returns the parity
+    ``mode`` is the audio branch (``"ave"``, ``"hubert"``, ``"wenet"``); None
+    means the model's own mode, or ``"ave"`` for a checkpoint path. ``names``
+    are (visual input, audio input, output); a comma-separated string works
+    too. The caller's model is not modified (a CPU float32 copy is exported).
+    Returns the parity
     result, or None when ``check`` is False. The file is written even when
     parity fails, so it can be inspected; callers decide (the CLI exits 1).
     """
@@ -107,7 +112,7 @@ def export_unet(
 
 def export_audio_encoder(
     model_or_ckpt: Any,
-    out_path: str | Path = "ave_encoder.onnx",
+    out_path: str | Path,
     *,
     opset: int = DEFAULT_OPSET,
     names: Sequence[str] = ENCODER_NAMES,
@@ -181,9 +186,9 @@ def _export(model: Any, out_path: str | Path, names: tuple[str, ...], *, opset: 
     if opset < MIN_OPSET:
         raise ConfigError(f"opset {opset} is too old; use --opset {MIN_OPSET} or newer")
     out = Path(out_path)
-    if out.parent and not out.parent.exists():
+    if not out.parent.exists():
         raise ConfigError(f"output folder does not exist: {out.parent}")
-    model = model.float().eval()
+    model = copy.deepcopy(model).float().cpu().eval()
     args = example_inputs(model, batch=PARITY_BATCH, seed=seed + 1)
     _torch_export(model, args, out, names, opset)
     _validate(out, names, opset)
@@ -199,7 +204,7 @@ def _torch_export(model: Any, args: tuple[Any, ...], out: Path, names: tuple[str
     in_names = list(names[: len(args)])
     out_names = list(names[len(args):])
     kwargs: dict[str, Any] = dict(input_names=in_names, output_names=out_names, opset_version=opset)
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+    if _use_dynamo():
         batch = torch.export.Dim("batch")
         kwargs.update(
             dynamo=True,
@@ -207,14 +212,28 @@ def _torch_export(model: Any, args: tuple[Any, ...], out: Path, names: tuple[str
             external_data=False,  # one self-contained file (the UNet is ~49 MB, far below 2 GB)
             verbose=False,
         )
-    else:  # torch < 2.5: only the TorchScript exporter exists
-        kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
+    else:
+        kwargs.update(dynamo=False, dynamic_axes={n: {0: "batch"} for n in names})
+        if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+            del kwargs["dynamo"]
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(model, args, str(out), **kwargs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise ModelError(f"torch.onnx.export failed for {type(model).__name__}: {first}") from exc
+
+
+def _use_dynamo() -> bool:
+    """The torch.export-based exporter needs torch >= 2.5 and the onnxscript package."""
+    torch = require_torch()
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        return False
+    if importlib.util.find_spec("onnxscript") is None:
+        log.info("onnxscript is not installed; using the legacy TorchScript ONNX exporter "
+                 "(same numbers, a less tidy graph; `pip install onnxscript` for the new one)")
+        return False
+    return True
 
 
 @contextlib.contextmanager
