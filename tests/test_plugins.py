@@ -258,3 +258,41 @@ def test_example_plugin_installs_and_lists(example_plugin_path: Path) -> None:
     assert rec["distribution"] == "avatar-example-plugin" and rec["version"] == "0.2.0"
     assert rec["status"] == "loaded"
     assert rec["registered"] == [{"kind": "sink", "name": "frame-stats", "usable": True, "reason": None, "install": None}]
+
+
+def test_example_plugin_works_through_the_public_api(example_plugin_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed third-party sink, found by entry point, used by avatar.render and by `avatar run`."""
+    import importlib
+
+    from avatar.demo import speechlike_audio, synthetic_frames, write_wav
+    from avatar.models.synthetic import make_audio_encoder, make_unet
+    from avatar.package import write_package
+    from avatar.plugins import reset_plugin_manager
+    from avatar.render import render
+
+    frames, boxes = synthetic_frames(6, width=320, height=240)
+    pkg = write_package(tmp_path / "pkg", iter(frames), boxes, fps=25, name="t")
+    unet = make_unet(tmp_path / "u.onnx", tiny=True)
+    enc = make_audio_encoder(tmp_path / "e.onnx", tiny=True)
+    monkeypatch.syspath_prepend(str(example_plugin_path))
+    importlib.invalidate_caches()
+    reset_plugin_manager()
+    try:
+        out = tmp_path / "stats.jsonl"
+        report = render(pkg, speechlike_audio(0.4), model=unet, feature_options={"encoder": str(enc)}, backend="cpu",
+                        sinks=[("frame-stats", {"path": str(out)})])
+        lines = [json.loads(x) for x in out.read_text().splitlines()]
+        assert report.frames == 10 and len(lines) == 11
+        assert [x["index"] for x in lines[1:]] == list(range(10))
+        assert lines[1]["audio_rms"] > 0 and lines[1]["box_mean"] is not None
+    finally:
+        reset_plugin_manager()
+    wav = tmp_path / "a.wav"
+    write_wav(wav, speechlike_audio(0.4))
+    env = {**os.environ, "PYTHONPATH": str(example_plugin_path)}
+    out2 = tmp_path / "stats2.jsonl"
+    r = subprocess.run([sys.executable, "-m", "avatar.cli", "run", "--avatar", str(pkg), "--audio", str(wav), "--model", str(unet),
+                        "--ave-encoder", str(enc), "--backend", "cpu", "--sink", "frame-stats", "--sink-opt", f"path={out2}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(out2.read_text().splitlines()) == 11
