@@ -78,6 +78,7 @@ def render(
     batch_size: int = 8,
     progress: bool = False,
     frame_limit: int | None = None,
+    memory_budget_mb: int = 512,
 ) -> RenderReport:
     """Render a lip-synced video of ``avatar`` speaking ``audio``.
 
@@ -93,11 +94,15 @@ def render(
         ``encoder`` option.
     :param backend: ``auto`` (onnx-cuda when usable, else cpu), ``cpu``,
         ``onnx-cuda``, ``tensorrt`` or a plugin's.
+    :param memory_budget_mb: how much decoded avatar video may be held in
+        memory; a longer avatar is decoded in keyframe chunks on demand.
     :returns: the :class:`RenderReport` (frames, timings, sink reports).
     """
     from .package import AvatarPackage
 
-    package = avatar if not isinstance(avatar, (str, Path)) else AvatarPackage.open(avatar)
+    package = (
+        avatar if not isinstance(avatar, (str, Path)) else AvatarPackage.open(avatar, memory_budget_mb=memory_budget_mb)
+    )
     model_path = Path(model) if model is not None else getattr(package, "model_path", None)
     if model_path is None:
         raise ConfigError("no model given and the avatar package names none; pass --model MODEL.onnx")

@@ -52,6 +52,7 @@ def _coerce(v: str) -> Any:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
 @click.option("--rtmp-url", help="rtmp://host/app/KEY for the rtmp sink (the key is never printed).")
 @click.option("--sink-opt", multiple=True, help="Extra sink option KEY=VALUE for every sink, or SINK.KEY=VALUE for one (e.g. file.crf=18, rtmp.bitrate=2500k, rtmp.on_lag=stall); repeatable.")
+@click.option("--memory-budget", "memory_budget_mb", default=512, show_default=True, help="MB of decoded avatar frames kept in memory.")
 @click.option("--frames", "frame_limit", type=int, help="Stop after this many frames.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the render report as JSON here.")
@@ -74,6 +75,7 @@ def run(
     output: str | None,
     rtmp_url: str | None,
     sink_opt: tuple[str, ...],
+    memory_budget_mb: int,
     frame_limit: int | None,
     progress: bool,
     report_path: str | None,
@@ -137,6 +139,7 @@ def run(
         batch_size=batch_size,
         progress=progress,
         frame_limit=frame_limit,
+        memory_budget_mb=memory_budget_mb,
     )
     d = report.to_dict()
     click.echo(
