@@ -83,6 +83,8 @@ class RenderReport:
     batch_size: int
     interrupted: bool = False
     first_frame_s: float | None = None
+    #: model calls the backend made (one per batch)
+    backend_calls: int = 0
 
     @property
     def video_s(self) -> float:
@@ -110,6 +112,7 @@ class RenderReport:
             "backend": self.backend,
             "feature_source": self.feature_source,
             "batch_size": self.batch_size,
+            "backend_calls": self.backend_calls,
             "interrupted": self.interrupted,
             "stage_s": dict(self.stages.seconds),
             "stage_ms_per_frame": self.stages.per_frame_ms(self.frames),
@@ -510,6 +513,7 @@ class Renderer:
             batch_size=self.options.batch_size,
             interrupted=interrupted,
             first_frame_s=first_frame_s,
+            backend_calls=self.backend.stats.calls,
         )
         if interrupted:
             raise RenderInterrupted(report)

@@ -147,6 +147,7 @@ def test_batch_size_does_not_change_frames(models: dict[str, Path], demo_avatar:
     assert len(a) == len(b) == 20
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
     assert ra.stages.items["inference"] == rb.stages.items["inference"] == 20
+    assert (ra.backend_calls, rb.backend_calls) == (20, 3)  # one model call per batch
 
 
 def test_pingpong_schedule_when_audio_outlasts_video(models: dict[str, Path], demo_avatar: Path) -> None:
