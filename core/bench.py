@@ -253,11 +253,27 @@ def feature_backend(backend: str) -> str:
     return REFERENCE_BACKEND
 
 
+def _generator_version() -> str:
+    """Hash of the test-model generator's code: a cached model made by older code is rebuilt.
+
+    (The PyTorch baseline loads ``unet_state_dict`` from the current code; a
+    stale cached ONNX model would make the two networks differ.)
+    """
+    import hashlib
+
+    from .models import onnx_builder, synthetic
+
+    h = hashlib.sha256()
+    for mod in (synthetic, onnx_builder):
+        h.update(Path(mod.__file__ or "").read_bytes())
+    return h.hexdigest()[:10]
+
+
 def _test_models(cfg: BenchConfig, cache: Path) -> tuple[Path, Path, bool]:
     """(unet, audio encoder, whether the unet is the harness's seeded model)."""
     from .models.synthetic import make_audio_encoder, make_unet
 
-    suffix = f"seed{cfg.seed}{'-tiny' if cfg.tiny else ''}"
+    suffix = f"seed{cfg.seed}{'-tiny' if cfg.tiny else ''}-{_generator_version()}"
     enc = cache / f"ave-encoder-{suffix}.onnx"
     if not enc.is_file():
         make_audio_encoder(enc, seed=cfg.seed, tiny=cfg.tiny)

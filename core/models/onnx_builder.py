@@ -100,27 +100,27 @@ class GraphBuilder:
         return arr
 
     # -- initialisers (PyTorch's defaults, so seeded weights look like a fresh nn.Module) --
+    def _rng(self) -> np.random.Generator:
+        # initialisers run only in initialise mode, where a generator is set
+        if self.rng is None:
+            raise RuntimeError("weights requested outside initialise mode (a builder bug)")
+        return self.rng
+
     def _uniform(self, bound: float) -> Callable[[tuple[int, ...]], np.ndarray]:
-        rng = self.rng
 
         def init(shape: tuple[int, ...]) -> np.ndarray:
-            assert rng is not None  # only reached in initialise mode
-            return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+            return self._rng().uniform(-bound, bound, size=shape).astype(np.float32)
 
         return init
 
     def _bn_params(self, prefix: str, c: int, gamma_scale: float = 1.0) -> tuple[np.ndarray, ...]:
-        rng = self.rng
-
         # Gamma/beta are perturbed around PyTorch's (1, 0) so channels differ;
         # the running statistics are placeholders until calibration sets them.
         def gamma(shape: tuple[int, ...]) -> np.ndarray:
-            assert rng is not None
-            return (gamma_scale * (1.0 + 0.1 * rng.standard_normal(shape))).astype(np.float32)
+            return (gamma_scale * (1.0 + 0.1 * self._rng().standard_normal(shape))).astype(np.float32)
 
         def beta(shape: tuple[int, ...]) -> np.ndarray:
-            assert rng is not None
-            return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+            return (0.1 * self._rng().standard_normal(shape)).astype(np.float32)
 
         g = self.param(f"{prefix}.weight", (c,), gamma)
         b = self.param(f"{prefix}.bias", (c,), beta)
