@@ -217,7 +217,7 @@ class _TorchNet:
 
         # The reference network is the torch-reference plugin's; the benchmark
         # uses it only as the upstream-style baseline and falls back when absent.
-        networks = importlib.import_module("avatar_plugins.torch_reference.networks")
+        networks = _reference_networks()
         self.torch = torch
         if threads:
             torch.set_num_threads(int(threads))
@@ -255,6 +255,22 @@ class _OrtNet:
         return self.session.run(None, {self.vis: visual, self.aud: audio})[0]
 
 
+def _reference_networks() -> Any:
+    """The torch-reference plugin's ``networks`` module, found through its entry point.
+
+    The core reaches plugins only through the plugin manager, never by module name.
+    """
+    import importlib
+
+    from .errors import PluginError
+    from .plugins import get_plugin_manager
+
+    plugin = get_plugin_manager().pm.get_plugin("torch-reference")
+    if plugin is None:
+        raise PluginError("the torch-reference plugin is not loaded (see `avatar plugins`)")
+    return importlib.import_module(f"{plugin.__name__}.networks")
+
+
 def torch_baseline_available() -> str | None:
     """None when the PyTorch baseline can run here, else the reason it cannot."""
     import importlib.util
@@ -262,9 +278,7 @@ def torch_baseline_available() -> str | None:
     if importlib.util.find_spec("torch") is None:
         return "torch is not installed (pip install 'avatar-sdk[torch]')"
     try:
-        import importlib
-
-        importlib.import_module("avatar_plugins.torch_reference.networks")
+        _reference_networks()
     except Exception as exc:  # a missing or broken plugin: fall back to ONNX Runtime
         return f"the torch reference network cannot be imported ({exc})"
     return None
