@@ -60,6 +60,8 @@ class PluginRecord:
     error: str | None = None
     install: str | None = None
     registered: list[Registration] = field(default_factory=list)
+    #: CLI commands the plugin added (known once the CLI has started)
+    commands: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         comps = []
@@ -83,6 +85,7 @@ class PluginRecord:
             "error": self.error,
             "install": self.install,
             "registered": comps,
+            "commands": list(self.commands),
         }
 
     def effective_status(self) -> str:
@@ -225,6 +228,9 @@ class PluginManager:
                     )
                 for cmd_name, cmd in probe.commands.items():
                     cli.add_command(cmd, cmd_name)
+                rec = self.records.get(name)
+                if rec is not None:
+                    rec.commands.extend(sorted(probe.commands))
             except Exception as exc:
                 rec = self.records.get(name)
                 if rec is not None:

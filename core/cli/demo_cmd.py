@@ -15,7 +15,8 @@ import click
 @click.option("--tiny", is_flag=True, help="A tiny test model instead of the full-size UNet-328 (much faster, less realistic cost).")
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt.")
 @click.option("--batch", "batch_size", default=8, show_default=True)
-def demo(output: str, workdir: str, audio: str | None, seconds: float, tiny: bool, backend: str, batch_size: int) -> None:
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
+def demo(output: str, workdir: str, audio: str | None, seconds: float, tiny: bool, backend: str, batch_size: int, progress: bool) -> None:
     """Build a synthetic avatar and seeded test models locally, then render a clip with sound.
 
     The model is UNTRAINED (seeded random weights): the mouth region changes with
@@ -27,6 +28,7 @@ def demo(output: str, workdir: str, audio: str | None, seconds: float, tiny: boo
 
     click.echo("building the demo avatar and seeded test models (untrained) ...", err=True)
     paths = build_demo(workdir, seconds=seconds, tiny=tiny)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     report = render(
         paths["avatar"],
         audio or paths["audio"],
@@ -36,7 +38,7 @@ def demo(output: str, workdir: str, audio: str | None, seconds: float, tiny: boo
         feature_options={"encoder": str(paths["encoder"])},
         backend=backend,
         batch_size=batch_size,
-        progress=True,
+        progress=progress,
     )
     d = report.to_dict()
     click.echo(

@@ -24,8 +24,11 @@ def plugins(as_json: bool) -> None:
     for r in rows:
         dist = f"{r['distribution'] or '-'} {r['version'] or ''}".strip()
         comps = ", ".join(
-            f"{c['kind'].replace('_', ' ')}:{c['name']}" + ("" if c["usable"] else " (unavailable)")
-            for c in r["registered"]
+            [
+                f"{c['kind'].replace('_', ' ')}:{c['name']}" + ("" if c["usable"] else " (unavailable)")
+                for c in r["registered"]
+            ]
+            + [f"command:{c}" for c in r["commands"]]
         ) or "-"
         click.echo(f"{r['name']:<18} {dist:<22} {r['status']:<12} {comps}")
         if r["error"]:
