@@ -115,23 +115,10 @@ def gpu_memory_mb(pid: int | None = None) -> float | None:
 
 
 def make_feeds(inputs: Sequence[TensorInfo], batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs for any UNet-like model: pixels in [0, 1] (or 0..255 for uint8), audio ~N(0, 1).
+    """Seeded inputs for any UNet-like model; identical in every process for the same seed."""
+    from .compare import random_feeds
 
-    The same ``seed`` gives the same arrays in every process, so every backend
-    sees identical inputs.
-    """
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for t in inputs:
-        shape = (batch, *[d if isinstance(d, int) else 1 for d in t.shape[1:]])
-        dtype = np.dtype(t.dtype)
-        if dtype == np.uint8:
-            feeds[t.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        elif len(shape) == 4 and shape[1] == 6:
-            feeds[t.name] = rng.random(shape, dtype=np.float32).astype(dtype)
-        else:
-            feeds[t.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-    return feeds
+    return random_feeds(inputs, batch, seed)
 
 
 def latency_stats(calls_s: Sequence[float], batch: int) -> dict[str, float | int]:

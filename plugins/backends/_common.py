@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from avatar.errors import BackendError, ConfigError, ModelError
+from avatar.compare import psnr, random_feeds  # noqa: F401  (re-exported for the backends)
 from avatar.interfaces import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -149,32 +150,6 @@ def check_extra(extra: Mapping[str, Any], known: Mapping[str, str], backend: str
     if unknown:
         listing = "; ".join(f"{k}: {v}" for k, v in known.items()) or "none"
         raise ConfigError(f"{backend}: unknown option(s) {', '.join(unknown)}; this backend understands: {listing}")
-
-
-def psnr(reference: np.ndarray, test: np.ndarray, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``test`` against ``reference`` (inf when equal)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    tst = np.asarray(test, dtype=np.float64)
-    mse = float(np.mean((ref - tst) ** 2))
-    if mse == 0.0:
-        return float("inf")
-    return 10.0 * float(np.log10(peak * peak / mse))
-
-
-def random_feeds(inputs: Sequence[TensorInfo], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random feeds matching the model (pixels in [0,1] / [0,255], audio ~N(0,1))."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for t in inputs:
-        shape = (batch, *[d if isinstance(d, int) else 1 for d in t.shape[1:]])
-        dtype = np.dtype(t.dtype)
-        if dtype == np.uint8:
-            feeds[t.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        elif len(shape) == 4 and shape[1] == 6:  # a visual input: pixels in [0, 1]
-            feeds[t.name] = rng.random(shape, dtype=np.float32).astype(dtype)
-        else:
-            feeds[t.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-    return feeds
 
 
 @functools.lru_cache(maxsize=1)
