@@ -139,7 +139,7 @@ class _Channel:
     """A bounded queue whose blocking calls give up when the run stops."""
 
     def __init__(self, size: int, stop: threading.Event) -> None:
-        self.q: queue.Queue[Any] = queue.Queue(maxsize=max(1, size))
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=max(0, size))
         self.stop = stop
 
     def put(self, item: Any) -> None:
@@ -200,7 +200,12 @@ def _pcm_chunks(audio: Any, sample_rate: int, chunk_s: float = 0.64) -> tuple[It
 
 
 class _AudioClock:
-    """PCM kept until each frame has taken its share (``sample_rate / fps`` samples)."""
+    """PCM kept until each frame has taken its share (``sample_rate / fps`` samples).
+
+    Audio is added by its own intake stage as it arrives, independently of
+    feature extraction, so a frame never leaves before its audio (a source like
+    precomputed features emits rows before the audio they belong to).
+    """
 
     def __init__(self, sample_rate: int, fps: Fraction) -> None:
         self.rate = sample_rate
@@ -209,16 +214,27 @@ class _AudioClock:
         self._base = 0  # absolute sample index of the first kept sample
         self._total = 0
         self.closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     def add(self, chunk: np.ndarray) -> None:
         with self._lock:
             self._buf.append(chunk)
             self._total += len(chunk)
+            self._lock.notify_all()
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
+            self._lock.notify_all()
+
+    def wait_for(self, index: int, stop: threading.Event | None = None) -> None:
+        """Block until frame ``index``'s share has arrived or the audio has ended."""
+        _, end = self.bounds(index)
+        with self._lock:
+            while self._total < end and not self.closed:
+                if stop is not None and stop.is_set():
+                    raise _Stop()
+                self._lock.wait(0.1)
 
     @property
     def total(self) -> int:
@@ -307,7 +323,18 @@ class Renderer:
 
     # -- stage bodies ------------------------------------------------------------
 
-    def _features(self, chunks: Iterator[np.ndarray], clock: _AudioClock, out: _Channel) -> None:
+    def _audio_intake(self, chunks: Iterator[np.ndarray], clock: _AudioClock, out: _Channel, stop: threading.Event) -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    raise _Stop()
+                clock.add(chunk)
+                out.put(chunk)
+        finally:
+            clock.close()
+        out.put(_END)
+
+    def _features(self, inp: _Channel, out: _Channel) -> None:
         stream = self.source.open_stream()
         assembler = WindowAssembler(self.source)
         limit = self.options.frame_limit
@@ -322,8 +349,13 @@ class Renderer:
                 sent += 1
             return True
 
-        for chunk in chunks:
-            clock.add(chunk)
+        while True:
+            chunk = inp.get()
+            if chunk is _END:
+                break
+            if isinstance(chunk, _Failure):
+                out.put(chunk)
+                return
             t = time.perf_counter()
             rows = stream.push(chunk)
             pairs = list(assembler.push(rows)) if len(rows) else []
@@ -334,7 +366,6 @@ class Renderer:
         rows = stream.finish()
         pairs = list(assembler.push(rows)) + list(assembler.finish())
         self.times.add("features", time.perf_counter() - t, len(pairs))
-        clock.close()
         emit(pairs)
         out.put(_END)
 
@@ -427,11 +458,14 @@ class Renderer:
         )
         stop = threading.Event()
         qsize = self.options.queue_batches
+        # audio is small and arrives at most as fast as it is read: unbounded
+        q_audio = _Channel(0, stop)
         q_feat = _Channel(qsize * self.options.batch_size * 2, stop)
         q_inf = _Channel(qsize, stop)
         q_comp = _Channel(qsize * self.options.batch_size, stop)
         threads = [
-            _stage("features", stop, q_feat, lambda: self._features(chunks, clock, q_feat)),
+            _stage("audio", stop, q_audio, lambda: self._audio_intake(chunks, clock, q_audio, stop)),
+            _stage("features", stop, q_feat, lambda: self._features(q_audio, q_feat)),
             _stage("inference", stop, q_inf, lambda: self._infer(q_feat, q_inf)),
             _stage("composite", stop, q_comp, lambda: self._composite(q_inf, q_comp)),
         ]
@@ -463,6 +497,7 @@ class Renderer:
                 nxt = q_comp.get()
                 last = nxt is _END
                 pending = nxt
+                clock.wait_for(i, stop)
                 share = clock.take(i, last=last and clock.closed and self.options.frame_limit is None)
                 vf = VideoFrame(index=i, pts=Fraction(i) / fps, image=image, audio=share, avatar_index=a, face=face, box=box)
                 t = time.perf_counter()

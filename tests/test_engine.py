@@ -295,3 +295,20 @@ def test_small_memory_budget_renders_the_same_frames(models: dict[str, Path], de
     b, _ = collect(**kw)
     assert [f.avatar_index for f in a] == [f.avatar_index for f in b]
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+
+
+def test_precomputed_features_frames_carry_their_own_audio(models: dict[str, Path], demo_avatar: Path, tmp_path: Path) -> None:
+    """A source that emits all rows at once must not let frames leave before their audio."""
+    from avatar.demo import speechlike_audio
+    from avatar.plugins import get_plugin_manager
+
+    pcm = speechlike_audio(8.0, seed=9)  # more frames than the queues hold
+    rows = get_plugin_manager().feature_source("ave", encoder=str(models["encoder"])).rows(pcm)
+    npy = tmp_path / "feats.npy"
+    np.save(npy, rows)
+    frames, report = collect(avatar=demo_avatar, audio=pcm, model=models["unet"], features="npy", feature_options={"path": str(npy)}, backend="cpu")
+    assert report.frames == len(rows) == 200
+    assert np.array_equal(np.concatenate([f.audio for f in frames]), pcm)
+    # same rows through the ave source give the same pictures
+    ave, _ = collect(avatar=demo_avatar, audio=pcm, model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(frames, ave))
