@@ -24,6 +24,7 @@ memory-mapped face cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -128,6 +129,7 @@ class _Stop(Exception):
 
 
 _END = object()
+_EMPTY = object()
 
 
 class _Failure:
@@ -152,13 +154,18 @@ class _Channel:
             except queue.Full:
                 continue
 
-    def get(self) -> Any:
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item; ``_EMPTY`` if ``timeout`` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
             try:
-                return self.q.get(timeout=0.1)
+                return self.q.get(timeout=wait)
             except queue.Empty:
                 if self.stop.is_set():
                     raise _Stop() from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    return _EMPTY
 
 
 def _stage(name: str, stop: threading.Event, out: _Channel | None, fn: Callable[[], None]) -> threading.Thread:
@@ -252,7 +259,9 @@ class _AudioClock:
         start, end = self.bounds(index)
         with self._lock:
             if last:
-                end = max(end, self._total)
+                # the last frame carries the rounding remainder (less than a share);
+                # audio far beyond the last frame (features shorter than the audio) is cut
+                end = max(end, min(self._total, 2 * end - start))
             # drop whole chunks before ``start``
             while self._buf and self._base + len(self._buf[0]) <= start:
                 self._base += len(self._buf[0])
@@ -283,6 +292,8 @@ class RenderOptions:
     queue_batches: int = 3
     progress: bool = False
     frame_limit: int | None = None
+    #: how long a started batch waits for more frames before running partial (live input)
+    flush_s: float = 0.02
 
 
 class Renderer:
@@ -340,15 +351,17 @@ class Renderer:
         limit = self.options.frame_limit
         sent = 0
 
-        def emit(pairs: Iterable[tuple[int, np.ndarray]]) -> bool:
+        def emit(pairs: list[tuple[int, np.ndarray]], final: bool = False) -> bool:
+            """Send windows; ``final`` marks the last window of the whole stream."""
             nonlocal sent
-            for i, w in pairs:
+            for k, (i, w) in enumerate(pairs):
                 if limit is not None and sent >= limit:
                     return False
-                out.put((i, w))
+                out.put((i, w, final and k == len(pairs) - 1))
                 sent += 1
             return True
 
+        ended = True
         while True:
             chunk = inp.get()
             if chunk is _END:
@@ -361,12 +374,14 @@ class Renderer:
             pairs = list(assembler.push(rows)) if len(rows) else []
             self.times.add("features", time.perf_counter() - t, len(pairs))
             if not emit(pairs):
+                ended = False
                 break
-        t = time.perf_counter()
-        rows = stream.finish()
-        pairs = list(assembler.push(rows)) + list(assembler.finish())
-        self.times.add("features", time.perf_counter() - t, len(pairs))
-        emit(pairs)
+        if ended:
+            t = time.perf_counter()
+            rows = stream.finish()
+            pairs = list(assembler.push(rows)) + list(assembler.finish())
+            self.times.add("features", time.perf_counter() - t, len(pairs))
+            emit(pairs, final=True)
         out.put(_END)
 
     def _avatar_index(self, i: int) -> int:
@@ -382,12 +397,18 @@ class Renderer:
         # the backend may have converted the model (e.g. uint8_visual): ask it, not the file
         vis_info = next((t for t in self.backend.inputs if t.name == vis_name), self.contract.visual)
         uint8 = np.dtype(vis_info.dtype) == np.uint8
+        fixed = self.contract.fixed_batch
         done = False
         while not done:
             idx: list[int] = []
             wins: list[np.ndarray] = []
+            lasts: list[bool] = []
             while len(idx) < b:
-                item = inp.get()
+                # once a batch has begun, a pause in the input (live audio) sends
+                # what is there rather than holding ready frames back
+                item = inp.get() if not idx else inp.get(timeout=self.options.flush_s)
+                if item is _EMPTY:
+                    break
                 if item is _END:
                     done = True
                     break
@@ -396,6 +417,7 @@ class Renderer:
                     return
                 idx.append(item[0])
                 wins.append(item[1])
+                lasts.append(item[2])
             if not idx:
                 break
             t = time.perf_counter()
@@ -404,12 +426,16 @@ class Renderer:
             if not uint8:
                 visual = visual.astype(np.float32) * np.float32(1.0 / 255.0)
             audio = np.stack(wins).astype(np.float32, copy=False)
+            n = len(idx)
+            if fixed is not None and n < fixed:  # a fixed-batch model: pad, then drop the padding
+                visual = np.concatenate([visual, np.repeat(visual[-1:], fixed - n, axis=0)])
+                audio = np.concatenate([audio, np.repeat(audio[-1:], fixed - n, axis=0)])
             t1 = time.perf_counter()
-            self.times.add("visual", t1 - t, len(idx))
+            self.times.add("visual", t1 - t, n)
             result = self.backend.run({vis_name: visual, aud_name: audio})
-            faces = result[self.contract.output.name]
-            self.times.add("inference", time.perf_counter() - t1, len(idx))
-            out.put((idx, av_idx, faces))
+            faces = result[self.contract.output.name][:n]
+            self.times.add("inference", time.perf_counter() - t1, n)
+            out.put((idx, av_idx, faces, lasts))
         out.put(_END)
 
     def _composite(self, inp: _Channel, out: _Channel) -> None:
@@ -422,9 +448,9 @@ class Renderer:
             if isinstance(item, _Failure):
                 out.put(item)
                 return
-            idx, av_idx, faces = item
+            idx, av_idx, faces, lasts = item
             faces_u8 = output_to_uint8(faces)
-            for i, a, face in zip(idx, av_idx, faces_u8):
+            for i, a, face, last in zip(idx, av_idx, faces_u8, lasts):
                 t = time.perf_counter()
                 frame = self.package.frame(a)
                 t1 = time.perf_counter()
@@ -432,7 +458,7 @@ class Renderer:
                 image = composite(frame, box, face)
                 self.times.add("decode", t1 - t)
                 self.times.add("composite", time.perf_counter() - t1)
-                out.put((i, a, image, face if self.wants_face else None, box))
+                out.put((i, a, image, face if self.wants_face else None, box, last))
         out.put(_END)
 
     # -- run ---------------------------------------------------------------------
@@ -440,118 +466,131 @@ class Renderer:
     def run(self, audio: Any) -> RenderReport:
         """Render ``audio`` (path, float32 array at 16 kHz, or iterable of chunks)."""
         rate = self.source.sample_rate
-        chunks, whole = _pcm_chunks(audio, rate)
         fps = Fraction(self.source.fps)
         clock = _AudioClock(rate, fps)
-        expected = None
-        if whole is not None:
-            expected = math.ceil(len(whole) * fps / rate)
-            if self.options.frame_limit is not None:
-                expected = min(expected, self.options.frame_limit)
-        info = StreamInfo(
-            width=int(self.package.width),
-            height=int(self.package.height),
-            fps=fps,
-            sample_rate=rate,
-            frame_count=expected,
-            title=str(getattr(self.package, "name", "")),
-        )
         stop = threading.Event()
-        qsize = self.options.queue_batches
-        # audio is small and arrives at most as fast as it is read: unbounded
-        q_audio = _Channel(0, stop)
-        q_feat = _Channel(qsize * self.options.batch_size * 2, stop)
-        q_inf = _Channel(qsize, stop)
-        q_comp = _Channel(qsize * self.options.batch_size, stop)
-        threads = [
-            _stage("audio", stop, q_audio, lambda: self._audio_intake(chunks, clock, q_audio, stop)),
-            _stage("features", stop, q_feat, lambda: self._features(q_audio, q_feat)),
-            _stage("inference", stop, q_inf, lambda: self._infer(q_feat, q_inf)),
-            _stage("composite", stop, q_comp, lambda: self._composite(q_inf, q_comp)),
-        ]
+        started: list[threading.Thread] = []
         opened: list[Sink] = []
         reports: dict[str, SinkReport] = {}
-        interrupted = False
+        interrupted: int | None = None  # the signal that interrupted the run
         frames = 0
+        audio_out = 0
         first_frame_s = None
         start = time.perf_counter()
-        restore = _sigterm_as_interrupt()
         error: BaseException | None = None
-        bar = _Progress(expected, enabled=self.options.progress)
+        bar: _Progress | None = None
+        signals = _InterruptSignals(stop)
         try:
+            chunks, whole = _pcm_chunks(audio, rate)
+            expected = None
+            if whole is not None:
+                expected = math.ceil(len(whole) * fps / rate)
+                if self.options.frame_limit is not None:
+                    expected = min(expected, self.options.frame_limit)
+            info = StreamInfo(
+                width=int(self.package.width),
+                height=int(self.package.height),
+                fps=fps,
+                sample_rate=rate,
+                frame_count=expected,
+                title=str(getattr(self.package, "name", "")),
+            )
+            qsize = self.options.queue_batches
+            # audio is small and arrives at most as fast as it is read: unbounded
+            q_audio = _Channel(0, stop)
+            q_feat = _Channel(qsize * self.options.batch_size * 2, stop)
+            q_inf = _Channel(qsize, stop)
+            q_comp = _Channel(qsize * self.options.batch_size, stop)
+            threads = [
+                _stage("audio", stop, q_audio, lambda: self._audio_intake(chunks, clock, q_audio, stop)),
+                _stage("features", stop, q_feat, lambda: self._features(q_audio, q_feat)),
+                _stage("inference", stop, q_inf, lambda: self._infer(q_feat, q_inf)),
+                _stage("composite", stop, q_comp, lambda: self._composite(q_inf, q_comp)),
+            ]
             for s in self.sinks:
                 s.open(info)
                 opened.append(s)
+            bar = _Progress(expected, enabled=self.options.progress)
             for t in threads:
                 t.start()
-            pending: tuple[Any, ...] | None = None
+                started.append(t)
             while True:
-                item = q_comp.get() if pending is None else pending
-                pending = None
+                signals.check()
+                item = q_comp.get()
                 if item is _END:
                     break
                 if isinstance(item, _Failure):
                     raise item.exc
-                i, a, image, face, box = item
-                # the last frame takes the audio remainder: peek whether more follow
-                nxt = q_comp.get()
-                last = nxt is _END
-                pending = nxt
+                i, a, image, face, box, last = item
                 clock.wait_for(i, stop)
-                share = clock.take(i, last=last and clock.closed and self.options.frame_limit is None)
+                # only the true end of the stream takes the audio remainder
+                share = clock.take(i, last=last and clock.closed)
                 vf = VideoFrame(index=i, pts=Fraction(i) / fps, image=image, audio=share, avatar_index=a, face=face, box=box)
-                t = time.perf_counter()
+                t0 = time.perf_counter()
                 for s in opened:
                     s.write(vf)
-                self.times.add("sink", time.perf_counter() - t)
+                self.times.add("sink", time.perf_counter() - t0)
                 frames += 1
+                audio_out += len(share)
                 if first_frame_s is None:
                     first_frame_s = time.perf_counter() - start
                 bar.update(1)
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = signals.last or signal.SIGINT
         except _Stop:
-            pass
+            interrupted = signals.last
         except BaseException as exc:
             error = exc
         finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=10)
-            for t in threads:
-                errs = getattr(t, "errors", [])
-                if errs and error is None:
-                    error = errs[0]
-            for s in opened:
-                try:
-                    reports[s.name] = s.close(aborted=interrupted or error is not None)
-                except Exception as exc:  # closing must not hide the first error
-                    log.warning("closing sink %s failed: %s", s.name, exc)
-                    if error is None:
-                        error = exc
-            bar.close()
-            restore()
-            self.backend.close()
-            self.source.close()
+            # Cleanup must finish even if Ctrl-C is pressed again: outputs first.
+            with signals.ignored():
+                stop.set()
+                aborted = interrupted is not None or error is not None
+                for s in opened:
+                    key = s.name if s.name not in reports else f"{s.name}#{len(reports) + 1}"
+                    try:
+                        reports[key] = s.close(aborted=aborted)
+                    except Exception as exc:  # closing must not hide the first error
+                        log.warning("closing sink %s failed: %s", s.name, exc)
+                        if error is None:
+                            error = exc
+                # The audio intake may be blocked inside a live source that cannot be
+                # interrupted: it is a daemon and is not waited for.
+                deadline = time.monotonic() + 5.0
+                for t in started:
+                    if t.name != "avatar-audio":
+                        t.join(timeout=max(0.0, deadline - time.monotonic()))
+                for t in started:
+                    errs = getattr(t, "errors", [])
+                    if errs and error is None:
+                        error = errs[0]
+                if bar is not None:
+                    bar.close()
+                self.backend.close()
+                self.source.close()
         wall = time.perf_counter() - start
         if error is not None:
             raise error
         report = RenderReport(
             frames=frames,
             fps=fps,
-            audio_s=clock.total / rate,
+            audio_s=audio_out / rate,
             wall_s=wall,
             stages=self.times,
             sinks=reports,
             backend=self.backend_name,
             feature_source=self.source.name,
             batch_size=self.options.batch_size,
-            interrupted=interrupted,
+            interrupted=interrupted is not None,
             first_frame_s=first_frame_s,
             backend_calls=self.backend.stats.calls,
         )
-        if interrupted:
-            raise RenderInterrupted(report)
+        if interrupted is not None:
+            raise RenderInterrupted(report, int(interrupted))
+        if frames == 0:
+            from .errors import AudioError
+
+            raise AudioError("no frames were rendered: the audio is empty or too short for one frame")
         return report
 
 
@@ -560,9 +599,12 @@ class RenderInterrupted(AvatarError):
 
     exit_code = 130
 
-    def __init__(self, report: RenderReport) -> None:
+    def __init__(self, report: RenderReport, signum: int = signal.SIGINT) -> None:
         self.report = report
-        super().__init__(f"interrupted after {report.frames} frames; outputs were finalised")
+        self.signum = signum
+        self.exit_code = 128 + int(signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        super().__init__(f"interrupted ({name}) after {report.frames} frames; outputs were finalised")
 
 
 class _Progress:
@@ -570,7 +612,7 @@ class _Progress:
 
     def __init__(self, total: int | None, enabled: bool) -> None:
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if enabled and total and sys.stderr.isatty():
             import click
 
             self.bar = click.progressbar(length=total, label="rendering", file=sys.stderr, show_pos=True, show_eta=True)
@@ -586,16 +628,51 @@ class _Progress:
             self.bar = None
 
 
-def _sigterm_as_interrupt() -> Callable[[], None]:
-    """Turn SIGTERM into KeyboardInterrupt while rendering, so outputs get finalised."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+class _InterruptSignals:
+    """While rendering, Ctrl-C and SIGTERM ask the run to stop between frames.
 
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt()
+    The first signal only sets a flag (and the run's stop event): the frame being
+    written completes, so no encoded packet is lost halfway through a mux, and
+    the sinks are then closed normally. A second signal raises KeyboardInterrupt
+    at once (an escape hatch if a sink hangs). While outputs are being finalised
+    both signals are held off. Does nothing outside the main thread, where
+    signals cannot be handled.
+    """
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:
-        return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def __init__(self, stop: threading.Event) -> None:
+        self.last: int | None = None
+        self._stop = stop
+        self._main = threading.current_thread() is threading.main_thread()
+        self._previous: dict[int, Any] = {}
+        if not self._main:
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+                pass
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.last is not None:
+            raise KeyboardInterrupt()
+        self.last = signum
+        self._stop.set()
+
+    def check(self) -> None:
+        """Raise ``_Stop`` if a signal asked the run to stop."""
+        if self.last is not None:
+            raise _Stop()
+
+    @contextlib.contextmanager
+    def ignored(self) -> Iterator[None]:
+        """Hold SIGINT/SIGTERM off during cleanup, then restore the caller's handlers."""
+        if not self._main:
+            yield
+            return
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            for sig, prev in self._previous.items():
+                signal.signal(sig, prev)

@@ -118,12 +118,16 @@ class PluginManager:
         if only is None and os.environ.get("AVATAR_PLUGINS"):
             only = [n.strip() for n in os.environ["AVATAR_PLUGINS"].split(",") if n.strip()]
         wanted = set(only) if only is not None else None
-        eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
-        seen: set[str] = set()
+        def dist_name(ep: md.EntryPoint) -> str:
+            dist = getattr(ep, "dist", None)
+            return dist.metadata["Name"] if dist is not None else ""
+
+        # built-ins first among equal names, so an installed package cannot shadow them
+        eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, dist_name(e) != "avatar-sdk"))
+        seen: dict[str, str] = {}
         for ep in eps:
-            if ep.name in seen or (wanted is not None and ep.name not in wanted):
+            if wanted is not None and ep.name not in wanted:
                 continue
-            seen.add(ep.name)
             dist = getattr(ep, "dist", None)
             rec = PluginRecord(
                 ep.name,
@@ -131,6 +135,20 @@ class PluginManager:
                 dist.metadata["Name"] if dist is not None else None,
                 dist.version if dist is not None else None,
             )
+            if ep.name in seen:
+                if seen[ep.name] == (rec.distribution or ""):
+                    continue  # the same distribution seen twice on sys.path
+                rec.status = "failed"
+                rec.error = (
+                    f"entry point name '{ep.name}' is already used by {seen[ep.name] or 'another plugin'}; "
+                    f"{rec.distribution or 'this plugin'} must use another name"
+                )
+                rec.name = f"{ep.name} ({rec.distribution})"
+                self.records[rec.name] = rec
+                if strict:
+                    raise PluginError(rec.error)
+                continue
+            seen[ep.name] = rec.distribution or ""
             self.records[ep.name] = rec
             try:
                 plugin = ep.load()
@@ -171,14 +189,26 @@ class PluginManager:
         except ValueError as exc:
             raise PluginError(f"plugin '{name}' is already registered ({exc})") from exc
         caller = self.pm.subset_hook_caller
-        for kind, hook in (
-            ("feature_source", "register_feature_sources"),
-            ("backend", "register_backends"),
-            ("sink", "register_sinks"),
-        ):
-            others = [p for p in self.pm.get_plugins() if p is not plugin]
-            caller(hook, remove_plugins=others)(register=self._registrar(kind, record))
+        try:
+            for kind, hook in (
+                ("feature_source", "register_feature_sources"),
+                ("backend", "register_backends"),
+                ("sink", "register_sinks"),
+            ):
+                others = [p for p in self.pm.get_plugins() if p is not plugin]
+                caller(hook, remove_plugins=others)(register=self._registrar(kind, record))
+        except BaseException:
+            self._rollback(name, record)  # a failed plugin contributes nothing
+            raise
         return record
+
+    def _rollback(self, name: str, record: PluginRecord) -> None:
+        for reg in record.registered:
+            if self.components[reg.kind].get(reg.name) is reg:
+                del self.components[reg.kind][reg.name]
+        record.registered.clear()
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
 
     def _registrar(self, kind: str, record: PluginRecord):  # type: ignore[no-untyped-def]
         base = KINDS[kind]
@@ -236,6 +266,7 @@ class PluginManager:
                 if rec is not None:
                     rec.status = "failed"
                     rec.error = f"register_commands: {exc}"
+                    self._rollback(name, rec)
 
     # ------------------------------------------------------------------ lookup
 

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .contract import read_contract
+from .contract import check_feature_match, read_contract
 from .engine import RenderOptions, RenderReport, Renderer
 from .errors import BackendUnavailable, ConfigError
 from .interfaces import Backend, BackendOptions, FeatureSource, Sink
@@ -107,6 +107,13 @@ def render(
     if model_path is None:
         raise ConfigError("no model given and the avatar package names none; pass --model MODEL.onnx")
     contract = read_contract(model_path)
+    if frame_limit is not None and frame_limit < 1:
+        raise ConfigError("frame_limit must be at least 1")
+    if contract.fixed_batch is not None and batch_size != contract.fixed_batch:
+        raise ConfigError(
+            f"the model has a fixed batch of {contract.fixed_batch}; use --batch {contract.fixed_batch} "
+            "or export it with a dynamic batch axis"
+        )
     if isinstance(features, FeatureSource):
         source = features
     else:
@@ -120,10 +127,13 @@ def render(
                 )
             opts["encoder"] = str(enc)
         source = make_feature_source(features, opts)
-    sink_objs = make_sinks(sinks)
-    options = backend_options or BackendOptions(max_batch=max(batch_size, 1))
-    be, used = open_backend(backend, model_path, options)
+    be: Backend | None = None
     try:
+        # cheap checks before the backend loads the model (a TensorRT build takes minutes)
+        check_feature_match(contract, source.name, tuple(source.window_shape))
+        sink_objs = make_sinks(sinks)
+        options = backend_options or BackendOptions(max_batch=max(batch_size, 1))
+        be, used = open_backend(backend, model_path, options)
         renderer = Renderer(
             package,
             be,
@@ -134,7 +144,8 @@ def render(
             backend_name=used,
         )
     except BaseException:
-        be.close()
+        if be is not None:
+            be.close()
         source.close()
         raise
     return renderer.run(audio)

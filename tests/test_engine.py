@@ -275,7 +275,7 @@ def test_cli_run_interrupted_leaves_a_playable_file(models: dict[str, Path], dem
             time.sleep(0.2)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+        assert proc.returncode == 128 + sig, err
         assert "interrupted" in err
         with av.open(str(out)) as c:
             n = sum(1 for _ in c.decode(video=0))
@@ -312,3 +312,129 @@ def test_precomputed_features_frames_carry_their_own_audio(models: dict[str, Pat
     # same rows through the ave source give the same pictures
     ave, _ = collect(avatar=demo_avatar, audio=pcm, model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")
     assert all(np.array_equal(a.image, b.image) for a, b in zip(frames, ave))
+
+
+# --------------------------------------------------------------------------- review findings
+
+
+class _Recorder:
+    """A sink that records its lifecycle (a real Sink subclass, not a mock)."""
+
+    @staticmethod
+    def make(fail_open: bool = False):  # type: ignore[no-untyped-def]
+        from avatar import Sink, SinkError, SinkReport
+
+        class Rec(Sink):
+            name = "recorder"
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.events: list[str] = []
+                self.frames: list = []
+
+            def open(self, info):  # type: ignore[no-untyped-def]
+                self.events.append("open")
+                if fail_open:
+                    raise SinkError("cannot open this output")
+
+            def write(self, frame):  # type: ignore[no-untyped-def]
+                self.frames.append(frame)
+
+            def close(self, aborted=False):  # type: ignore[no-untyped-def]
+                self.events.append(f"close aborted={aborted}")
+                return SinkReport(frames=len(self.frames))
+
+        return Rec()
+
+
+def test_a_sink_that_fails_to_open_gives_its_error_and_earlier_sinks_are_closed(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar import SinkError
+    from avatar.render import render
+
+    first, second = _Recorder.make(), _Recorder.make(fail_open=True)
+    with pytest.raises(SinkError, match="cannot open this output"):
+        render(demo_avatar, np.zeros(8000, np.float32), sinks=[first, second], model=models["unet"],
+               feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    assert first.events == ["open", "close aborted=True"]
+
+
+def test_fixed_batch_model_renders_any_length(models: dict[str, Path], demo_avatar: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from avatar.demo import speechlike_audio
+
+    m = onnx.load(str(models["unet"]))
+    for v in [*m.graph.input, *m.graph.output]:
+        v.type.tensor_type.shape.dim[0].dim_value = 4
+    fixed = tmp_path / "fixed4.onnx"
+    onnx.save(m, str(fixed))
+    kw = dict(avatar=demo_avatar, audio=speechlike_audio(0.44), feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    a, report = collect(model=fixed, batch_size=4, **kw)  # 11 frames: two full batches and one of 3
+    b, _ = collect(model=models["unet"], batch_size=4, **kw)
+    assert report.frames == 11 and report.backend_calls == 3
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+
+
+def test_live_input_frames_are_not_held_back_during_a_pause(models: dict[str, Path], demo_avatar: Path) -> None:
+    """Frames whose audio has arrived reach the sinks while the speaker pauses."""
+    import threading
+
+    from avatar.demo import speechlike_audio
+
+    pcm = speechlike_audio(3.0, seed=2)
+    reached = threading.Event()
+    got: list = []
+
+    def on_frame(frame):  # type: ignore[no-untyped-def]
+        got.append(frame.index)
+        if frame.index >= 30:  # audio up to 2 s determines frames up to ~38
+            reached.set()
+
+    def live():  # type: ignore[no-untyped-def]
+        yield pcm[:32000]
+        waited = reached.wait(timeout=20)  # the pause: no audio until frames came out (or give up)
+        live.held_back = not waited
+        yield pcm[32000:]
+
+    from avatar.render import render
+    from avatar_plugins.sinks.callback import CallbackSink
+
+    report = render(demo_avatar, live(), sinks=[CallbackSink(on_frame)], model=models["unet"],
+                    feature_options={"encoder": str(models["encoder"])}, backend="cpu", batch_size=8)
+    assert not live.held_back
+    assert report.frames == 75 and got == list(range(75))
+
+
+def test_frame_limit_trims_audio_only_when_it_cuts(models: dict[str, Path], demo_avatar: Path) -> None:
+    pcm = np.random.default_rng(0).uniform(-0.5, 0.5, 6401).astype(np.float32)
+    kw = dict(avatar=demo_avatar, model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    full, r1 = collect(audio=pcm, frame_limit=1000, **kw)
+    assert r1.frames == 11 and np.array_equal(np.concatenate([f.audio for f in full]), pcm)
+    cut, r2 = collect(audio=pcm, frame_limit=4, **kw)
+    assert r2.frames == 4 and np.array_equal(np.concatenate([f.audio for f in cut]), pcm[:2560])
+    assert r2.audio_s == pytest.approx(2560 / 16000)
+
+
+def test_no_audio_is_a_clear_error_and_frames_must_be_positive(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar import AudioError
+    from avatar.render import render
+
+    kw = dict(sinks=[_Recorder.make()], model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    with pytest.raises(AudioError, match="no frames"):
+        render(demo_avatar, np.zeros(0, np.float32), **kw)
+    with pytest.raises(ConfigError, match="frame_limit"):
+        render(demo_avatar, np.zeros(800, np.float32), frame_limit=0, **kw)
+    from click.testing import CliRunner
+
+    from avatar.cli import cli
+
+    r = CliRunner().invoke(cli, ["run", "--avatar", str(demo_avatar), "--audio", "x.wav", "--frames", "0", "-o", "x.mp4"])
+    assert r.exit_code == 2 and "--frames" in r.output
+
+
+def test_reports_of_two_sinks_of_one_kind_are_both_kept(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar.render import render
+
+    report = render(demo_avatar, np.zeros(3200, np.float32), sinks=[_Recorder.make(), _Recorder.make()], model=models["unet"],
+                    feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    assert sorted(report.sinks) == ["recorder", "recorder#2"]

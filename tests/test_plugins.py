@@ -296,3 +296,31 @@ def test_example_plugin_works_through_the_public_api(example_plugin_path: Path, 
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(out2.read_text().splitlines()) == 11
+
+
+def test_a_plugin_that_fails_midway_contributes_nothing() -> None:
+    pm = PluginManager()
+
+    class Half:
+        @hookimpl
+        def register_sinks(self, register):  # type: ignore[no-untyped-def]
+            register(_NullSink)
+            register(object)
+
+    with pytest.raises(PluginError):
+        pm.register(Half(), name="half")
+    assert "null-test" not in pm.components["sink"]
+    assert pm.pm.get_plugin("half") is None
+
+
+def test_an_entry_point_cannot_shadow_a_builtin(tmp_path: Path) -> None:
+    src = """
+    from avatar import hookimpl
+    """
+    _fake_dist(tmp_path, "shadow-plugin", src, "file")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "avatar.cli", "plugins", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    data = {p["name"]: p for p in json.loads(out.stdout)["plugins"]}
+    assert data["file"]["distribution"] == "avatar-sdk" and data["file"]["status"] == "loaded"
+    shadow = data["file (shadow-plugin)"]
+    assert shadow["status"] == "failed" and "already used by avatar-sdk" in shadow["error"]

@@ -11,7 +11,7 @@ import click
 @click.option("-o", "--output", default="avatar-demo.mp4", show_default=True, type=click.Path(dir_okay=False), help="Where to write the video.")
 @click.option("--workdir", default=".avatar-demo", show_default=True, type=click.Path(file_okay=False), help="Where the demo avatar and models are built (reused next time).")
 @click.option("--audio", type=click.Path(dir_okay=False, exists=True), help="Your own speech instead of the synthetic audio.")
-@click.option("--seconds", default=6.0, show_default=True, help="Length of the synthetic audio.")
+@click.option("--seconds", default=6.0, show_default=True, type=click.FloatRange(min=0.2, max=600), help="Length of the synthetic audio.")
 @click.option("--tiny", is_flag=True, help="A tiny test model instead of the full-size UNet-328 (much faster, less realistic cost).")
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt.")
 @click.option("--batch", "batch_size", default=8, show_default=True)

@@ -53,7 +53,7 @@ def _coerce(v: str) -> Any:
 @click.option("--rtmp-url", help="rtmp://host/app/KEY for the rtmp sink (the key is never printed).")
 @click.option("--sink-opt", multiple=True, help="Extra sink option KEY=VALUE for every sink, or SINK.KEY=VALUE for one (e.g. file.crf=18, rtmp.bitrate=2500k, rtmp.on_lag=stall); repeatable.")
 @click.option("--memory-budget", "memory_budget_mb", default=512, show_default=True, help="MB of decoded avatar frames kept in memory.")
-@click.option("--frames", "frame_limit", type=int, help="Stop after this many frames.")
+@click.option("--frames", "frame_limit", type=click.IntRange(min=1), help="Stop after this many frames.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the render report as JSON here.")
 def run(
@@ -107,6 +107,12 @@ def run(
         fopts["model"] = wenet_model
 
     extra = _kv(sink_opt)
+    chosen = {n.replace("-", "_") for n in sink_names}
+    stray = sorted({k.split(".", 1)[0] for k in extra if "." in k} - chosen)
+    if stray:
+        raise ConfigError(
+            f"--sink-opt names sink(s) {', '.join(stray)} that are not in use (sinks: {', '.join(sink_names)})"
+        )
     sinks: list[tuple[str, dict[str, Any]]] = []
     for name in dict.fromkeys(sink_names):
         # KEY=VALUE goes to every sink; SINK.KEY=VALUE only to that sink
@@ -127,7 +133,23 @@ def run(
     bopts = BackendOptions(
         device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads
     )
-    report = render(
+    from ..engine import RenderInterrupted
+
+    try:
+        report = _render(
+            render, avatar_dir, audio, sinks, model, features, fopts, backend, bopts, batch_size, progress,
+            frame_limit, memory_budget_mb,
+        )
+    except RenderInterrupted as exc:
+        if report_path:
+            Path(report_path).write_text(json.dumps(exc.report.to_dict(), indent=2, default=str))
+        raise
+    _summary(report, output if "file" in sink_names else None, report_path)
+
+
+def _render(render: Any, avatar_dir: str, audio: str, sinks: Any, model: Any, features: str, fopts: Any, backend: str,
+            bopts: Any, batch_size: int, progress: bool, frame_limit: Any, memory_budget_mb: int) -> Any:  # fmt: skip
+    return render(
         avatar_dir,
         audio,
         sinks=sinks,
@@ -141,6 +163,9 @@ def run(
         frame_limit=frame_limit,
         memory_budget_mb=memory_budget_mb,
     )
+
+
+def _summary(report: Any, output: str | None, report_path: str | None) -> None:
     d = report.to_dict()
     click.echo(
         f"rendered {d['frames']} frames ({d['video_s']:.2f} s of video, audio {d['audio_s']:.2f} s) "
@@ -157,7 +182,7 @@ def run(
                 f"{srep['reconnects']} reconnects, gap {srep['gap_s']:.1f} s",
                 err=True,
             )
-    if output and "file" in sink_names:
+    if output:
         click.echo(output)
     if report_path:
         Path(report_path).write_text(json.dumps(d, indent=2, default=str))
