@@ -200,10 +200,20 @@ def _pcm_chunks(audio: Any, sample_rate: int, chunk_s: float = 0.64) -> tuple[It
 
         audio = load_audio(audio, sample_rate=sample_rate)
     if isinstance(audio, np.ndarray):
-        pcm = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        pcm = _finite(np.ascontiguousarray(audio, dtype=np.float32).reshape(-1))
         step = max(1, int(chunk_s * sample_rate))
         return (pcm[i : i + step] for i in range(0, len(pcm), step)), pcm
-    return (np.asarray(c, dtype=np.float32).reshape(-1) for c in audio), None
+    return (_finite(np.asarray(c, dtype=np.float32).reshape(-1)) for c in audio), None
+
+
+def _finite(pcm: np.ndarray) -> np.ndarray:
+    """Refuse NaN/Inf samples: one of them poisons features and the audio encoder."""
+    if not np.isfinite(pcm).all():
+        from .errors import AudioError
+
+        bad = int((~np.isfinite(pcm)).sum())
+        raise AudioError(f"the audio has {bad} NaN or infinite sample(s); clean the signal before rendering")
+    return pcm
 
 
 class _AudioClock:

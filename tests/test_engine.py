@@ -438,3 +438,13 @@ def test_reports_of_two_sinks_of_one_kind_are_both_kept(models: dict[str, Path],
     report = render(demo_avatar, np.zeros(3200, np.float32), sinks=[_Recorder.make(), _Recorder.make()], model=models["unet"],
                     feature_options={"encoder": str(models["encoder"])}, backend="cpu")
     assert sorted(report.sinks) == ["recorder", "recorder#2"]
+
+
+def test_nan_audio_is_refused(models: dict[str, Path], demo_avatar: Path) -> None:
+    from avatar import AudioError
+    from avatar.render import render
+
+    pcm = np.zeros(8000, np.float32)
+    pcm[100] = np.nan
+    with pytest.raises(AudioError, match="1 NaN"):
+        render(demo_avatar, pcm, sinks=[_Recorder.make()], model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")

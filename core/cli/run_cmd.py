@@ -106,6 +106,8 @@ def run(
             raise ConfigError("--features wenet needs --wenet-model ENCODER.onnx")
         fopts["model"] = wenet_model
 
+    if output and "file" not in sink_names:
+        raise ConfigError("-o/--output is for the file sink; add --sink file to write a file too")
     extra = _kv(sink_opt)
     chosen = {n.replace("-", "_") for n in sink_names}
     stray = sorted({k.split(".", 1)[0] for k in extra if "." in k} - chosen)
