@@ -1,10 +1,18 @@
 """Audio input: any common file decoded to 16 kHz mono float32 with PyAV.
 
-Every feature source consumes 16 kHz mono float32 PCM in [-1, 1]. This module
-turns WAV (PCM 16/24/32 bit, float), MP3, FLAC, M4A/AAC, Ogg ... at any sample
-rate and channel count into exactly that, offline (:func:`load_audio`) or as a
-stream of fixed-size chunks (:func:`iter_audio_chunks`) so a long file never has
-to sit in memory twice.
+Every feature source consumes 16 kHz mono float32 PCM, nominally in [-1, 1].
+This module turns WAV (PCM 16/24/32 bit, float), MP3, FLAC, M4A/AAC, Ogg ... at
+any sample rate and channel count into exactly that, offline
+(:func:`load_audio`) or as a stream of fixed-size chunks
+(:func:`iter_audio_chunks`) so a long file never has to sit in memory twice.
+
+Value range: integer PCM lands in [-1, 1). Floating-point sources (float WAV,
+and lossy codecs that decode to float) are **passed through unscaled and
+unclipped**, so a float file that peaks above 1.0 gives samples above 1.0
+(resampling can also overshoot slightly). :func:`load_audio` logs a warning
+when the peak exceeds 1.0; normalise the file if that is not intended.
+Non-finite samples (NaN, infinity) are an error: one of them would poison every
+feature window it falls into and break the AAC encoder of the file sinks.
 
 Channels are averaged after resampling (what ``librosa.load(mono=True)`` does,
 which the upstream SyncTalk_2D preprocessing uses). FFmpeg's own stereo-to-mono
@@ -40,14 +48,37 @@ def audio_duration(pcm: np.ndarray, sample_rate: int = DEFAULT_RATE) -> float:
 def load_audio(path: str | Path, sample_rate: int = DEFAULT_RATE) -> np.ndarray:
     """Decode a whole audio (or video) file to mono float32 at ``sample_rate``.
 
+    Samples are nominally in [-1, 1]; float sources are not clipped (see the
+    module docstring), and a peak above 1.0 is logged as a warning.
     Raises :class:`avatar.errors.AudioError` when the file is missing, cannot be
-    decoded, has no audio stream, or holds no samples.
+    decoded, has no audio stream, holds no samples, or holds NaN or infinite
+    samples (the message says how many).
     """
     parts = list(_decode(Path(path), sample_rate))
     pcm = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     if len(pcm) == 0:
         raise AudioError(f"{Path(path).name}: the audio stream holds no samples; use a file that contains sound")
+    _check_finite(pcm, Path(path), sample_rate)
+    peak = float(np.max(np.abs(pcm)))
+    if peak > 1.0:
+        log.warning("%s: samples reach %.3f, beyond the nominal [-1, 1] range (passed through unclipped); "
+                    "normalise the file if this is not intended", Path(path).name, peak)
     return pcm
+
+
+def _check_finite(pcm: np.ndarray, path: Path, sample_rate: int, offset: int = 0, partial: bool = False) -> None:
+    """Raise :class:`AudioError` when ``pcm`` (starting at sample ``offset``) holds NaN or infinity."""
+    finite = np.isfinite(pcm)
+    if finite.all():
+        return
+    bad = int(pcm.size - np.count_nonzero(finite))
+    first = offset + int(np.argmin(finite))
+    where = "in the part decoded so far" if partial else f"of {pcm.size}"
+    raise AudioError(
+        f"{path.name}: {bad} sample(s) {where} (decoded at {sample_rate} Hz) are NaN or infinite, the first at "
+        f"{first / sample_rate:.3f} s; the file is corrupt or was written from bad data — fix the source and "
+        "re-export it (e.g. as 16-bit PCM WAV)"
+    )
 
 
 def iter_audio_chunks(
@@ -56,7 +87,8 @@ def iter_audio_chunks(
     """Decode a file incrementally; yield mono float32 chunks of ``chunk_samples``.
 
     Every chunk but the last has exactly ``chunk_samples`` samples; their
-    concatenation equals :func:`load_audio`. Errors are raised as
+    concatenation equals :func:`load_audio` (NaN or infinite samples raise
+    :class:`AudioError` before the chunk holding them is yielded). Errors are raised as
     :class:`AudioError` when the generator is first advanced (or later, if the
     file breaks half-way).
     """
@@ -71,6 +103,7 @@ def iter_audio_chunks(
         if have < chunk_samples:
             continue
         buf = np.concatenate(pending)
+        _check_finite(buf, Path(path), sample_rate, offset=total, partial=True)
         n_full = len(buf) // chunk_samples * chunk_samples
         for start in range(0, n_full, chunk_samples):
             yield buf[start : start + chunk_samples]
@@ -78,8 +111,10 @@ def iter_audio_chunks(
         rest = buf[n_full:]
         pending, have = ([rest] if len(rest) else []), len(rest)
     if have:
+        buf = np.concatenate(pending)
+        _check_finite(buf, Path(path), sample_rate, offset=total, partial=True)
         total += have
-        yield np.concatenate(pending)
+        yield buf
     if total == 0:
         raise AudioError(f"{Path(path).name}: the audio stream holds no samples; use a file that contains sound")
 

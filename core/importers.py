@@ -98,6 +98,9 @@ def import_synctalk(
     ``model`` / ``audio_encoder`` (ONNX files) are packaged with the avatar so
     that ``avatar run --avatar`` needs nothing else; the model's feature type is
     read from it, ``padding`` (``replicate``/``zero``) records its window padding.
+    ``overwrite`` replaces ``dst`` only when it is an existing avatar package;
+    ``dst`` may never be ``src``, inside it, contain it, or be the current
+    directory (see :func:`avatar.package.write_package`).
     """
     src = Path(src)
     if not src.is_dir():
@@ -162,6 +165,7 @@ def import_synctalk(
         preset=preset,
         gop=gop,
         overwrite=overwrite,
+        source_dir=src,
         **_model_kwargs(model, audio_encoder, padding),
     )
 
@@ -264,7 +268,7 @@ def import_spec(
     (or when the video is absent) faces are computed with the crop rule.
     ``model_inputs_video.mp4`` is only count-checked: the masked copy is a fixed
     function of the face. ``fps`` defaults to the full-body video's rate.
-    ``model``, ``audio_encoder`` and ``padding`` as in :func:`import_synctalk`.
+    ``model``, ``audio_encoder``, ``padding`` and ``overwrite`` as in :func:`import_synctalk`.
     """
     src = Path(src)
     video = src / "full_body_video.mp4"
@@ -329,5 +333,6 @@ def import_spec(
         preset=preset,
         gop=gop,
         overwrite=overwrite,
+        source_dir=src,
         **_model_kwargs(model, audio_encoder, padding),
     )

@@ -18,6 +18,7 @@ cache, never from decoding.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -175,6 +176,7 @@ def write_package(
     preset: str = DEFAULT_PRESET,
     gop: int = DEFAULT_GOP,
     overwrite: bool = False,
+    source_dir: str | Path | None = None,
 ) -> Path:
     """Write an avatar package and return its path.
 
@@ -187,6 +189,14 @@ def write_package(
     ``audio_features`` files are copied in (``feature_type``/``padding``
     describe the model). The package is assembled in a temporary directory beside ``dst`` and
     moved into place only when complete, then validated.
+
+    ``dst`` must not exist, be an empty directory, or — with ``overwrite`` — an
+    existing avatar package (a directory with ``avatar.json``), which is then
+    replaced. Anything else is refused with :class:`AvatarPackageError`: a
+    regular file, a non-empty directory that is not an avatar package, the
+    current directory or one of its parents, and (``source_dir``, the folder an
+    importer reads from) the source itself, a folder inside it or one that
+    contains it.
     """
     dst = Path(dst)
     boxes = np.asarray(boxes)
@@ -194,12 +204,14 @@ def write_package(
         raise AvatarPackageError(f"boxes must be a non-empty [N, 4] array, got {list(boxes.shape)}")
     boxes = boxes.astype(np.int32)
     vision.interpolation_flag(crop_interpolation)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise AvatarPackageError(f"{dst} already exists and is not empty; choose another path or pass overwrite")
+    _check_destination(dst, overwrite=overwrite, source_dir=source_dir)
     rate = fps_fraction(fps)
     n = len(boxes)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    except OSError as exc:
+        raise AvatarPackageError(f"cannot create {dst}: {exc}; choose a writable output directory") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a package is an ordinary directory
     writer: H264Writer | None = None
     try:
@@ -238,7 +250,7 @@ def write_package(
         if face_store is not None:
             face_store.flush()
             del face_store
-            _write_faces_meta(tmp, crop_interpolation, n, "supplied")
+            _write_faces_meta(tmp, crop_interpolation, n, "supplied", boxes)
         copied: dict[str, str | None] = {}
         for key, f in (("model", model), ("audio_encoder", audio_encoder), ("audio_features", audio_features)):
             copied[key] = None
@@ -267,9 +279,8 @@ def write_package(
             video={"file": FRAMES, "codec": "h264", "pix_fmt": "yuv420p", "crf": crf, "gop": gop, "fps": str(rate)},
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        _check_destination(dst, overwrite=overwrite, source_dir=source_dir)  # again: encoding took a while
+        _move_into_place(tmp, dst)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -281,9 +292,128 @@ def write_package(
     return dst
 
 
-def _write_faces_meta(root: Path, interpolation: str, n: int, made_from: str) -> None:
-    meta = {"interpolation": interpolation, "frame_count": n, "made_from": made_from}
-    (root / FACES_META).write_text(json.dumps(meta) + "\n")
+def _is_relative_to(path: Path, other: Path) -> bool:
+    """``path`` is ``other`` or lies inside it (both resolved)."""
+    return path == other or other in path.parents
+
+
+def _check_destination(dst: Path, *, overwrite: bool, source_dir: str | Path | None) -> None:
+    """Refuse every destination whose replacement could destroy something that is not an avatar package."""
+    try:
+        real = dst.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as exc:
+        raise AvatarPackageError(f"cannot resolve the output path {dst}: {exc}") from None
+    if _is_relative_to(cwd, real):
+        raise AvatarPackageError(
+            f"{dst} is the current directory or one of its parents; write the package to a new directory "
+            "(e.g. -o my-avatar)"
+        )
+    if source_dir is not None:
+        src = Path(source_dir).resolve()
+        if _is_relative_to(real, src) or _is_relative_to(src, real):
+            raise AvatarPackageError(
+                f"{dst} is the import source {source_dir}, inside it or contains it; "
+                "write the package to a directory outside the source"
+            )
+    if dst.is_symlink():
+        raise AvatarPackageError(f"{dst} is a symbolic link; pass the directory it points to, or another path")
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise AvatarPackageError(f"{dst} exists and is not a directory; choose another output path")
+    try:
+        empty = not any(dst.iterdir())
+    except OSError as exc:
+        raise AvatarPackageError(f"cannot read {dst}: {exc}") from None
+    if empty:
+        return
+    if not overwrite:
+        raise AvatarPackageError(
+            f"{dst} already exists and is not empty; choose another path, "
+            "or pass overwrite (--force) to replace an avatar package"
+        )
+    if not _looks_like_package(dst):
+        raise AvatarPackageError(
+            f"{dst} is not empty and is not an avatar package (no valid {MANIFEST}); refusing to replace it — "
+            "overwrite (--force) only replaces an existing avatar package; choose another path"
+        )
+
+
+def _looks_like_package(path: Path) -> bool:
+    """A directory whose ``avatar.json`` is an avatar-package manifest (any version)."""
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    """Rename the finished package ``tmp`` to ``dst``, replacing an old package there."""
+    if dst.exists() and any(dst.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old)  # an empty directory may be replaced by a rename; the old package is moved aside
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)  # replaces an empty directory atomically
+
+
+def _boxes_digest(boxes: np.ndarray) -> str:
+    b = np.ascontiguousarray(boxes, dtype=np.int32)
+    return hashlib.sha256(repr(b.shape).encode() + b.tobytes()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _frames_identity(path: Path, digest: bool) -> dict[str, Any]:
+    st = path.stat()
+    out: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if digest:
+        out["sha256"] = _file_digest(path)
+    return out
+
+
+def _write_faces_meta(root: Path, interpolation: str, n: int, made_from: str, boxes: np.ndarray) -> None:
+    """Write ``faces320.json`` atomically: what the cache was made from (to detect a stale one)."""
+    meta = {
+        "interpolation": interpolation,
+        "frame_count": n,
+        "made_from": made_from,
+        "boxes_sha256": _boxes_digest(boxes),
+        "frames": _frames_identity(root / FRAMES, digest=True),
+    }
+    _atomic_write_text(root / FACES_META, json.dumps(meta) + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(Path(tmp))
+        raise
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- reading
@@ -409,15 +539,21 @@ class AvatarPackage:
     # faces and model inputs
     @property
     def faces(self) -> np.ndarray:
-        """uint8 ``[N, 320, 320, 3]`` memory-mapped face cache (built when absent or stale)."""
+        """uint8 ``[N, 320, 320, 3]`` memory-mapped face cache (built when absent or stale).
+
+        Several processes may open the same package at once: each builder
+        writes its own temporary file and renames it into place, and a builder
+        that finds a current cache made by another process meanwhile uses that.
+        """
         with self._faces_lock:  # the engine may ask from several threads
             if self._faces is None:
                 if not self._faces_current():
-                    self.build_faces()
+                    self._build_faces(reuse_current=True)
                 self._faces = np.load(self.path / FACES, mmap_mode="r")
             return self._faces
 
     def _faces_current(self) -> bool:
+        """Whether the face cache exists and was made from the current frames, boxes and crop rule."""
         f, meta_f = self.path / FACES, self.path / FACES_META
         if not f.is_file():
             return False
@@ -425,35 +561,88 @@ class AvatarPackage:
             meta = json.loads(meta_f.read_text())
         except (OSError, ValueError):
             return False
+        if not isinstance(meta, dict):
+            return False
         if meta.get("made_from") == "supplied":
             return True  # faces given by the source (e.g. an ROI video): keep them
-        return meta.get("interpolation") == self.crop_interpolation and meta.get("frame_count") == self.frame_count
+        if meta.get("interpolation") != self.crop_interpolation or meta.get("frame_count") != self.frame_count:
+            return False
+        if meta.get("boxes_sha256") != _boxes_digest(self.boxes):
+            return False
+        made = meta.get("frames")
+        if not isinstance(made, dict):
+            return False  # made by an older avatar-sdk: rebuilt once
+        try:
+            now = _frames_identity(self.store.path, digest=False)
+        except OSError:
+            return False
+        if made.get("size") != now["size"]:
+            return False
+        if made.get("mtime_ns") == now["mtime_ns"]:
+            return True
+        # touched or copied without its times: the same content still counts as current
+        try:
+            same = made.get("sha256") == _file_digest(self.store.path)
+        except OSError:
+            return False
+        if same:  # remember the new time so that the next opening skips the hash (best effort)
+            meta["frames"] = {**made, "mtime_ns": now["mtime_ns"]}
+            try:
+                _atomic_write_text(meta_f, json.dumps(meta) + "\n")
+            except OSError as exc:
+                log.debug("cannot update %s: %s", meta_f, exc)
+        return same
 
     def build_faces(self) -> Path:
         """(Re)build the face cache by decoding every frame once; returns its path."""
+        return self._build_faces(reuse_current=False)
+
+    def _build_faces(self, *, reuse_current: bool) -> Path:
         self._faces = None
         dst = self.path / FACES
-        dst.parent.mkdir(exist_ok=True)
-        tmp = dst.with_name(dst.name + ".partial.npy")
         shape = (self.frame_count, 320, 320, 3)
         try:
-            store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            dst.parent.mkdir(exist_ok=True)
+            # a file of our own: another process may be building the same cache right now
+            fd, name = tempfile.mkstemp(prefix="faces320.", suffix=".partial.npy", dir=dst.parent)
+            os.close(fd)
         except OSError as exc:
             raise AvatarPackageError(f"cannot write the face cache {dst}: {exc}; make the package writable") from None
-        log.info("building the face cache of %s (%d frames)", self.path, self.frame_count)
-        # one sequential pass (no per-GOP seeks, no LRU churn)
-        count = 0
-        for i, frame in enumerate(_decode_all(self.store.path)):
-            if i >= self.frame_count:
-                break
-            store[i] = vision.face_320(frame, tuple(self.boxes[i]), self.crop_interpolation)
-            count += 1
-        if count != self.frame_count:
-            raise AvatarPackageError(f"{FRAMES} decoded to {count} frames, expected {self.frame_count}; re-import")
-        store.flush()
-        del store
-        os.replace(tmp, dst)
-        _write_faces_meta(self.path, self.crop_interpolation, self.frame_count, "package-frames")
+        tmp = Path(name)
+        store: np.ndarray | None = None
+        try:
+            try:
+                store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            except OSError as exc:
+                raise AvatarPackageError(f"cannot write the face cache {dst}: {exc}; free disk space") from None
+            log.info("building the face cache of %s (%d frames)", self.path, self.frame_count)
+            # one sequential pass (no per-GOP seeks, no LRU churn)
+            count = 0
+            for i, frame in enumerate(_decode_all(self.store.path)):
+                if i >= self.frame_count:
+                    break
+                store[i] = vision.face_320(frame, tuple(self.boxes[i]), self.crop_interpolation)
+                count += 1
+            if count != self.frame_count:
+                raise AvatarPackageError(f"{FRAMES} decoded to {count} frames, expected {self.frame_count}; re-import")
+            store.flush()
+            del store
+            store = None
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is an ordinary package file
+            if reuse_current and self._faces_current():
+                log.info("another process built the face cache of %s meanwhile; using it", self.path)
+                _unlink(tmp)
+                return dst
+            try:
+                os.replace(tmp, dst)  # atomic: readers see the old file or the new one, never a partial one
+                _write_faces_meta(self.path, self.crop_interpolation, self.frame_count, "package-frames", self.boxes)
+            except OSError as exc:
+                msg = f"cannot write the face cache {dst}: {exc}; make the package writable"
+                raise AvatarPackageError(msg) from None
+        except BaseException:
+            del store
+            _unlink(tmp)
+            raise
         return dst
 
     def visual_inputs(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:

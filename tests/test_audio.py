@@ -266,3 +266,33 @@ def test_truncated_mp3_still_decodes_what_is_there(tmp_path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
     pcm = load_audio(path)
     assert 0.5 * 16000 < len(pcm) < 1.6 * 16000
+
+
+def test_non_finite_samples_are_an_audio_error(tmp_path: Path) -> None:
+    sig = _signal(16000, 1.0)
+    sig[0, 1600] = np.nan
+    sig[0, 8000] = np.inf
+    sig[0, 8001] = -np.inf
+    path = _encode(tmp_path / "nan.wav", sig, 16000, "pcm_f32le", "flt")
+    with pytest.raises(AudioError, match=r"nan\.wav: 3 sample\(s\) of 16000 .*NaN or infinite, the first at 0\.100 s"):
+        load_audio(path)
+    with pytest.raises(AudioError, match=r"nan\.wav: .*NaN or infinite"):
+        list(iter_audio_chunks(path, 640))
+    # resampled: the NaN spreads through the filter, still an error
+    path44 = _encode(tmp_path / "nan44.wav", np.resize(sig, (1, 44100)), 44100, "pcm_f32le", "flt")
+    with pytest.raises(AudioError, match=r"nan44\.wav: \d+ sample\(s\)"):
+        load_audio(path44)
+
+
+def test_float_samples_beyond_one_pass_through_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sig = _signal(16000, 0.5) * 3.0  # peaks about 1.8
+    path = _encode(tmp_path / "loud.wav", sig, 16000, "pcm_f32le", "flt")
+    with caplog.at_level("WARNING", logger="avatar.audio"):
+        pcm = load_audio(path)
+    np.testing.assert_array_equal(pcm, sig[0])  # not clipped, not rescaled
+    assert pcm.max() > 1.2
+    assert any("loud.wav" in r.getMessage() and "unclipped" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="avatar.audio"):
+        load_audio(_encode(tmp_path / "ok.wav", _signal(16000, 0.5), 16000, "pcm_f32le", "flt"))
+    assert not caplog.records

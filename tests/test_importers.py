@@ -330,3 +330,45 @@ def test_cli_import_packages_a_model(tmp_path: Path) -> None:
         m = pkg.manifest
         assert (m.model, m.feature_type, m.padding, m.audio_encoder) == ("unet_hubert.onnx", "hubert", "zero", "enc.onnx")
         assert pkg.model_path.is_file() and pkg.audio_encoder_path.is_file()
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_force_never_deletes_the_source_or_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_synctalk(tmp_path / "ds", n=2, aud=False)
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "photo.jpg").write_bytes(b"jpeg")
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (".", "current directory"),
+        ("ds", "import source"),
+        ("ds/full_body_img", "import source"),
+        ("ds/new-avatar", "import source"),
+        ("other", "not an avatar package"),
+        ("notes.txt", "not a directory"),
+    ]
+    for out, message in cases:
+        res = CliRunner().invoke(cli, ["import", "synctalk", "ds", "-o", out, "--force", "--preset", "ultrafast"])
+        assert res.exit_code == 1, (out, res.output)
+        assert res.output.startswith("error: ") and message in res.output and "Traceback" not in res.output, out
+    # the same without --force: a file is still an AvatarPackageError, not NotADirectoryError
+    res = CliRunner().invoke(cli, ["import", "synctalk", "ds", "-o", "notes.txt"])
+    assert res.exit_code == 1 and "not a directory" in res.output
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "notes.txt", "other"]
+
+
+def test_import_spec_refuses_its_own_source(tmp_path: Path) -> None:
+    src = make_spec(tmp_path / "spec", n=2, rois=False)
+    before = snapshot(src)
+    with pytest.raises(AvatarPackageError, match="import source"):
+        import_spec(src, src, overwrite=True, **FAST)
+    with pytest.raises(AvatarPackageError, match="import source"):
+        import_spec(src, src / "cache", **FAST)
+    assert snapshot(src) == before

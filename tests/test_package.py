@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -321,3 +322,192 @@ def test_real_frames_round_trip(sanders_dir: Path, tmp_path: Path) -> None:
     with AvatarPackage.open(dst) as pkg:
         assert (pkg.width, pkg.height) == (1280, 720)
         assert psnr(pkg.frame(11), imgs[11]) > 40
+
+
+# --------------------------------------------------------------------------- destination safety
+
+
+def small(n: int = 3) -> tuple[list[np.ndarray], np.ndarray]:
+    return make_frames(n), make_boxes(n)
+
+
+def write_small(dst: Path, **kw: object) -> Path:
+    f, b = small()
+    return write_package(dst, iter(f), b, 25, "small", gop=GOP, preset="ultrafast", **kw)  # type: ignore[arg-type]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_the_current_directory_or_its_parents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the current directory is even an avatar package: still refused (the shell would sit in a deleted dir)
+    work = write_small(tmp_path / "work")
+    (work / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(work)
+    for dst in (Path("."), Path(work), Path(".."), tmp_path):  # only temporary paths, never real ones
+        with pytest.raises(AvatarPackageError, match="current directory or one of its parents"):
+            write_small(dst, overwrite=True)
+    assert snapshot(tmp_path) == before
+    assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.parent.glob(".*partial*"))
+
+
+def test_overwrite_replaces_only_an_avatar_package(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "precious.jpg").write_bytes(b"\xff\xd8 not a package")
+    (data / "avatar.json").write_text('{"format": "something-else"}')
+    before = snapshot(data)
+    with pytest.raises(AvatarPackageError, match="not an avatar package.*only replaces an existing avatar package"):
+        write_small(data, overwrite=True)
+    assert snapshot(data) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no partial directory left
+    # an empty directory is filled, an avatar package is replaced, nothing is left beside it
+    (tmp_path / "empty").mkdir()
+    write_small(tmp_path / "empty")
+    pkg = write_small(tmp_path / "pkg")
+    (pkg / "stale.txt").write_text("old")
+    f, b = make_frames(4), make_boxes(4)
+    write_package(pkg, iter(f), b, 30, "new", gop=GOP, preset="ultrafast", overwrite=True)
+    with AvatarPackage.open(pkg) as p:
+        assert (p.frame_count, p.name) == (4, "new")
+    assert not (pkg / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "empty", "pkg"]
+
+
+def test_a_regular_file_as_destination_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "out.txt"
+    f.write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(AvatarPackageError, match="not a directory"):
+            write_small(f, overwrite=overwrite)
+    with pytest.raises(AvatarPackageError, match="cannot create"):
+        write_small(f / "pkg")
+    assert f.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_the_import_source_is_never_the_destination(tmp_path: Path) -> None:
+    src = tmp_path / "ds"
+    (src / "full_body_img").mkdir(parents=True)
+    (src / "full_body_img" / "0.jpg").write_bytes(b"jpeg")
+    (src / "avatar.json").write_text('{"format": "avatar-package"}')  # even if it looks like a package
+    before = snapshot(src)
+    for dst in (src, src / "full_body_img", src / "new", tmp_path):
+        with pytest.raises(AvatarPackageError, match="import source"):
+            write_small(dst, overwrite=True, source_dir=src)
+    assert snapshot(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    write_small(tmp_path / "elsewhere", source_dir=src)  # a sibling is fine
+
+
+# --------------------------------------------------------------------------- face cache: staleness and concurrency
+
+
+def test_editing_boxes_rebuilds_the_face_cache(pkg_dir: Path, tmp_path: Path) -> None:
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    with AvatarPackage.open(p) as pkg:
+        old = np.array(pkg.faces[0])
+    boxes = np.load(p / "boxes.npy")
+    boxes[0] += np.array([10, 6, 10, 6], np.int32)  # moved, still square and inside the frame
+    np.save(p / "boxes.npy", boxes)
+    with AvatarPackage.open(p) as pkg:
+        expected = vision.face_320(pkg.frame(0), tuple(int(v) for v in boxes[0]))
+        assert np.array_equal(pkg.faces[0], expected)
+    assert not np.array_equal(old, expected)
+
+
+def test_replacing_frames_rebuilds_the_face_cache_and_touching_does_not(pkg_dir: Path, tmp_path: Path) -> None:
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    other = write_package(tmp_path / "o", iter(make_frames(seed=7)), make_boxes(), 25, "o", faces=False, gop=GOP,
+                          preset="ultrafast")
+    # same content, new time stamp (cp without -p, git checkout): the cache is kept
+    st = (p / "frames.mp4").stat()
+    os.utime(p / "frames.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    ino = (p / FACES).stat().st_ino
+    with AvatarPackage.open(p) as pkg:
+        pkg.faces
+    assert (p / FACES).stat().st_ino == ino
+    # ... and the new time is remembered (the next opening does not hash the video again)
+    meta = json.loads((p / "cache/faces320.json").read_text())
+    assert meta["frames"]["mtime_ns"] == st.st_mtime_ns + 10**9
+    # other frames, same count and size: rebuilt from them
+    import shutil
+
+    shutil.copyfile(other / "frames.mp4", p / "frames.mp4")
+    with AvatarPackage.open(p) as pkg:
+        assert np.array_equal(pkg.faces[5], vision.face_320(pkg.frame(5), tuple(pkg.boxes[5])))
+    assert (p / FACES).stat().st_ino != ino
+
+
+def test_a_cache_from_an_older_version_without_identity_is_rebuilt(pkg_dir: Path, tmp_path: Path) -> None:
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    meta = json.loads((p / "cache/faces320.json").read_text())
+    old = {k: meta[k] for k in ("interpolation", "frame_count", "made_from")}
+    (p / "cache/faces320.json").write_text(json.dumps(old))
+    with AvatarPackage.open(p) as pkg:
+        pkg.faces
+    assert "boxes_sha256" in json.loads((p / "cache/faces320.json").read_text())
+
+
+CONCURRENT = """
+import hashlib, sys, time
+from pathlib import Path
+import numpy as np
+from avatar.package import AvatarPackage
+
+pkg_path, go = Path(sys.argv[1]), Path(sys.argv[2])
+while not go.exists():  # start together, after the imports
+    time.sleep(0.001)
+with AvatarPackage.open(pkg_path) as pkg:
+    faces = np.asarray(pkg.faces)
+    print(hashlib.sha256(faces.tobytes()).hexdigest(), flush=True)
+"""
+
+
+def test_concurrent_first_use_builds_the_face_cache_safely(pkg_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "open_faces.py"
+    script.write_text(CONCURRENT)
+    with AvatarPackage.open(pkg_dir) as pkg:
+        import hashlib
+
+        expected = hashlib.sha256(np.asarray(pkg.faces).tobytes()).hexdigest()
+    for round_ in range(3):
+        p = copy_pkg(pkg_dir, tmp_path / f"p{round_}")
+        import shutil
+
+        shutil.rmtree(p / "cache")
+        go = tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, str(script), str(p), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        time.sleep(0.05)
+        go.touch()
+        outs = [proc.communicate(timeout=120) for proc in procs]
+        for proc, (out, err) in zip(procs, outs):
+            assert proc.returncode == 0, err
+            assert out.strip() == expected
+        assert sorted(f.name for f in (p / "cache").iterdir()) == ["faces320.json", "faces320.npy"]
+
+
+def test_a_failed_face_build_leaves_no_temporary_file(pkg_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from avatar import package
+
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    shutil.rmtree(p / "cache")
+
+    def broken(*a: object, **k: object) -> np.ndarray:
+        raise AvatarPackageError("boom")
+
+    monkeypatch.setattr(package.vision, "face_320", broken)
+    with AvatarPackage.open(p) as pkg, pytest.raises(AvatarPackageError, match="boom"):
+        pkg.faces
+    assert list((p / "cache").iterdir()) == []

@@ -256,3 +256,92 @@ def test_bad_frames_raise_sink_errors(tmp_path: Path) -> None:
 def test_registered_as_plugin(tmp_path: Path) -> None:
     sink = get_plugin_manager().sink("file", path=str(tmp_path / "p.mp4"))
     assert isinstance(sink, FileSink) and not sink.realtime
+
+
+def test_unsupported_containers_are_a_config_error(tmp_path: Path) -> None:
+    for name in ("x.webm", "x.wav", "x.gif", "noext"):
+        with pytest.raises(ConfigError, match=r"\.mp4 \.mov \.m4v \.mkv \.flv \.avi \.ts"):
+            FileSink(path=str(tmp_path / name))
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        FileSink(path=str(tmp_path / "d.mp4"))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".MOV", ".m4v", ".mkv", ".flv", ".avi", ".ts"])
+def test_every_accepted_container_writes_a_playable_file(tmp_path: Path, suffix: str) -> None:
+    write_file(tmp_path / f"c{suffix}", frames=4, preset="ultrafast")
+    d = decode(tmp_path / f"c{suffix}")
+    assert (d["vcodec"], d["acodec"]) == ("h264", "aac") and len(d["images"]) == 4
+
+
+def test_encoder_setup_errors_are_sink_errors(tmp_path: Path) -> None:
+    sink = FileSink(path=str(tmp_path / "o.mp4"))
+    sink.path = tmp_path / "o.webm"  # past the option check: PyAV refuses libx264 in WebM
+    with pytest.raises(SinkError, match="cannot set up H.264 \\+ AAC encoding") as info:
+        sink.open(StreamInfo(160, 120, Fraction(FPS), SR))
+    assert info.value.__cause__ is not None
+    assert not (tmp_path / "o.webm").exists()
+
+
+def test_encode_errors_are_sink_errors_and_leave_no_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "wide.mp4"
+    sink = FileSink(path=str(path), preset="ultrafast")
+    sink.open(StreamInfo(32768, 16, Fraction(FPS), SR))  # wider than libx264 accepts
+    with pytest.raises(SinkError, match="encoding frame 0 .* failed") as info:
+        sink.write(VideoFrame(0, Fraction(0), np.zeros((16, 32768, 3), np.uint8), tone(0)))
+    assert info.value.__cause__ is not None
+    report = sink.close(aborted=True)
+    assert report.frames == 0 and report.details["bytes"] == 0 and not path.exists()
+
+
+def test_non_finite_audio_is_a_sink_error(tmp_path: Path) -> None:
+    sink = FileSink(path=str(tmp_path / "n.mp4"), preset="ultrafast")
+    sink.open(StreamInfo(160, 120, Fraction(FPS), SR))
+    sink.write(VideoFrame(0, Fraction(0), smooth_image(0), tone(0)))
+    bad = tone(1)
+    bad[5] = np.nan
+    with pytest.raises(SinkError, match="frame 1: .*NaN"):
+        sink.write(VideoFrame(1, Fraction(1, FPS), smooth_image(1), bad))
+    assert sink.close(aborted=True).frames == 1
+    assert len(decode(tmp_path / "n.mp4")["images"]) == 1
+
+
+def test_write_after_close_is_a_sink_error(tmp_path: Path) -> None:
+    sink, _ = write_file(tmp_path / "c.mp4", frames=2, preset="ultrafast")
+    with pytest.raises(SinkError, match="after close"):
+        sink.write(VideoFrame(2, Fraction(2, FPS), smooth_image(2), tone(2)))
+    with pytest.raises(SinkError, match="already opened or closed"):
+        sink.open(StreamInfo(160, 120, Fraction(FPS), SR))
+
+
+@pytest.mark.parametrize("aborted", [True, False])
+def test_closing_before_the_first_frame_leaves_no_file(tmp_path: Path, aborted: bool) -> None:
+    path = tmp_path / "none.mp4"
+    sink = FileSink(path=str(path))
+    sink.open(StreamInfo(160, 120, Fraction(FPS), SR))
+    report = sink.close(aborted=aborted)
+    assert report.frames == 0 and report.details["bytes"] == 0
+    assert not path.exists()
+    # a file already at the path is not touched before the first frame
+    path.write_bytes(b"an older render")
+    sink = FileSink(path=str(path))
+    sink.open(StreamInfo(160, 120, Fraction(FPS), SR))
+    sink.close(aborted=aborted)
+    assert path.read_bytes() == b"an older render"
+
+
+def test_frame_size_is_checked_against_the_requested_stream_size(tmp_path: Path) -> None:
+    sink = FileSink(path=str(tmp_path / "s.mp4"), preset="ultrafast")
+    sink.open(StreamInfo(64, 48, Fraction(FPS), SR))
+    for w, h in ((63, 47), (63, 48), (64, 47)):  # would pad up to 64x48, but the stream is 64x48 itself
+        with pytest.raises(SinkError, match=f"frame size {w}x{h} does not match the stream size 64x48"):
+            sink.write(VideoFrame(0, Fraction(0), smooth_image(0, w, h), tone(0)))
+    sink.write(VideoFrame(0, Fraction(0), smooth_image(0, 64, 48), tone(0)))
+    sink.close()
+    odd = FileSink(path=str(tmp_path / "o.mp4"), preset="ultrafast")
+    odd.open(StreamInfo(63, 47, Fraction(FPS), SR))  # encoded as 64x48
+    with pytest.raises(SinkError, match="frame size 64x48 does not match the stream size 63x47"):
+        odd.write(VideoFrame(0, Fraction(0), smooth_image(0, 64, 48), tone(0)))
+    odd.write(VideoFrame(0, Fraction(0), smooth_image(0, 63, 47), tone(0)))
+    odd.close()
+    assert (decode(tmp_path / "o.mp4")["width"], decode(tmp_path / "o.mp4")["height"]) == (64, 48)

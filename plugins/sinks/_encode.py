@@ -31,11 +31,16 @@ def even_size(width: int, height: int) -> tuple[int, int]:
     return width + (width & 1), height + (height & 1)
 
 
-def bgr_to_i420(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def bgr_to_i420(
+    image: np.ndarray, width: int, height: int, *, expected: tuple[int, int] | None = None
+) -> np.ndarray:
     """BGR uint8 HxWx3 → planar I420 ``[height*3/2, width]`` for an even (width, height).
 
-    ``width``/``height`` are the encoded (even) size; the image must be the
-    stream's size, at most one pixel smaller in each direction (odd sizes).
+    ``width``/``height`` are the encoded (even) size. ``expected`` is the
+    stream's own size as requested at open (possibly odd): the image must have
+    exactly that size, and is padded to the encoded size by replicating its
+    last column/row. Without ``expected``, any image that pads to the encoded
+    size (at most one pixel smaller in each direction) is accepted.
     """
     import cv2
 
@@ -45,12 +50,14 @@ def bgr_to_i420(image: np.ndarray, width: int, height: int) -> np.ndarray:
             "cv2.cvtColor / np.clip(...).astype(np.uint8) before writing"
         )
     h, w = image.shape[:2]
+    want_w, want_h = expected if expected is not None else (width, height)
+    fits = (w, h) == (want_w, want_h) if expected is not None else (0 <= width - w <= 1 and 0 <= height - h <= 1)
+    if not fits:
+        raise SinkError(
+            f"frame size {w}x{h} does not match the stream size {want_w}x{want_h} "
+            "given to open(); every frame of a stream must have the same size"
+        )
     if (w, h) != (width, height):
-        if not (0 <= width - w <= 1 and 0 <= height - h <= 1):
-            raise SinkError(
-                f"frame size {w}x{h} does not match the stream size {width}x{height} "
-                "given to open(); every frame of a stream must have the same size"
-            )
         image = cv2.copyMakeBorder(image, 0, height - h, 0, width - w, cv2.BORDER_REPLICATE)
     return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2YUV_I420)
 
@@ -121,7 +128,7 @@ class AVEncoder:
 
     def encode_video(self, image: np.ndarray, pts: int) -> None:
         """Encode one BGR frame at ``pts`` (frame index in the 1/fps time base)."""
-        yuv = bgr_to_i420(image, self.width, self.height)
+        yuv = bgr_to_i420(image, self.width, self.height, expected=(self.in_width, self.in_height))
         frame = self._av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = int(pts)
         frame.time_base = self.video.codec_context.time_base

@@ -1,4 +1,4 @@
-"""The ``file`` sink: an MP4 (or MOV/MKV) file with H.264 video and AAC audio.
+"""The ``file`` sink: an MP4 (or MOV/M4V/MKV/FLV/AVI/TS) file with H.264 video and AAC audio.
 
 Constant frame rate: frame ``i`` has pts ``i`` in a ``1/fps`` time base, and
 the audio is muxed from each frame's PCM share, so the AAC stream is as long as
@@ -9,7 +9,9 @@ drains both encoders and writes the trailer (the ``moov`` atom), exactly like
 a normal close. ``+faststart`` (moov moved to the front when the trailer is
 written) is on by default; it needs the trailer either way, so it does not make
 interrupted files worse. A process killed with SIGKILL never reaches
-``close`` and leaves an unplayable MP4, whatever the options.
+``close`` and leaves an unplayable MP4, whatever the options. A sink closed
+before its first frame (an interrupt during start-up) removes the file it
+created: no empty, unplayable file is left behind.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from avatar.errors import ConfigError, SinkError
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
@@ -27,6 +31,12 @@ from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
 from ._options import PRESETS, as_bool, parse_bitrate
 
 log = logging.getLogger(__name__)
+
+#: containers that take H.264 + AAC (checked with PyAV's muxers); others (.webm, .wav, ...) are refused
+CONTAINERS = (".mp4", ".mov", ".m4v", ".mkv", ".flv", ".avi", ".ts")
+#: containers whose muxer takes ``movflags`` (``+faststart``)
+_MOV_FAMILY = (".mp4", ".mov", ".m4v")
+
 
 class FileSink(Sink):
     """Writes an H.264 + AAC file with PyAV (libx264 and FFmpeg's AAC encoder)."""
@@ -57,6 +67,13 @@ class FileSink(Sink):
         if not path:
             raise ConfigError("the file sink needs a path (FileSink(path='out.mp4'); on the command line -o out.mp4)")
         self.path = Path(path)
+        if self.path.suffix.lower() not in CONTAINERS:
+            raise ConfigError(
+                f"the file sink cannot write {str(self.path)!r}: the suffix picks the container, and H.264 + AAC "
+                f"goes into {' '.join(CONTAINERS)} (got {self.path.suffix or 'no suffix'!r}); use e.g. out.mp4"
+            )
+        if self.path.is_dir():
+            raise ConfigError(f"{str(self.path)!r} is a directory; the file sink needs a file path such as out.mp4")
         if not self.path.parent.is_dir():
             raise ConfigError(
                 f"the output directory {str(self.path.parent)!r} does not exist; create it first "
@@ -88,6 +105,7 @@ class FileSink(Sink):
         self._info: StreamInfo | None = None
         self._closed = False
         self._frames = 0
+        self._before: tuple[int, int, int] | None = None
 
     def open(self, info: StreamInfo) -> None:
         import av
@@ -96,11 +114,14 @@ class FileSink(Sink):
 
         if info.audio_channels != 1:
             raise SinkError(f"the file sink takes mono audio shares, got {info.audio_channels} channels")
-        opts = {"movflags": "+faststart"} if self.faststart and self.path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
+        if self._container is not None or self._closed:
+            raise SinkError("open() on a file sink that was already opened or closed; make a new sink per file")
+        opts = {"movflags": "+faststart"} if self.faststart and self.path.suffix.lower() in _MOV_FAMILY else {}
+        self._before = _identity(self.path)  # FFmpeg creates the file only when the first packet is muxed
         try:
             self._container = av.open(str(self.path), "w", options=opts)
         except (OSError, ValueError, av.FFmpegError) as exc:
-            raise SinkError(f"cannot create {self.path}: {exc}") from exc
+            raise SinkError(f"cannot create {self.path}: {exc}; check the path and its permissions") from exc
         if info.title:
             self._container.metadata["title"] = info.title
         try:
@@ -116,42 +137,105 @@ class FileSink(Sink):
                 video_options={"preset": self.preset, "crf": f"{self.crf:g}"},
                 pix_fmt=self.pix_fmt,
             )
-        except Exception:
-            self._container.close()
-            raise
+        except Exception as exc:
+            self._discard()
+            if isinstance(exc, SinkError):
+                raise
+            raise SinkError(
+                f"cannot set up H.264 + AAC encoding for {self.path} ({info.width}x{info.height} @ {info.fps} fps, "
+                f"audio {info.sample_rate} Hz -> {self.audio_rate} Hz {self.audio_layout}): {exc}"
+            ) from exc
         self._info = info
         log.info("writing %s (%dx%d @ %s fps, preset %s, crf %g)", self.path, self._enc.width,
                  self._enc.height, info.fps, self.preset, self.crf)
 
+    def _discard(self) -> None:
+        """Close a container that holds no frame and remove the file if this sink started it.
+
+        A file that was already at the path and was never written to is left alone.
+        """
+        try:
+            self._container.close()
+        except Exception as exc:  # no frame in it: the file is removed below anyway
+            log.debug("closing %s without frames: %s", self.path, exc)
+        self._container = None
+        now = _identity(self.path)
+        if now is not None and now != self._before:
+            try:
+                self.path.unlink()
+            except OSError as exc:
+                log.warning("cannot remove the frameless file %s: %s", self.path, exc)
+
     def write(self, frame: VideoFrame) -> None:
+        if self._closed:
+            raise SinkError(f"write() after close(): {self.path} is finished; make a new sink for another file")
         if self._enc is None:
             raise SinkError("write() before open(): call open(StreamInfo) first")
+        import av
+
+        audio = np.asarray(frame.audio)
+        if audio.size and not np.isfinite(audio).all():
+            raise SinkError(
+                f"frame {frame.index}: its audio share holds NaN or infinite samples; "
+                "the AAC encoder cannot take them — check the audio source"
+            )
         start = Fraction(frame.pts) if self._frames == 0 else None
-        self._enc.encode_audio(frame.audio, start=start)
-        self._enc.encode_video(frame.image, frame.index)
+        try:
+            self._enc.encode_audio(audio, start=start)
+            self._enc.encode_video(frame.image, frame.index)
+        except SinkError:
+            raise
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise SinkError(
+                f"encoding frame {frame.index} into {self.path} failed: {exc}; check the frame size "
+                f"({frame.image.shape[1]}x{frame.image.shape[0]}; libx264 takes at most 16384 px a side), "
+                "the encoder options and free disk space"
+            ) from exc
         self._frames += 1
 
     def close(self, aborted: bool = False) -> SinkReport:
         report = SinkReport(frames=self._frames, details={"path": str(self.path), "aborted": aborted})
         if self._closed or self._container is None:
+            self._closed = True
             return report
         self._closed = True
+        if self._frames == 0:
+            # nothing was written: leave no empty, unplayable file behind
+            self._discard()
+            log.info("%s: no frame was written (%s); no file left", self.path, "interrupted" if aborted else "empty")
+            report.details.update(audio_s=0.0, video_s=0.0, bytes=0)
+            return report
+        flush_error: Exception | None = None
         try:
             self._enc.flush()
-        except Exception as exc:
+        except Exception as exc:  # still write the trailer: what was muxed stays playable
+            flush_error = exc
             log.warning("flushing the encoders of %s failed: %s", self.path, exc)
         try:
             self._container.close()  # writes the trailer: the file is playable
         except Exception as exc:
             if not aborted:
-                raise SinkError(f"cannot finalise {self.path}: {exc}") from exc
+                raise SinkError(f"cannot finalise {self.path}: {exc}; check free disk space") from exc
             log.warning("finalising %s after an interrupt failed: %s", self.path, exc)
+        if flush_error is not None and not aborted:
+            raise SinkError(
+                f"flushing the encoders of {self.path} failed: {flush_error}; the last frames may be missing"
+            ) from flush_error
         report.details["audio_s"] = self._enc.audio_seconds
         report.details["video_s"] = float(self._frames / self._info.fps) if self._info else 0.0
         report.details["bytes"] = self.path.stat().st_size if self.path.exists() else 0
         log.info("%s %s: %d frames, %.2f s of audio", "interrupted" if aborted else "wrote",
                  self.path, self._frames, self._enc.audio_seconds)
         return report
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file, or None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @hookimpl
