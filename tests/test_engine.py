@@ -448,3 +448,32 @@ def test_nan_audio_is_refused(models: dict[str, Path], demo_avatar: Path) -> Non
     pcm[100] = np.nan
     with pytest.raises(AudioError, match="1 NaN"):
         render(demo_avatar, pcm, sinks=[_Recorder.make()], model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+
+
+def test_cli_report_and_sink_options(models: dict[str, Path], demo_avatar: Path, tmp_path: Path) -> None:
+    import json
+
+    import av
+    from click.testing import CliRunner
+
+    from avatar.cli import cli
+    from avatar.demo import speechlike_audio, write_wav
+
+    wav = tmp_path / "a.wav"
+    write_wav(wav, speechlike_audio(1.0))
+    sizes = {}
+    for crf in (10, 40):
+        out, rep = tmp_path / f"o{crf}.mp4", tmp_path / f"r{crf}.json"
+        r = CliRunner().invoke(cli, ["run", "--avatar", str(demo_avatar), "--audio", str(wav), "--model", str(models["unet"]),
+                                     "--ave-encoder", str(models["encoder"]), "--backend", "cpu", "-o", str(out),
+                                     "--sink-opt", f"file.crf={crf}", "--report", str(rep), "--no-progress"])
+        assert r.exit_code == 0, r.output
+        d = json.loads(rep.read_text())
+        assert d["frames"] == 25 and d["backend"] == "cpu" and d["sinks"]["file"]["frames"] == 25
+        with av.open(str(out)) as c:
+            assert sum(1 for _ in c.decode(video=0)) == 25
+        sizes[crf] = out.stat().st_size
+    assert sizes[10] > sizes[40]  # the per-sink option reached the file sink
+    r = CliRunner().invoke(cli, ["run", "--avatar", str(demo_avatar), "--audio", str(wav), "--model", str(models["unet"]),
+                                 "--ave-encoder", str(models["encoder"]), "-o", str(tmp_path / "x.mp4"), "--sink-opt", "fiel.crf=9"])
+    assert r.exit_code != 0 and "fiel" in r.output

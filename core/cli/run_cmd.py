@@ -138,33 +138,25 @@ def run(
     from ..engine import RenderInterrupted
 
     try:
-        report = _render(
-            render, avatar_dir, audio, sinks, model, features, fopts, backend, bopts, batch_size, progress,
-            frame_limit, memory_budget_mb,
+        report = render(
+            avatar_dir,
+            audio,
+            sinks=sinks,
+            model=model,
+            features=features,
+            feature_options=fopts,
+            backend=backend,
+            backend_options=bopts,
+            batch_size=batch_size,
+            progress=progress,
+            frame_limit=frame_limit,
+            memory_budget_mb=memory_budget_mb,
         )
     except RenderInterrupted as exc:
         if report_path:
             Path(report_path).write_text(json.dumps(exc.report.to_dict(), indent=2, default=str))
         raise
-    _summary(report, output if "file" in sink_names else None, report_path)
-
-
-def _render(render: Any, avatar_dir: str, audio: str, sinks: Any, model: Any, features: str, fopts: Any, backend: str,
-            bopts: Any, batch_size: int, progress: bool, frame_limit: Any, memory_budget_mb: int) -> Any:  # fmt: skip
-    return render(
-        avatar_dir,
-        audio,
-        sinks=sinks,
-        model=model,
-        features=features,
-        feature_options=fopts,
-        backend=backend,
-        backend_options=bopts,
-        batch_size=batch_size,
-        progress=progress,
-        frame_limit=frame_limit,
-        memory_budget_mb=memory_budget_mb,
-    )
+    _summary(report, output, report_path)
 
 
 def _summary(report: Any, output: str | None, report_path: str | None) -> None:
