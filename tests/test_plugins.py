@@ -241,9 +241,13 @@ def test_cli_error_edge_one_line_and_debug_traceback(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def example_plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import shutil
+
     target = tmp_path_factory.mktemp("example-plugin-site")
+    src = tmp_path_factory.mktemp("example-plugin-src") / "example-plugin"
+    shutil.copytree(ROOT / "docs" / "example-plugin", src)  # building writes into the source folder
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT / "docs" / "example-plugin")],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(src)],
         check=True,
         timeout=300,
     )
