@@ -15,10 +15,11 @@ rm -f "$out"/ort.part.*
 split -b 50M "$ort" "$out/ort.part."
 ls -la "$out"
 cat <<MSG
-Next, on the device (back to back, while it stays warm):
-  1..N) one call per part: carry [".wheels/ort.part.XX"], command: mkdir -p /tmp/w && cp .wheels/ort.part.XX /tmp/w/
-  last) carry [".wheels/$(basename "$ort")" is too big, so]: cat /tmp/w/ort.part.* > /tmp/w/$(basename "$ort") &&
-        pip uninstall -y onnxruntime && pip install /tmp/w/$(basename "$ort") .wheels/av-*.whl &&
-        pip install --no-deps -e . && python -m pytest -m gpu -q && python benchmarks/gpu_backends.py &&
-        avatar bench --backends cpu,onnx-cuda --batch-sizes 1,4,16,64 --name gpu_<device>
+Next, on the device, back to back while it stays warm:
+  for each part XX: carry [".wheels/ort.part.XX"], command: mkdir -p /tmp/w && cp .wheels/ort.part.XX /tmp/w/
+  then, carrying the PyAV wheel:
+    cat /tmp/w/ort.part.* > /tmp/w/$(basename "$ort") && pip uninstall -y onnxruntime &&
+    pip install /tmp/w/$(basename "$ort") .wheels/av-*.whl && pip install --no-deps -e . &&
+    python -m pytest -m gpu -q && python benchmarks/gpu_backends.py &&
+    avatar bench --backends cpu,onnx-cuda --batch-sizes 1,4,16,64
 MSG
