@@ -407,6 +407,8 @@ class Renderer:
         # the backend may have converted the model (e.g. uint8_visual): ask it, not the file
         vis_info = next((t for t in self.backend.inputs if t.name == vis_name), self.contract.visual)
         uint8 = np.dtype(vis_info.dtype) == np.uint8
+        from .vision import normalize
+
         fixed = self.contract.fixed_batch
         done = False
         while not done:
@@ -434,7 +436,7 @@ class Renderer:
             av_idx = [self._avatar_index(i) for i in idx]
             visual = self.package.visual_inputs(av_idx)
             if not uint8:
-                visual = visual.astype(np.float32) * np.float32(1.0 / 255.0)
+                visual = normalize(visual)
             audio = np.stack(wins).astype(np.float32, copy=False)
             n = len(idx)
             if fixed is not None and n < fixed:  # a fixed-batch model: pad, then drop the padding

@@ -179,8 +179,13 @@ def visual_input(face: np.ndarray) -> np.ndarray:
 
 
 def normalize(visual: np.ndarray) -> np.ndarray:
-    """uint8 visual input(s) to the model's float32 [0, 1]."""
-    return np.multiply(visual, np.float32(1.0 / 255.0), dtype=np.float32)
+    """uint8 visual input(s) to the model's float32 [0, 1].
+
+    A division, not a multiplication by 1/255: it is bit-identical to the
+    specification's ``x / 255.0`` and to the ``Div(255)`` that the uint8-input
+    graph option puts on the device, so both paths give the same frames.
+    """
+    return np.divide(visual, np.float32(255.0), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- output

@@ -477,3 +477,15 @@ def test_cli_report_and_sink_options(models: dict[str, Path], demo_avatar: Path,
     r = CliRunner().invoke(cli, ["run", "--avatar", str(demo_avatar), "--audio", str(wav), "--model", str(models["unet"]),
                                  "--ave-encoder", str(models["encoder"]), "-o", str(tmp_path / "x.mp4"), "--sink-opt", "fiel.crf=9"])
     assert r.exit_code != 0 and "fiel" in r.output
+
+
+def test_uint8_visual_on_the_device_gives_the_same_frames(models: dict[str, Path], demo_avatar: Path) -> None:
+    """The backend's uint8_visual option (normalise in the graph) reaches the engine and changes nothing visible."""
+    from avatar import BackendOptions
+    from avatar.demo import speechlike_audio
+
+    kw = dict(avatar=demo_avatar, audio=speechlike_audio(0.6), model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend="cpu")
+    host, _ = collect(**kw)
+    device, _ = collect(backend_options=BackendOptions(max_batch=8, extra={"uint8_visual": True}), **kw)
+    assert len(host) == len(device) == 15
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(host, device))
