@@ -4,8 +4,9 @@
     python benchmarks/gpu_backends.py --model sanders.onnx  # a real model
     python benchmarks/gpu_backends.py --tiny --batches 1,2 --repeats 3   # smoke run (CPU is fine)
 
-Variants: ``cpu``; ``onnx-cuda`` fp32, fp16, fp32 with the uint8 visual input,
-fp16 + uint8; ``tensorrt`` fp32, fp16, fp16 + uint8 — each where it is usable
+Variants: ``cpu``; ``onnx-cuda`` fp32 (page-locked staging), fp32 with pageable
+copies (the same run, so the staging's effect is a ratio), fp16, fp32 with the
+uint8 visual input, fp16 + uint8; ``tensorrt`` fp32, fp16, fp16 + uint8 — each where it is usable
 (the reason is recorded where not). Per variant and batch size (1, 4, 16, 64):
 median and p95 latency of :meth:`Backend.run` (warm-up excluded; ``run``
 returns host arrays, so each timed call ends after the device finished and the
@@ -58,6 +59,7 @@ class Variant:
 VARIANTS = [
     Variant("cpu", "cpu"),
     Variant("onnx-cuda fp32", "onnx-cuda"),
+    Variant("onnx-cuda fp32 pageable", "onnx-cuda", extra={"staging": "pageable"}),
     Variant("onnx-cuda fp16", "onnx-cuda", "fp16"),
     Variant("onnx-cuda fp32 u8", "onnx-cuda", uint8_visual=True),
     Variant("onnx-cuda fp16 u8", "onnx-cuda", "fp16", uint8_visual=True),
@@ -157,6 +159,7 @@ def measure(v: Variant, model: Path, args: argparse.Namespace, parity_feeds: dic
     row["load_s"] = round(time.perf_counter() - t0, 3)
     row["fp16_psnr_at_load"] = getattr(backend, "fp16_psnr", None)
     row["providers"] = getattr(backend, "providers", None)
+    row["staging"] = getattr(backend, "staging", None)
     cells = []
     try:
         feeds = dict(parity_feeds)

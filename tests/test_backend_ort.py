@@ -7,6 +7,8 @@ cleanly when no GPU is usable.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -273,7 +275,7 @@ def test_gpu_onnx_cuda_matches_cpu(models, io_binding):
         again = b.run(feeds)["output"]
         assert b.stats.calls == 3
         if io_binding:
-            assert sorted(b._bindings) == [1, 4]
+            assert b.staging == "pinned" and sorted(b._bindings) == [1, 4]
             with pytest.raises(BackendError, match="exceeds max_batch=4"):
                 b.run(_feeds(5))
     assert np.abs(want - got).max() <= 1e-3
@@ -304,7 +306,9 @@ def test_gpu_onnx_cuda_user_stream(models):
     with CpuBackend(models["unet"]) as ref:
         want = ref.run(_feeds(2))["output"]
     with OnnxCudaBackend(models["unet"], BackendOptions(max_batch=2, extra={"cuda_stream": stream.ptr})) as b:
+        assert b.staging == "pinned" and b._staging.stream == stream.ptr  # copies and compute on the user's stream
         assert np.abs(b.run(_feeds(2))["output"] - want).max() <= 1e-3
+    stream.synchronize()  # still alive: the backend did not destroy a stream it did not make
 
 
 @pytest.mark.gpu
@@ -351,6 +355,40 @@ def test_gpu_backends_benchmark_runs_on_cpu(tmp_path):
 # --------------------------------------------------------------------------- IO binding logic on CPU memory
 
 
+class _CpuMemoryStaging:
+    """The staging interface over CPU memory: the same addresses and sizes, memmove for DMA.
+
+    It counts the bytes each direction moves, so a test can see what crossed.
+    """
+
+    kind = "cpu-memory"
+    stream = None
+
+    def __init__(self) -> None:
+        self.h2d_bytes = self.d2h_bytes = self.syncs = 0
+        self.closed = False
+
+    def empty(self, shape, dtype):  # type: ignore[no-untyped-def]
+        return np.full(shape, 7, dtype)  # not zeros: a missed copy must show
+
+    def bind_thread(self) -> None:
+        pass
+
+    def to_device(self, dst_ptr, src):  # type: ignore[no-untyped-def]
+        ctypes.memmove(dst_ptr, src.ctypes.data, src.nbytes)
+        self.h2d_bytes += src.nbytes
+
+    def to_host(self, dst, src_ptr):  # type: ignore[no-untyped-def]
+        ctypes.memmove(dst.ctypes.data, src_ptr, dst.nbytes)
+        self.d2h_bytes += dst.nbytes
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class _BoundOnCpu(OnnxCudaBackend):
     """onnx-cuda's IO-binding path with its buffers in CPU memory (same code, no GPU needed)."""
 
@@ -366,6 +404,15 @@ class _BoundOnCpu(OnnxCudaBackend):
 
     def _providers(self):  # type: ignore[no-untyped-def]
         return ["CPUExecutionProvider"]
+
+    def _new_staging(self, device_id, stream):  # type: ignore[no-untyped-def]
+        return _CpuMemoryStaging()
+
+
+class _RealStagingOnCpu(_BoundOnCpu):
+    """As above, but with the real page-locked staging (which cannot start without a GPU)."""
+
+    _new_staging = OnnxCudaBackend._new_staging
 
 
 def test_io_binding_path_binds_per_batch_size_and_matches_plain_runs(models):
@@ -393,3 +440,82 @@ def test_io_binding_can_be_switched_off(models):
         assert b._bindings == {}
         out = b.run(_feeds(5))["output"]  # no buffers, so no max_batch limit
         assert out.shape[0] == 5 and b._bindings == {}
+
+
+def test_staged_runs_copy_through_the_staging_buffers(models):
+    feeds = _feeds(4)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run(feeds)["output"]
+        want_tail = ref.run({k: v[:2] for k, v in feeds.items()})["output"]
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=4)) as b:
+        st = b._staging
+        assert b.staging == "cpu-memory" and set(b._host) == {"input", "audio", "output"}
+        assert b._host["input"].shape == (4, 6, 320, 320)  # sized for max_batch once
+        got = b.run(feeds)["output"]
+        tail = b.run({k: v[:2] for k, v in feeds.items()})["output"]
+        in_bytes = sum(v.nbytes for v in feeds.values())
+        assert st.h2d_bytes == in_bytes + in_bytes // 2  # every input byte crossed, tail batch only its rows
+        assert st.d2h_bytes == want.nbytes + want_tail.nbytes and st.syncs == 2
+    assert st.closed and b._host == {}
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(tail, want_tail, atol=1e-6)
+
+
+def test_staged_uint8_visual_moves_a_quarter_of_the_bytes(models):
+    x = np.round(sample_visual(2) * 255).astype(np.uint8)
+    a = sample_audio("ave", 2)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run({"input": x.astype(np.float32) / 255, "audio": a})["output"]
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2, extra={"uint8_visual": True})) as b:
+        assert b._host["input"].dtype == np.uint8
+        got = b.run({"input": x, "audio": a})["output"]
+        assert b._staging.h2d_bytes == x.nbytes + a.nbytes and x.nbytes * 4 == x.astype(np.float32).nbytes
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_alias_outputs_returns_the_staging_buffer(models):
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2, extra={"alias_outputs": True})) as b:
+        first = b.run(_feeds(2))["output"]
+        kept = first.copy()
+        second = b.run(_feeds(2, seed=5))["output"]
+        assert np.shares_memory(first, second) and np.shares_memory(second, b._host["output"])
+        np.testing.assert_array_equal(first, second)  # overwritten by the next run, as documented
+        assert np.abs(kept - second).mean() > 1e-3
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2)) as b:
+        assert not np.shares_memory(b.run(_feeds(2))["output"], b._host["output"])
+
+
+def test_pageable_staging_option_uses_ort_copies(models):
+    feeds = _feeds(2)
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2)) as staged:
+        want = staged.run(feeds)["output"]
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2, extra={"staging": "pageable"})) as b:
+        assert b.staging == "pageable" and b._staging is None and b._host == {}
+        np.testing.assert_array_equal(b.run(feeds)["output"], want)
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2, extra={"io_binding": False})) as b:
+        assert b.staging == "none" and b._staging is None
+    with pytest.raises(ConfigError, match="staging must be auto, pinned or pageable"):
+        _BoundOnCpu(models["unet"], BackendOptions(extra={"staging": "fast"}))
+
+
+@pytest.mark.skipif(cuda_driver_status()[0], reason="checks the fallback where no GPU is usable")
+def test_page_locked_staging_falls_back_or_fails_clearly_without_a_gpu(models, caplog):
+    with caplog.at_level(logging.WARNING, logger="avatar_plugins.backends.ort"):
+        with _RealStagingOnCpu(models["unet"], BackendOptions(max_batch=2)) as b:
+            assert b.staging == "pageable"
+            assert b.run(_feeds(2))["output"].shape == (2, 3, 320, 320)
+    assert "copies through pageable memory" in caplog.text
+    with pytest.raises(BackendUnavailable, match="cuda-bindings"):
+        _RealStagingOnCpu(models["unet"], BackendOptions(extra={"staging": "pinned"}))
+
+
+def test_pinned_staging_error_names_the_cuda_call_and_the_fix():
+    pytest.importorskip("cuda.bindings")
+    if cuda_driver_status()[0]:
+        pytest.skip("a GPU is usable here")
+    from avatar_plugins.backends._cuda_staging import MATCH_DRIVER, PinnedStaging
+
+    with pytest.raises(BackendUnavailable) as err:
+        PinnedStaging(0)
+    msg = str(err.value)
+    assert "cudaSetDevice failed: cudaError" in msg and MATCH_DRIVER in msg

@@ -56,6 +56,8 @@ _COMMON_EXTRA = {
 }
 _CUDA_EXTRA = {
     "io_binding": "run with device buffers bound once per batch size (default True)",
+    "staging": "host side of the bound copies: auto (default: pinned if it can), pinned, pageable",
+    "alias_outputs": "return views of the page-locked output buffers (overwritten by the next run)",
     "cuda_stream": "an existing CUDA stream handle (int) ONNX Runtime should compute on",
     "cudnn_conv_algo_search": "EXHAUSTIVE (default), HEURISTIC or DEFAULT",
     "gpu_mem_limit": "bytes the CUDA arena may use",
@@ -270,8 +272,12 @@ def _cuda_provider_status() -> Availability:
     return Availability.ok()
 
 
-def cuda_provider_options(options: BackendOptions) -> dict[str, str]:
-    """CUDAExecutionProvider options from backend options (all values as strings)."""
+def cuda_provider_options(options: BackendOptions, stream: int | None = None) -> dict[str, str]:
+    """CUDAExecutionProvider options from backend options (all values as strings).
+
+    ``stream``: the handle ORT should compute on (the staging stream); the
+    ``cuda_stream`` option, when given, is that stream already.
+    """
     extra = options.extra
     po: dict[str, str] = {
         "device_id": str(int(options.device_id)),
@@ -286,9 +292,11 @@ def cuda_provider_options(options: BackendOptions) -> dict[str, str]:
         raise ConfigError(f"cudnn_conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT, not {po['cudnn_conv_algo_search']!r}")
     if extra.get("gpu_mem_limit") is not None:
         po["gpu_mem_limit"] = str(int(extra["gpu_mem_limit"]))
-    if extra.get("cuda_stream") is not None:
+    if stream is None and extra.get("cuda_stream") is not None:
+        stream = int(extra["cuda_stream"])
+    if stream is not None:
         po["has_user_compute_stream"] = "1"
-        po["user_compute_stream"] = str(int(extra["cuda_stream"]))
+        po["user_compute_stream"] = str(int(stream))
     return po
 
 
@@ -320,10 +328,15 @@ class OnnxCudaBackend(_OrtBackend):
     """ONNX Runtime with the CUDAExecutionProvider, device buffers bound with IO binding.
 
     For each batch size met, input and output tensors are allocated on the GPU
-    once and bound to an IO binding; a run copies the host inputs into them
-    (``OrtValue.update_inplace``), runs on ORT's compute stream and copies the
-    outputs back into new host arrays. ``max_batch`` buffers are made at load;
-    smaller batches (a stream's tail) get theirs on first use.
+    once and bound to an IO binding (``max_batch`` buffers at load; a smaller
+    batch, a stream's tail, gets its own on first use). The host side is a set
+    of page-locked staging buffers sized for ``max_batch`` and one CUDA stream
+    that ONNX Runtime also computes on (see :mod:`._cuda_staging`): a run
+    copies the batch into staging, queues the H2D copies, the model and the
+    D2H copies on that stream, and synchronises once.
+
+    ``staging="pageable"`` (or ``auto`` where ``cuda-bindings`` cannot run)
+    lets ONNX Runtime copy from and to ordinary numpy memory instead.
     """
 
     name = "onnx-cuda"
@@ -342,17 +355,65 @@ class OnnxCudaBackend(_OrtBackend):
         if not a.usable:
             fix = f"; install with `{a.install}`" if a.install else ""
             raise BackendUnavailable(f"onnx-cuda is unavailable: {a.reason}{fix}")
+        opts = options or BackendOptions()
+        check_extra(opts.extra, self._extra, self.name)
         self._bindings: dict[int, _Binding] = {}
         self._lock = threading.Lock()  # bound buffers are shared: one run at a time
-        super().__init__(model_path, options)
+        self._host: dict[str, np.ndarray] = {}
+        self._io = bool(opts.extra.get("io_binding", True))
+        self._alias = bool(opts.extra.get("alias_outputs", False))
+        self._staging = self._open_staging(opts) if self._io else None
+        self._staged = False
+        try:
+            super().__init__(model_path, opts)
+        except BaseException:
+            self._close_staging()
+            raise
+
+    def _open_staging(self, opts: BackendOptions) -> Any:
+        """Page-locked staging and its stream, or ``None`` for ORT's own pageable copies."""
+        mode = str(opts.extra.get("staging", "auto"))
+        if mode not in ("auto", "pinned", "pageable"):
+            raise ConfigError(f"staging must be auto, pinned or pageable, not {mode!r}")
+        if mode == "pageable":
+            return None
+        stream = opts.extra.get("cuda_stream")
+        try:
+            return self._new_staging(int(opts.device_id), None if stream is None else int(stream))
+        except BackendUnavailable as exc:
+            if mode == "pinned":
+                raise
+            log.warning("%s; onnx-cuda copies through pageable memory (slower)", exc)
+            return None
+
+    def _new_staging(self, device_id: int, stream: int | None) -> Any:
+        from ._cuda_staging import PinnedStaging
+
+        return PinnedStaging(device_id, stream)
+
+    @property
+    def staging(self) -> str:
+        """``pinned`` (page-locked staging, one stream), ``pageable`` or ``none`` (no IO binding)."""
+        if not self._io:
+            return "none"
+        return str(self._staging.kind) if self._staged else "pageable"
 
     def _providers(self) -> list[Any]:
-        return [("CUDAExecutionProvider", cuda_provider_options(self.options)), "CPUExecutionProvider"]
+        stream = self._staging.stream if self._staging is not None else None
+        return [("CUDAExecutionProvider", cuda_provider_options(self.options, stream)), "CPUExecutionProvider"]
 
     def _setup(self) -> None:
-        self._io = bool(self.options.extra.get("io_binding", True))
-        if self._io:
-            self._binding_for(int(self.options.max_batch))
+        if not self._io:
+            return
+        top = int(self.options.max_batch)
+        tensors = [*self._inputs, *self._outputs]
+        self._staged = self._staging is not None and all(all(isinstance(d, int) for d in t.shape[1:]) for t in tensors)
+        if self._staging is not None and not self._staged:
+            # the stream stays (the session computes on it); only the copies go through ORT
+            log.info("%s: an output's shape is known only after the run; ORT copies it (pageable)", self.name)
+        if self._staged:
+            self._host = {t.name: self._staging.empty((top, *t.shape[1:]), t.dtype) for t in tensors}
+        self._binding_for(top)
 
     def _max_batch(self) -> int | None:
         return int(self.options.max_batch) if self._io else None
@@ -371,28 +432,55 @@ class OnnxCudaBackend(_OrtBackend):
             raise BackendError(f"{self.name}: the backend is closed")
         batch = check_feeds(feeds, self._inputs, max_batch=self._max_batch(), backend=self.name)
         with self._lock:
-            return self._run_bound(feeds, batch)
+            try:
+                if self._staged:
+                    return self._run_staged(feeds, batch)
+                return self._run_pageable(feeds, batch)
+            except BackendError:
+                raise
+            except Exception as exc:
+                raise BackendError(f"{self.name}: inference failed: {exc}") from exc
 
-    def _run_bound(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    def _run_staged(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         b = self._binding_for(batch)
-        try:
-            for name, value in b.in_values.items():
-                value.update_inplace(np.ascontiguousarray(feeds[name]))
-            b.binding.synchronize_inputs()
-            self._session.run_with_iobinding(b.binding)
-            b.binding.synchronize_outputs()
-            if len(b.out_values) == len(self._outputs):
-                # numpy() copies device memory to a new array, but views CPU memory: copy that
-                own = self._device_type == "cpu"
-                return {name: v.numpy().copy() if own else v.numpy() for name, v in b.out_values.items()}
-            outs = b.binding.copy_outputs_to_cpu()
-        except Exception as exc:
-            raise BackendError(f"{self.name}: inference failed: {exc}") from exc
-        return {t.name: o for t, o in zip(self._outputs, outs)}
+        st = self._staging
+        st.bind_thread()
+        for name, value in b.in_values.items():
+            host = self._host[name][:batch]
+            np.copyto(host, feeds[name])
+            st.to_device(value.data_ptr(), host)
+        self._session.run_with_iobinding(b.binding)  # on the staging stream, after the copies
+        views = {}
+        for name, value in b.out_values.items():
+            views[name] = self._host[name][:batch]
+            st.to_host(views[name], value.data_ptr())
+        st.synchronize()
+        return views if self._alias else {name: v.copy() for name, v in views.items()}
+
+    def _run_pageable(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        b = self._binding_for(batch)
+        for name, value in b.in_values.items():
+            value.update_inplace(np.ascontiguousarray(feeds[name]))
+        b.binding.synchronize_inputs()
+        self._session.run_with_iobinding(b.binding)
+        b.binding.synchronize_outputs()
+        if len(b.out_values) == len(self._outputs):
+            # numpy() copies device memory to a new array, but views CPU memory: copy that
+            own = self._device_type == "cpu"
+            return {name: v.numpy().copy() if own else v.numpy() for name, v in b.out_values.items()}
+        return {t.name: o for t, o in zip(self._outputs, b.binding.copy_outputs_to_cpu())}
+
+    def _close_staging(self) -> None:
+        self._host, self._staged = {}, False
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
     def close(self) -> None:
-        self._bindings.clear()
-        super().close()
+        with self._lock:
+            self._bindings.clear()
+            super().close()
+            self._close_staging()
 
 
 @hookimpl
