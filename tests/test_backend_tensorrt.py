@@ -3,13 +3,20 @@
 CI has neither TensorRT nor a GPU: the tests here check what the backend
 decides before it touches the device (cache keys, profiles, buffer sizes,
 shape checks, messages), that the plugin registers and explains what is
-missing, and that ``avatar build-engine`` fails with one clear line. The
-``gpu`` tests build real engines and compare them with the cpu backend.
+missing, that ``avatar build-engine`` fails with one clear line, and that
+the cross-process build lock lets one of several real processes build while
+the others wait. The ``gpu`` tests build real engines and compare them with
+the cpu backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -29,10 +36,13 @@ from avatar_plugins.backends._trt_engine_cache import (
     DeviceIdentity,
     buffer_bytes,
     buffer_plan,
+    build_lock,
+    cached_or_build,
     check_shape,
     engine_cache_key,
     engine_path,
     have_module,
+    lock_path,
     missing_parts,
     profile_shapes,
     timing_cache_path,
@@ -207,6 +217,212 @@ def test_build_engine_command_fails_with_one_clear_line(tmp_path):
 def test_build_engine_command_validates_its_options(tmp_path):
     res = CliRunner().invoke(cli, ["build-engine", str(tmp_path / "m.onnx"), "--max-batch", "0"])
     assert res.exit_code == 2 and "max-batch" in res.output
+
+
+# --------------------------------------------------------------------------- cross-process build lock
+
+# A worker process: waits for the "go" file (so all start together), then asks for the
+# file through cached_or_build (mode "cached"/"rebuild") or just holds build_lock (mode
+# "lock"); the build records its interval, sleeps, and writes the file atomically.
+_WORKER = """
+import json, logging, os, sys, time
+from pathlib import Path
+from avatar_plugins.backends._trt_engine_cache import build_lock, cached_or_build
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+out, records, go, mode = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+
+def build():
+    start = time.time()
+    time.sleep(0.5 if mode != "lock" else 0.2)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, out)
+    (records / f"{os.getpid()}.json").write_text(json.dumps({"pid": os.getpid(), "start": start, "end": time.time()}))
+
+while not go.exists():
+    time.sleep(0.005)
+if mode == "lock":
+    with build_lock(out):
+        build()
+    built = True
+else:
+    path, built = cached_or_build(out, build, rebuild=mode == "rebuild")
+print(json.dumps({"pid": os.getpid(), "built": built, "content": out.read_text()}))
+"""
+
+
+def _race(tmp_path: Path, mode: str, n: int = 3) -> tuple[Path, list[dict], list[dict], list[str]]:
+    """Start ``n`` workers on one engine path at once; return (path, results, build records, stderrs)."""
+    out, records, go = tmp_path / "m.key.engine", tmp_path / "records", tmp_path / "go"
+    records.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(out), str(records), str(go), mode],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for _ in range(n)
+    ]
+    go.touch()
+    results, errs = [], []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout))
+        errs.append(stderr)
+    builds = sorted((json.loads(f.read_text()) for f in records.iterdir()), key=lambda r: r["start"])
+    return out, results, builds, errs
+
+
+def _no_overlap(builds: list[dict]) -> bool:
+    return all(a["end"] <= b["start"] for a, b in zip(builds, builds[1:]))
+
+
+def test_concurrent_processes_build_one_engine_once(tmp_path):
+    out, results, builds, errs = _race(tmp_path, "cached")
+    assert len(builds) == 1 and sum(r["built"] for r in results) == 1
+    builder = builds[0]["pid"]
+    assert [r["built"] for r in results if r["pid"] == builder] == [True]
+    assert {r["content"] for r in results} == {str(builder)}  # everyone got the one build's file
+    waited = [e for r, e in zip(results, errs) if r["pid"] != builder and "waiting for another process" in e]
+    assert waited and all(str(lock_path(out)) in e and e.count("waiting") == 1 for e in waited)
+    assert "waiting" not in errs[[r["pid"] for r in results].index(builder)]
+    assert lock_path(out).is_file()  # documented: never deleted (deleting flock files races)
+
+
+def test_build_lock_serialises_processes(tmp_path):
+    out, results, builds, _ = _race(tmp_path, "lock")
+    assert len(builds) == 3 and _no_overlap(builds)
+
+
+def test_concurrent_rebuilds_are_satisfied_by_one_fresh_build(tmp_path):
+    (tmp_path / "m.key.engine").write_text("old")
+    out, results, builds, _ = _race(tmp_path, "rebuild")
+    assert len(builds) == 1 and sum(r["built"] for r in results) == 1
+    assert {r["content"] for r in results} == {str(builds[0]["pid"])} and out.read_text() != "old"
+
+
+def _writer(out: Path, text: str, calls: list[str]):  # type: ignore[no-untyped-def]
+    def build() -> None:
+        calls.append(text)
+        out.write_text(text)
+
+    return build
+
+
+def test_rebuild_builds_again_and_cached_does_not(tmp_path):
+    out, calls = tmp_path / "e.engine", []
+    assert cached_or_build(out, _writer(out, "one", calls), rebuild=False) == (out, True)
+    assert cached_or_build(out, _writer(out, "two", calls), rebuild=False) == (out, False)
+    assert out.read_text() == "one"
+    assert cached_or_build(out, _writer(out, "three", calls), rebuild=True) == (out, True)
+    assert out.read_text() == "three" and calls == ["one", "three"]
+
+
+def _wait_until_waiting(t: threading.Thread, caplog: pytest.LogCaptureFixture) -> None:
+    """Return once thread ``t`` logged that it waits for the lock (or after 5 s, or when it ended)."""
+    for _ in range(500):
+        if any("waiting for another process" in r.getMessage() for r in caplog.records) or not t.is_alive():
+            return
+        t.join(0.01)
+
+
+def test_rebuild_is_satisfied_by_a_build_that_finished_while_waiting(tmp_path, caplog):
+    out, calls = tmp_path / "e.engine", []
+    out.write_text("old")
+    got: list[tuple[Path, bool]] = []
+    caplog.set_level(logging.WARNING)
+    with build_lock(out):  # "another process" builds; flock also excludes a second open in this process
+        t = threading.Thread(target=lambda: got.append(cached_or_build(out, _writer(out, "mine", calls), rebuild=True)))
+        t.start()
+        _wait_until_waiting(t, caplog)
+        assert t.is_alive() and not got  # it is waiting on our lock
+        tmp = tmp_path / "other.tmp"
+        tmp.write_text("theirs")
+        os.replace(tmp, out)
+    t.join(10)
+    assert got == [(out, False)] and calls == [] and out.read_text() == "theirs"
+    # not rebuilt meanwhile: a rebuild does build
+    assert cached_or_build(out, _writer(out, "mine", calls), rebuild=True) == (out, True) and calls == ["mine"]
+
+
+def test_cached_file_is_returned_without_taking_the_lock(tmp_path):
+    out = tmp_path / "e.engine"
+    out.write_text("cached")
+    got: list[tuple[Path, bool]] = []
+
+    def fail() -> None:
+        raise AssertionError("must not build")
+
+    assert cached_or_build(out, fail) == (out, False)
+    assert not lock_path(out).exists()  # never even opened
+    with build_lock(out):  # someone else is building (e.g. a --rebuild)
+        t = threading.Thread(target=lambda: got.append(cached_or_build(out, fail)), daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive() and got == [(out, False)]
+
+
+def _lock_is_free(out: Path) -> bool:
+    import fcntl  # POSIX, like the lock itself
+
+    fd = os.open(lock_path(out), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_failed_build_releases_the_lock_and_leaves_no_file(tmp_path):
+    out, calls = tmp_path / "e.engine", []
+
+    def broken() -> None:
+        assert not _lock_is_free(out)  # the build runs under the lock
+        raise BackendError("TensorRT failed to build an engine")
+
+    with pytest.raises(BackendError, match="failed to build"):
+        cached_or_build(out, broken)
+    assert not out.exists() and _lock_is_free(out)
+    with pytest.raises(BackendError, match="without writing"):
+        cached_or_build(out, lambda: None)
+    assert _lock_is_free(out)
+    assert cached_or_build(out, _writer(out, "ok", calls)) == (out, True)
+
+
+def test_build_lock_explains_an_unusable_cache_folder(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BackendError, match="cannot create the engine build lock.*--cache-dir"):
+        cached_or_build(tmp_path / "file" / "e.engine", lambda: None)
+
+
+@pytest.mark.skipif(have_module("tensorrt"), reason="checks the wiring by the missing tensorrt import")
+def test_backend_reuses_a_cached_engine_and_builds_under_the_lock(tmp_path, caplog):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not really onnx")
+    key = engine_cache_key(trt_backend.file_sha256(model), H100, BuildOptions())
+    out = engine_path(tmp_path, model, key)
+    out.write_bytes(b"engine")
+    assert trt_backend._build_in_context(model, BuildOptions(), tmp_path, H100, False, None) == out
+    caplog.set_level(logging.WARNING)
+    errors: list[BaseException] = []
+
+    def rebuild() -> None:
+        try:
+            trt_backend._build_in_context(model, BuildOptions(), tmp_path, H100, True, None)
+        except BaseException as exc:  # the build itself needs tensorrt
+            errors.append(exc)
+
+    with build_lock(out):
+        t = threading.Thread(target=rebuild)
+        t.start()
+        _wait_until_waiting(t, caplog)
+        assert t.is_alive() and not errors  # the build waits for the lock
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], ImportError) and _lock_is_free(out)
+    assert any(str(lock_path(out)) in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- GPU

@@ -1,9 +1,10 @@
-"""The TensorRT backend's pure logic: cache keys, profiles, buffer sizes, messages.
+"""The TensorRT backend's pure logic: cache keys, profiles, buffer sizes, messages, build locks.
 
 Nothing here imports TensorRT or pycuda, so CI (no GPU) tests every decision
 the backend makes before it touches the device: which engine file a build maps
 to, which shapes the optimisation profile allows, how many bytes each buffer
-needs, and what a user reads when something is missing.
+needs, what a user reads when something is missing, and how processes that
+want the same engine at the same time agree on one build.
 """
 
 from __future__ import annotations
@@ -11,14 +12,24 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
+import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from avatar.errors import BackendError, ConfigError, ModelError
 from avatar.interfaces import TensorInfo
+
+try:  # POSIX only; TensorRT on Windows is not a target, but importing this module must work there
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'avatar-sdk[tensorrt]' --extra-index-url https://pypi.nvidia.com"
 INSTALL_NOTE = (
@@ -171,3 +182,105 @@ def have_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------- cross-process build lock
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file that guards building ``target``: ``<target>.lock`` beside it."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.lock")
+
+
+@contextmanager
+def build_lock(target: Path) -> Iterator[Path]:
+    """Hold an exclusive advisory lock on ``<target>.lock`` for the ``with`` block.
+
+    Engine builds take minutes of GPU time, and several workers started together
+    (or ``avatar build-engine`` beside a render) would otherwise all build the
+    same engine and race on the shared timing cache. ``fcntl.flock`` locks an
+    open file description, so the lock also excludes other threads of this
+    process that enter here, and the kernel drops it when the holder dies: a
+    crashed build never leaves a stale lock behind.
+
+    We first try without blocking so that a wait can be explained once, at
+    WARNING level, before blocking. The lock file is never deleted: a process
+    that opened it just before the unlink would lock the orphaned file while a
+    third one creates and locks a new file, and two builds would run at once.
+    An empty ``.lock`` file per engine is the price.
+
+    Where ``fcntl`` is missing (Windows) or the filesystem refuses locks, the
+    block runs unlocked: concurrent builds then only waste time, since every
+    file the build writes is replaced atomically.
+    """
+    lock = lock_path(target)
+    if fcntl is None:  # pragma: no cover - Windows
+        log.debug("no fcntl on this platform; building %s without a cross-process lock", target)
+        yield lock
+        return
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise BackendError(
+            f"cannot create the engine build lock {lock} ({exc.strerror or exc}); "
+            "make the engine cache folder writable or choose another with --cache-dir"
+        ) from exc
+    try:
+        _acquire(fd, lock)
+        yield lock
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _acquire(fd: int, lock: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    except OSError as exc:  # e.g. ENOLCK on a network filesystem without lock support
+        log.warning("cannot lock %s (%s); building without a cross-process lock", lock, exc.strerror or exc)
+        return
+    log.warning("waiting for another process building the same TensorRT engine (lock file %s)", lock)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What identifies one version of a file: an atomic replace changes the inode."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def cached_or_build(out: Path, build: Callable[[], None], rebuild: bool = False) -> tuple[Path, bool]:
+    """Return ``(out, built)``: ``out`` as cached, or after ``build()`` wrote it under the lock.
+
+    ``build`` must write ``out`` (atomically, so a crash never leaves half a
+    file) and anything else shared it touches, such as the timing cache; it
+    runs with :func:`build_lock` held, so one process builds while the others
+    wait and then find the file. An existing file is returned without touching
+    the lock, so a cached start never waits behind someone else's build.
+
+    ``rebuild`` asks for a file built *after this call started*: if another
+    process replaced ``out`` while we waited for the lock, that fresh build
+    satisfies the request and is not repeated (it used the same inputs, since
+    the key in the file name covers them). If ``out`` is unchanged when we get
+    the lock, we build.
+    """
+    out = Path(out)
+    before = _stamp(out)
+    if before is not None and not rebuild:
+        return out, False
+    with build_lock(out):
+        now = _stamp(out)
+        if now is not None and (not rebuild or now != before):
+            log.info("%s was built by another process while we waited", out)
+            return out, False
+        build()
+        if _stamp(out) is None:
+            raise BackendError(f"the engine build finished without writing {out}; run with -vv for the builder log")
+    return out, True

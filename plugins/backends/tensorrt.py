@@ -7,6 +7,8 @@ always registers and ``avatar plugins`` can say what is missing.
 Engines are built from the ONNX model once per (model content, GPU model,
 compute capability, TensorRT version, build options) and cached on disk, so a
 second start only deserialises (about a second). Builds share a timing cache.
+A build holds a lock file beside its engine, so processes that need the same
+engine at once build it once: the others wait, then load it.
 
 Run-time design (the why):
 
@@ -51,6 +53,7 @@ from ._trt_engine_cache import (
     BuildOptions,
     DeviceIdentity,
     buffer_plan,
+    cached_or_build,
     check_shape,
     engine_cache_key,
     engine_path,
@@ -166,13 +169,22 @@ def build_engine(
 def _build_in_context(
     model_path: Path, build: BuildOptions, folder: Path, device: DeviceIdentity, rebuild: bool, cache: Any
 ) -> Path:
-    import tensorrt as trt
-
     key = engine_cache_key(file_sha256(model_path), device, build)
     out = engine_path(folder, model_path, key)
-    if out.is_file() and not rebuild:
+    # One process builds while any other that wants the same engine waits on the lock, then finds it.
+    make = functools.partial(_build_engine_file, model_path, build, folder, device, key, out, cache)
+    _, built = cached_or_build(out, make, rebuild)
+    if not built:
         log.info("using cached TensorRT engine %s", out)
-        return out
+    return out
+
+
+def _build_engine_file(
+    model_path: Path, build: BuildOptions, folder: Path, device: DeviceIdentity, key: str, out: Path, cache: Any
+) -> None:
+    """Build the engine into ``out``, with its meta json and the shared timing cache (called under the build lock)."""
+    import tensorrt as trt
+
     # fp16 comes from our own fp16 ONNX graph built as a strongly typed network, not from
     # BuilderFlag.FP16: TensorRT 11 removed the weak-typing flags, and this way TensorRT and
     # onnx-cuda run the same fp16 graph.
@@ -214,7 +226,6 @@ def _build_in_context(
             "build_s": round(time.perf_counter() - start, 1)}  # fmt: skip
     _atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     log.warning("TensorRT engine built in %.0f s: %s", meta["build_s"], out)
-    return out
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
