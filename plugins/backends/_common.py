@@ -213,3 +213,28 @@ def prepare_model(model_path: str | Path, *, precision: str, uint8_visual: bool,
         tmp.unlink(missing_ok=True)
     log.info("converted %s to %s (%s)", path, out, variant)
     return out
+
+
+def output_psnr(want: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+    """The worst PSNR (dB) over paired outputs: the fp16 accuracy measure.
+
+    The peak is 1 for an output in [0, 1] (the UNet's sigmoid face) and the
+    reference's range otherwise (an audio encoder's features).
+    """
+    worst = float("inf")
+    for w, g in zip(want, got):
+        w = np.asarray(w, np.float64)
+        in_unit = w.size and float(w.min()) >= 0.0 and float(w.max()) <= 1.0
+        peak = 1.0 if in_unit else float(np.ptp(w)) or 1.0
+        worst = min(worst, psnr(w, g, peak))
+    return worst
+
+
+def fp16_gate(backend: str, model: Path, measured: float, limit: float) -> None:
+    """Refuse an fp16 model whose output is below ``limit`` dB PSNR against fp32."""
+    if measured < limit:
+        raise BackendError(
+            f"{backend}: the fp16 conversion of {model} is too inaccurate ({measured:.1f} dB PSNR "
+            f"against fp32, need {limit:.0f} dB); use precision fp32"
+        )
+

@@ -30,7 +30,7 @@ from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelEr
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
 
-from ._common import check_extra, check_feeds, cuda_driver_status, prepare_model, psnr, random_feeds
+from ._common import check_extra, check_feeds, cuda_driver_status, fp16_gate, output_psnr, prepare_model, random_feeds
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +176,9 @@ class _OrtBackend(Backend):
         want = ref.run(None, feeds)
         got = self._session.run(None, feeds)
         del ref
-        worst = float("inf")
-        for w, g in zip(want, got):
-            w = np.asarray(w, np.float64)
-            in_unit = w.size and float(w.min()) >= 0.0 and float(w.max()) <= 1.0
-            peak = 1.0 if in_unit else float(np.ptp(w)) or 1.0
-            worst = min(worst, psnr(w, g, peak))
-        self.fp16_psnr = worst
-        log.info("%s: fp16 model PSNR against fp32: %.1f dB", self.name, worst)
-        if worst < limit:
-            raise BackendError(
-                f"{self.name}: the fp16 conversion of {self.model_path} is too inaccurate ({worst:.1f} dB PSNR "
-                f"against fp32, need {limit:.0f} dB); use precision fp32"
-            )
+        self.fp16_psnr = output_psnr(want, got)
+        log.info("%s: fp16 model PSNR against fp32: %.1f dB", self.name, self.fp16_psnr)
+        fp16_gate(self.name, self.model_path, self.fp16_psnr, limit)
 
     @property
     def inputs(self) -> Sequence[TensorInfo]:
