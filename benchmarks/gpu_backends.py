@@ -129,7 +129,7 @@ def _options(v: Variant, max_batch: int, device_id: int, cache_dir: str | None) 
         extra["uint8_visual"] = True
     if cache_dir:
         extra["cache_dir"] = cache_dir
-    if v.precision == "fp16" and v.backend == "onnx-cuda":
+    if v.precision == "fp16" and v.backend != "cpu":
         extra["fp16_min_psnr"] = 0  # measured below instead (see the module note)
     return BackendOptions(device_id=device_id, precision=v.precision, max_batch=max_batch, extra=extra)
 

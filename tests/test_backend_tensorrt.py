@@ -481,7 +481,14 @@ def test_gpu_tensorrt_fp16_and_uint8(unet, tmp_path):
     with trt_backend.TensorRTBackend(unet, opts) as b:
         assert np.dtype(b.inputs[0].dtype) == np.uint8
         got = b.run({"input": x, "audio": a})["output"]
+        measured = b.fp16_psnr
     assert psnr(want, got) >= 40.0
+    meta = json.loads(b.engine_file.with_suffix(".json").read_text())
+    assert measured is not None and measured >= 40.0 and meta["fp16_psnr_vs_fp32"] == measured  # recorded once
+    with trt_backend.TensorRTBackend(unet, opts) as again:
+        assert again.fp16_psnr == measured
+    with pytest.raises(BackendError, match="too inaccurate"):
+        trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=4, precision="fp16", extra={**opts.extra, "fp16_min_psnr": 500}))
 
 
 @pytest.mark.gpu
@@ -519,3 +526,36 @@ def test_gpu_build_engine_command(unet, tmp_path):
     assert path.is_file() and path.parent == tmp_path
     res2 = CliRunner().invoke(cli, ["build-engine", str(unet), "--max-batch", "4", "--cache-dir", str(tmp_path)])
     assert res2.exit_code == 0 and Path(res2.output.split()[0]) == path  # found in the cache
+
+
+# --------------------------------------------------------------------------- engine metadata
+
+
+def test_recorded_measures_once_then_reads_the_meta_json(tmp_path):
+    from avatar_plugins.backends._trt_engine_cache import recorded
+
+    meta = tmp_path / "m.engine.json"
+    meta.write_text(json.dumps({"build_s": 12.5}))
+    calls = []
+
+    def measure() -> float:
+        calls.append(1)
+        return 47.25
+
+    assert recorded(meta, "fp16_psnr_vs_fp32", measure) == 47.25
+    assert recorded(meta, "fp16_psnr_vs_fp32", measure) == 47.25
+    assert len(calls) == 1
+    assert json.loads(meta.read_text()) == {"build_s": 12.5, "fp16_psnr_vs_fp32": 47.25}  # build facts kept
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left nothing behind
+
+
+def test_recorded_remeasures_a_missing_or_broken_meta_json(tmp_path, caplog):
+    from avatar_plugins.backends._trt_engine_cache import recorded
+
+    missing = tmp_path / "a.json"
+    assert recorded(missing, "k", lambda: 1.5) == 1.5 and json.loads(missing.read_text()) == {"k": 1.5}
+    broken = tmp_path / "b.json"
+    broken.write_text("{not json")
+    assert recorded(broken, "k", lambda: 2.5) == 2.5
+    assert "unreadable" in caplog.text and json.loads(broken.read_text()) == {"k": 2.5}
+

@@ -284,3 +284,40 @@ def cached_or_build(out: Path, build: Callable[[], None], rebuild: bool = False)
         if _stamp(out) is None:
             raise BackendError(f"the engine build finished without writing {out}; run with -vv for the builder log")
     return out, True
+
+
+# --------------------------------------------------------------------------- engine metadata
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def recorded(meta_path: Path, key: str, measure: Callable[[], float]) -> float:
+    """``meta[key]`` from an engine's meta json, measured once and recorded when absent.
+
+    An engine's accuracy is a property of the engine file, so it is measured the
+    first time the engine loads and read back afterwards (a cached start stays
+    about a second). A missing or unreadable meta file is measured and rewritten.
+    """
+    meta: dict[str, Any] = {}
+    try:
+        meta = json.loads(meta_path.read_text())
+        if isinstance(meta.get(key), (int, float)):
+            return float(meta[key])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("engine metadata %s is unreadable (%s); measuring again", meta_path, exc)
+        meta = {}
+    value = float(measure())
+    meta[key] = value
+    try:
+        atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    except OSError as exc:  # a read-only cache still runs; it measures again next time
+        log.warning("cannot record %s in %s: %s", key, meta_path, exc)
+    return value
+

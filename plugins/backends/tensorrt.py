@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict
@@ -47,8 +46,19 @@ from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelEr
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
 
-from ._common import cache_dir, check_extra, check_feeds, cuda_driver_status, file_sha256, prepare_model
+from ._common import (
+    cache_dir,
+    check_extra,
+    check_feeds,
+    cuda_driver_status,
+    file_sha256,
+    fp16_gate,
+    output_psnr,
+    prepare_model,
+    random_feeds,
+)
 from ._trt_engine_cache import (
+    atomic_write,
     INSTALL,
     BuildOptions,
     DeviceIdentity,
@@ -60,6 +70,7 @@ from ._trt_engine_cache import (
     have_module,
     missing_parts,
     profile_shapes,
+    recorded,
     timing_cache_path,
     unavailable_message,
 )
@@ -74,6 +85,7 @@ _EXTRA = {
     "tf32": "allow TF32 tensor-core math in fp32 layers (faster, ~1e-3 less exact; default False)",
     "alias_outputs": "return views of the page-locked output buffers (overwritten by the next run)",
     "rebuild": "ignore a cached engine and build again",
+    "fp16_min_psnr": "minimum PSNR (dB) of an fp16 engine against the fp32 model on CPU, measured once per engine (default 40; 0 skips)",
 }
 
 
@@ -220,18 +232,12 @@ def _build_engine_file(
     if serialized is None:
         raise BackendError(f"TensorRT failed to build an engine for {model_path}; run with -vv for the builder log")
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, bytes(serialized))
-    _atomic_write(tc_file, bytes(config.get_timing_cache().serialize()))
+    atomic_write(out, bytes(serialized))
+    atomic_write(tc_file, bytes(config.get_timing_cache().serialize()))
     meta = {"model": str(model_path), "key": key, "device": asdict(device), "build": asdict(build),
             "build_s": round(time.perf_counter() - start, 1)}  # fmt: skip
-    _atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     log.warning("TensorRT engine built in %.0f s: %s", meta["build_s"], out)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def build_options_from(options: BackendOptions) -> BuildOptions:
@@ -270,6 +276,7 @@ class TensorRTBackend(Backend):
         self._alias = bool(self.options.extra.get("alias_outputs", False))
         self._lock = threading.Lock()
         self._closed = False
+        self.fp16_psnr: float | None = None
         start = time.perf_counter()
         self._pc = _PrimaryContext(int(self.options.device_id))
         try:
@@ -279,10 +286,37 @@ class TensorRTBackend(Backend):
                     self._pc.identity(), bool(self.options.extra.get("rebuild", False)), self.options.extra.get("cache_dir"),
                 )  # fmt: skip
                 self._load(self.engine_file)
+                self.fp16_psnr = self._check_fp16(build)
         except BaseException:
             self._pc.release()
             raise
         self.stats.load_s = time.perf_counter() - start
+
+    def _check_fp16(self, build: BuildOptions) -> float | None:
+        """Refuse an fp16 engine whose output strays from the fp32 model (as ``onnx-cuda`` does).
+
+        The reference is the ``cpu`` backend on the fp32 model; the PSNR is
+        measured on a seeded random batch the first time an engine loads and
+        recorded in its meta json.
+        """
+        limit = float(self.options.extra.get("fp16_min_psnr", 40.0))
+        if build.precision != "fp16" or limit <= 0:
+            return None
+
+        def measure() -> float:
+            from .ort import CpuBackend
+
+            feeds = random_feeds(self._inputs, batch=min(2, self._max_batch), seed=0)
+            got = self._run(feeds)
+            ref_opts = BackendOptions(extra={"uint8_visual": build.uint8_visual, "cache_dir": self.options.extra.get("cache_dir")})
+            with CpuBackend(self.model_path, ref_opts) as ref:
+                want = ref.run(feeds)
+            return output_psnr([want[t.name] for t in self._outputs], [got[t.name] for t in self._outputs])
+
+        measured = recorded(self.engine_file.with_suffix(".json"), "fp16_psnr_vs_fp32", measure)
+        log.info("tensorrt: fp16 engine PSNR against fp32: %.1f dB", measured)
+        fp16_gate(self.name, self.model_path, measured, limit)
+        return measured
 
     def _load(self, engine_file: Path) -> None:
         import pycuda.driver as cuda
