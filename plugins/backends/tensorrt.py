@@ -233,7 +233,11 @@ def _build_engine_file(
         raise BackendError(f"TensorRT failed to build an engine for {model_path}; run with -vv for the builder log")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(out, bytes(serialized))
-    atomic_write(tc_file, bytes(config.get_timing_cache().serialize()))
+    # Builds of other engines (fp32 beside fp16, another model) share this file: merge, don't overwrite.
+    with build_lock(tc_file):
+        merged = config.create_timing_cache(tc_file.read_bytes() if tc_file.is_file() else b"")
+        merged.combine(config.get_timing_cache(), True)  # ignore_mismatch: keep what still applies
+        atomic_write(tc_file, bytes(merged.serialize()))
     meta = {"model": str(model_path), "key": key, "device": asdict(device), "build": asdict(build),
             "build_s": round(time.perf_counter() - start, 1)}  # fmt: skip
     atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=2).encode())
