@@ -79,6 +79,8 @@ class BenchConfig:
     baseline: str = "auto"
     #: frames the baseline renders; None = as many as the end-to-end render
     baseline_frames: int | None = None
+    #: intra-op threads of every ONNX Runtime session the harness makes for the UNet (model-only,
+    #: cross-check reference, end-to-end, ONNX Runtime baseline) and PyTorch's; None = all cores
     threads: int | None = None
     device_id: int = 0
     #: measure each backend's model-only cells in a fresh process (clean peak memory)
@@ -95,6 +97,9 @@ class BenchConfig:
                 raise ConfigError(f"{what} needs positive integers, e.g. 1,4,16; got {list(sizes)}")
         if self.repeats < 1 or self.warmup < 0 or self.cell_seconds < 0:
             raise ConfigError("--repeats must be >= 1, --warmup >= 0 and --cell-seconds >= 0")
+        if self.threads is not None and int(self.threads) < 1:
+            # caught here, not per backend: the backends would each be skipped with the same error
+            raise ConfigError(f"--threads must be at least 1 (leave it out for all cores), not {self.threads}")
         if self.baseline not in ("auto", "torch", "onnxruntime", "none"):
             raise ConfigError(f"--baseline must be auto, torch, onnxruntime or none, not {self.baseline!r}")
 

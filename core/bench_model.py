@@ -199,7 +199,11 @@ def measure_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     backend = cls(spec["model"], opts)
     load_s = time.perf_counter() - t0
-    result: dict[str, Any] = {"backend": name, "pid": os.getpid(), "cells": []}
+    # ``threads`` as the measuring process received it (through the spec file when isolated):
+    # the numbers mean little without knowing how many cores the backend was allowed
+    result: dict[str, Any] = {"backend": name, "pid": os.getpid(), "threads": opts.threads, "cells": []}
+    if hasattr(backend, "staging"):  # onnx-cuda: page-locked or pageable copies
+        result["staging"] = backend.staging
     try:
         first = make_feeds(backend.inputs, 1, int(spec.get("seed", 0)))
         t1 = time.perf_counter()

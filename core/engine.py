@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import queue
 import signal
 import sys
@@ -494,11 +493,10 @@ class Renderer:
         signals = _InterruptSignals(stop)
         try:
             chunks, whole = _pcm_chunks(audio, rate)
-            expected = None
-            if whole is not None:
-                expected = math.ceil(len(whole) * fps / rate)
-                if self.options.frame_limit is not None:
-                    expected = min(expected, self.options.frame_limit)
+            # the source knows what it yields: precomputed rows need not match the audio
+            expected = self.source.expected_frames(len(whole) if whole is not None else None)
+            if expected is not None and self.options.frame_limit is not None:
+                expected = min(expected, self.options.frame_limit)
             info = StreamInfo(
                 width=int(self.package.width),
                 height=int(self.package.height),

@@ -7,6 +7,7 @@ the Python API can pass user options straight through.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -111,6 +112,18 @@ class FeatureSource(Component):
     def lookahead_s(self) -> float:
         """Seconds of audio after a frame's time that its window depends on."""
         return 0.0
+
+    def expected_frames(self, samples: int | None) -> int | None:
+        """Frames a render of ``samples`` audio samples yields; None when unknown (live audio).
+
+        The engine tells sinks this before the first frame (progress total, file
+        metadata). The default, one frame per started ``1/fps`` of audio, is
+        what ``ave`` yields; a source that yields another count (precomputed
+        rows: the file's length) overrides it.
+        """
+        if samples is None:
+            return None
+        return math.ceil(samples * Fraction(self.fps) / self.sample_rate)
 
     @abstractmethod
     def open_stream(self) -> RowStream:

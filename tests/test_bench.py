@@ -216,6 +216,63 @@ def test_cli_bench(workdir: dict[str, Path]) -> None:
     assert (out / "cli.md").is_file() and (out / "cli.png").stat().st_size > 0
 
 
+class _SessionSpy:
+    """Wraps ``onnxruntime.InferenceSession``: records each session's model and intra-op thread count."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import onnxruntime
+
+        real = onnxruntime.InferenceSession
+        self.seen: list[tuple[str, int]] = []
+        spy = self
+
+        class Recording(real):  # type: ignore[misc,valid-type]
+            def __init__(self, path: Any, sess_options: Any = None, *args: Any, **kwargs: Any) -> None:
+                spy.seen.append((Path(str(path)).name, sess_options.intra_op_num_threads if sess_options else 0))
+                super().__init__(path, sess_options, *args, **kwargs)
+
+        monkeypatch.setattr(onnxruntime, "InferenceSession", Recording)
+
+    def unet_threads(self) -> list[int]:
+        return [n for name, n in self.seen if name.startswith("unet-")]
+
+
+def test_cli_threads_reach_the_sessions(workdir: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads sets intra_op_num_threads of every UNet session (measured, reference, render, baseline) and is recorded."""
+    spy = _SessionSpy(monkeypatch)
+    out = workdir["root"] / "threads-out"
+    args = [
+        "bench", "--tiny", "--backends", "cpu", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+        "--cell-seconds", "0", "--seconds", "0.2", "--avatar", str(workdir["avatar"]), "--audio", str(workdir["audio"]),
+        "--baseline", "onnxruntime", "--no-isolate", "--cache-dir", str(workdir["cache"]), "--out", str(out),
+    ]  # fmt: skip
+    res = CliRunner().invoke(cli, [*args, "--threads", "1", "--name", "t1"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    # model-only, cross-check reference, end-to-end render, ONNX Runtime baseline
+    assert spy.unet_threads() == [1, 1, 1, 1]
+    doc = json.loads((out / "t1.json").read_text())
+    assert doc["settings"]["threads"] == 1 and doc["backends"]["cpu"]["threads"] == 1
+    # without the option ORT picks (0 = its default): the spy would see a lost --threads
+    spy.seen.clear()
+    res = CliRunner().invoke(cli, [*args, "--mode", "model", "--name", "t0"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert spy.unet_threads() == [0, 0]
+    doc = json.loads((out / "t0.json").read_text())
+    assert doc["settings"]["threads"] is None and doc["backends"]["cpu"]["threads"] is None
+
+
+def test_threads_cross_into_the_isolated_process(workdir: dict[str, Path]) -> None:
+    """The default (isolated) measurement gets --threads through its spec file."""
+    cfg = BenchConfig(mode="model", backends=["cpu"], batch_sizes=[1], threads=2, cache_dir=workdir["cache"],
+                      **{**TINY, "repeats": 1})  # fmt: skip
+    result = run_bench(cfg)
+    cpu = result["backends"]["cpu"]
+    assert cpu["isolated_process"] and cpu["pid"] != os.getpid()
+    assert cpu["threads"] == 2 and result["settings"]["threads"] == 2
+    with pytest.raises(ConfigError, match="--threads"):
+        run_bench(BenchConfig(threads=0, cache_dir=workdir["cache"], **TINY))
+
+
 def test_cli_rejects_bad_batch_sizes() -> None:
     res = CliRunner().invoke(cli, ["bench", "--batch-sizes", "1,x"])
     assert res.exit_code != 0 and "comma-separated integers" in res.output

@@ -314,6 +314,35 @@ def test_precomputed_features_frames_carry_their_own_audio(models: dict[str, Pat
     assert all(np.array_equal(a.image, b.image) for a, b in zip(frames, ave))
 
 
+def test_stream_info_frame_count_is_the_frames_rendered(models: dict[str, Path], demo_avatar: Path, tmp_path: Path) -> None:
+    """Sinks are told the frames a render really yields: for npy that is the file's rows, not the audio's length."""
+    from avatar.demo import speechlike_audio
+    from avatar.render import render
+    from avatar_plugins.sinks.callback import CallbackSink
+
+    def run(audio, **kw):  # type: ignore[no-untyped-def]
+        frames: list = []
+        infos: list = []
+        report = render(demo_avatar, audio, sinks=[CallbackSink(frames.append, on_open=infos.append)], model=models["unet"],
+                        backend="cpu", batch_size=4, **kw)  # fmt: skip
+        assert report.frames == len(frames)
+        return infos[0].frame_count, len(frames)
+
+    rng = np.random.default_rng(5)
+    npy = tmp_path / "rows.npy"
+    pcm = speechlike_audio(0.6, seed=2)  # 15 frames of audio
+    for n_rows in (10, 21):  # fewer rows than the audio's frames, then more
+        np.save(npy, rng.standard_normal((n_rows, 512)).astype(np.float32))
+        npy_opts = dict(features="npy", feature_options={"path": str(npy)})
+        assert run(pcm, **npy_opts) == (n_rows, n_rows)
+        # live audio (chunks of unknown total): the count is still known
+        assert run(iter([pcm[:4000], pcm[4000:]]), **npy_opts) == (n_rows, n_rows)
+        assert run(pcm, frame_limit=7, **npy_opts) == (7, 7)
+    # a source whose rows come from the audio is unchanged
+    assert run(pcm, feature_options={"encoder": str(models["encoder"])}) == (15, 15)
+    assert run(iter([pcm]), feature_options={"encoder": str(models["encoder"])}) == (None, 15)
+
+
 # --------------------------------------------------------------------------- review findings
 
 

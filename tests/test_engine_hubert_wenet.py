@@ -117,3 +117,28 @@ def test_model_and_source_mismatch_is_one_clear_line(world: dict[str, Path]) -> 
     assert r.exit_code != 0
     assert "(32, 32, 32)" in r.output and "(256, 16, 32)" in r.output
     assert r.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("seconds", [0.4, 0.81, 1.0, 1.37])
+def test_sinks_are_told_the_frames_wenet_and_hubert_really_yield(world: dict[str, Path], tmp_path: Path, seconds: float) -> None:
+    """StreamInfo.frame_count equals the frames delivered, though these sources round differently from ceil(d * fps)."""
+    pytest.importorskip("transformers")
+    from test_feature_hubert import _save_tiny
+
+    from avatar.demo import speechlike_audio
+    from avatar.render import render
+    from avatar_plugins.sinks.callback import CallbackSink
+
+    pcm = speechlike_audio(seconds, seed=6)
+    hubert_dir = _save_tiny(tmp_path / "tiny-hubert")
+    cases = {
+        "wenet": (world["wenet_unet"], {"model": str(world["wenet_enc"])}),
+        "hubert": (world["hubert_unet"], {"model": str(hubert_dir)}),
+    }
+    for name, (unet, opts) in cases.items():
+        frames: list = []
+        infos: list = []
+        render(world["pkg"], pcm, sinks=[CallbackSink(frames.append, on_open=infos.append)], model=unet,
+               features=name, feature_options=opts, backend="cpu")  # fmt: skip
+        assert infos[0].frame_count == len(frames), (name, seconds)
+

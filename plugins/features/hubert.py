@@ -251,6 +251,10 @@ class HubertSource(FeatureSource):
         parts = [clips.push(x), clips.finish()]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
+    def expected_frames(self, samples: int | None) -> int | None:
+        """Video frames (rows) for ``samples`` of audio: ``ceil(T / 2)``, not the 25 fps rounding."""
+        return None if samples is None else expected_rows(samples)
+
     def open_stream(self) -> HubertStream:
         return HubertStream(self._runner, self.clip, self.do_normalize)
 

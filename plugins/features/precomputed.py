@@ -75,6 +75,16 @@ class PrecomputedSource(FeatureSource):
         self.path = Path(path)
         self.features = load_rows(self.path)
 
+    def expected_frames(self, samples: int | None) -> int:
+        """The file's row count, whatever ``samples`` (the audio's length; None for live audio) is.
+
+        Every row becomes a frame and the audio neither adds nor removes any
+        (see the module docstring), so a count derived from the audio, as for
+        sources that extract rows from it, would tell sinks (progress total,
+        file metadata) a number of frames the render never produces.
+        """
+        return len(self.features)
+
     def open_stream(self) -> "PrecomputedStream":
         return PrecomputedStream(self.features)
 

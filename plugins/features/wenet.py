@@ -103,6 +103,19 @@ def row_count(fbank_frames: int) -> int:
     return 1 + max(0, (fbank_frames - (CHUNK_FRAMES - CHUNK_STRIDE + 1)) // CHUNK_STRIDE)
 
 
+def rows_for_samples(samples: int) -> int:
+    """Rows (20 fps frames) for ``samples`` of audio: the padded signal's fbank frames through :func:`row_count`.
+
+    Kaldi's ``snip_edges`` framing keeps ``1 + (L - 400) // 160`` frames of an
+    ``L``-sample signal (none shorter than one 25 ms window); empty audio gives no rows.
+    """
+    if samples <= 0:
+        return 0
+    padded = samples + PAD_BEFORE + PAD_AFTER
+    window, shift = SAMPLE_RATE * 25 // 1000, SAMPLE_RATE * 10 // 1000
+    return row_count(0 if padded < window else 1 + (padded - window) // shift)
+
+
 def _import_knf() -> Any:
     try:
         import kaldi_native_fbank as knf
@@ -328,6 +341,10 @@ class WenetSource(FeatureSource):
         row = (CHUNK_FRAMES - 1) * 0.010 + 0.025 - PAD_BEFORE / SAMPLE_RATE
         after = self.window_rows - self.window_before - 1
         return round(row + after / float(self.fps), 6)
+
+    def expected_frames(self, samples: int | None) -> int | None:
+        """Video frames (rows) for ``samples`` of audio: upstream's chunk loop, not the 20 fps rounding."""
+        return None if samples is None else rows_for_samples(samples)
 
     def open_stream(self) -> WenetStream:
         return WenetStream(self._encoder)
