@@ -40,6 +40,14 @@ def _feeds(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"input": sample_visual(batch, seed=seed), "audio": sample_audio("ave", batch, seed=seed)}
 
 
+def _uint8_case(unet: Path, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 pixels, audio, and the cpu backend's output for the same pixels as float."""
+    x = np.round(sample_visual(batch) * 255).astype(np.uint8)
+    a = sample_audio("ave", batch)
+    with CpuBackend(unet) as ref:
+        return x, a, ref.run({"input": x.astype(np.float32) / 255, "audio": a})["output"]
+
+
 # --------------------------------------------------------------------------- cpu
 
 
@@ -183,10 +191,7 @@ def test_cpu_closed_backend_refuses_to_run(models):
 
 
 def test_cpu_uint8_visual_option(models):
-    x = np.round(sample_visual(3) * 255).astype(np.uint8)
-    a = sample_audio("ave", 3)
-    with CpuBackend(models["unet"]) as ref:
-        want = ref.run({"input": x.astype(np.float32) / 255, "audio": a})["output"]
+    x, a, want = _uint8_case(models["unet"], 3)
     with CpuBackend(models["unet"], BackendOptions(extra={"uint8_visual": True})) as b:
         assert np.dtype(b.inputs[0].dtype) == np.uint8
         assert b.model_file != models["unet"] and b.model_file.parent.name == "models"
@@ -287,10 +292,7 @@ def test_gpu_onnx_cuda_matches_cpu(models, io_binding):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_onnx_cuda_fp16_and_uint8(models):
-    x = np.round(sample_visual(4) * 255).astype(np.uint8)
-    a = sample_audio("ave", 4)
-    with CpuBackend(models["unet"]) as ref:
-        want = ref.run({"input": x.astype(np.float32) / 255, "audio": a})["output"]
+    x, a, want = _uint8_case(models["unet"], 4)
     with OnnxCudaBackend(models["unet"], BackendOptions(max_batch=4, extra={"uint8_visual": True})) as b:
         assert np.abs(b.run({"input": x, "audio": a})["output"] - want).max() <= 1e-3
     with OnnxCudaBackend(models["unet"], BackendOptions(max_batch=4, precision="fp16", extra={"uint8_visual": True})) as b:
@@ -421,14 +423,20 @@ def test_io_binding_path_binds_per_batch_size_and_matches_plain_runs(models):
         want = ref.run(feeds)["output"]
         want_tail = ref.run({k: v[:3] for k, v in feeds.items()})["output"]
     with _BoundOnCpu(models["unet"], BackendOptions(max_batch=4)) as b:
+        st = b._staging
         assert sorted(b._bindings) == [4]  # max_batch buffers made at load
+        assert b.staging == "cpu-memory" and {k: v.shape[0] for k, v in b._host.items()} == {"input": 4, "audio": 4, "output": 4}
         got = b.run(feeds)["output"]
         tail = b.run({k: v[:3] for k, v in feeds.items()})["output"]
         assert sorted(b._bindings) == [3, 4]
+        in_bytes = sum(v.nbytes for v in feeds.values())
+        assert st.h2d_bytes == in_bytes + in_bytes * 3 // 4  # every input byte crossed; the tail only its rows
+        assert st.d2h_bytes == want.nbytes + want_tail.nbytes and st.syncs == 2
         again = b.run(_feeds(4, seed=8))["output"]
         assert b.stats.calls == 3
         with pytest.raises(BackendError, match="exceeds max_batch=4"):
             b.run(_feeds(5))
+    assert st.closed and b._host == {}
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(tail, want_tail, atol=1e-6)
     assert np.abs(again - got).mean() > 1e-3  # new inputs really reached the bound buffers
@@ -442,30 +450,8 @@ def test_io_binding_can_be_switched_off(models):
         assert out.shape[0] == 5 and b._bindings == {}
 
 
-def test_staged_runs_copy_through_the_staging_buffers(models):
-    feeds = _feeds(4)
-    with CpuBackend(models["unet"]) as ref:
-        want = ref.run(feeds)["output"]
-        want_tail = ref.run({k: v[:2] for k, v in feeds.items()})["output"]
-    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=4)) as b:
-        st = b._staging
-        assert b.staging == "cpu-memory" and set(b._host) == {"input", "audio", "output"}
-        assert b._host["input"].shape == (4, 6, 320, 320)  # sized for max_batch once
-        got = b.run(feeds)["output"]
-        tail = b.run({k: v[:2] for k, v in feeds.items()})["output"]
-        in_bytes = sum(v.nbytes for v in feeds.values())
-        assert st.h2d_bytes == in_bytes + in_bytes // 2  # every input byte crossed, tail batch only its rows
-        assert st.d2h_bytes == want.nbytes + want_tail.nbytes and st.syncs == 2
-    assert st.closed and b._host == {}
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    np.testing.assert_allclose(tail, want_tail, atol=1e-6)
-
-
 def test_staged_uint8_visual_moves_a_quarter_of_the_bytes(models):
-    x = np.round(sample_visual(2) * 255).astype(np.uint8)
-    a = sample_audio("ave", 2)
-    with CpuBackend(models["unet"]) as ref:
-        want = ref.run({"input": x.astype(np.float32) / 255, "audio": a})["output"]
+    x, a, want = _uint8_case(models["unet"], 2)
     with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2, extra={"uint8_visual": True})) as b:
         assert b._host["input"].dtype == np.uint8
         got = b.run({"input": x, "audio": a})["output"]
