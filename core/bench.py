@@ -79,8 +79,8 @@ class BenchConfig:
     baseline: str = "auto"
     #: frames the baseline renders; None = as many as the end-to-end render
     baseline_frames: int | None = None
-    #: intra-op threads of every ONNX Runtime session the harness makes for the UNet (model-only,
-    #: cross-check reference, end-to-end, ONNX Runtime baseline) and PyTorch's; None = all cores
+    #: intra-op threads of every ONNX Runtime session the harness makes (the UNet's: model-only,
+    #: cross-check reference, end-to-end, ONNX Runtime baseline; the ave encoder's) and PyTorch's; None = all cores
     threads: int | None = None
     device_id: int = 0
     #: measure each backend's model-only cells in a fresh process (clean peak memory)
@@ -470,7 +470,9 @@ def _end_to_end(
         cfg.baseline, model=model, seeded=seeded, mode=result["model"]["feature_type"], seed=cfg.seed, threads=cfg.threads
     )
     frames = cfg.baseline_frames or (max((r["frames"] for r in runs), default=0) or int(cfg.seconds * 25))
-    base = bench_e2e.run_baseline(avatar, pcm, net=net, encoder=encoder, frames=frames, out_file=tmp / "baseline.mp4")
+    base = bench_e2e.run_baseline(
+        avatar, pcm, net=net, encoder=encoder, frames=frames, out_file=tmp / "baseline.mp4", threads=cfg.threads
+    )
     if reference is None:
         reference = _reference_output(model, check, cfg.threads)
     base["crosscheck"] = _compare(reference, bench_e2e.baseline_crosscheck(net, check))

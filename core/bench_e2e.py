@@ -191,7 +191,7 @@ def run_render(
         sinks=[("file", {"path": str(out_file)})],
         model=model,
         features="ave",
-        feature_options={"encoder": str(encoder), "backend": feature_backend, "device_id": device_id},
+        feature_options={"encoder": str(encoder), "backend": feature_backend, "device_id": device_id, "threads": threads},
         backend=backend,
         backend_options=BackendOptions(device_id=device_id, max_batch=batch_size, threads=threads),
         batch_size=batch_size,
@@ -314,6 +314,7 @@ def run_baseline(
     encoder: Path,
     frames: int,
     out_file: Path,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """The synchronous, one-frame-at-a-time loop of the upstream inference script."""
     import cv2
@@ -323,7 +324,7 @@ def run_baseline(
     from .schedule import schedule
 
     t0 = time.perf_counter()
-    source = get_plugin_manager().feature_source("ave", encoder=str(encoder))
+    source = get_plugin_manager().feature_source("ave", encoder=str(encoder), threads=threads)
     try:
         windows = source.windows(pcm).astype(np.float32)
     finally:

@@ -41,3 +41,32 @@ def talk_wav() -> Path:
 @pytest.fixture(scope="session")
 def silence_wav() -> Path:
     return _need(SHARED_DATA / "audio" / "silence_20s.wav")
+
+
+class SessionLog:
+    """Every ONNX Runtime session made while a test runs: (model file name, intra-op threads).
+
+    The sessions stay real; the log only notes what they were given.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import onnxruntime
+
+        real = onnxruntime.InferenceSession
+        self.seen: list[tuple[str, int]] = []
+        log = self
+
+        class Recording(real):  # type: ignore[misc,valid-type]
+            def __init__(self, path, sess_options=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+                name = "<bytes>" if isinstance(path, (bytes, bytearray)) else Path(str(path)).name
+                log.seen.append((name, sess_options.intra_op_num_threads if sess_options else 0))
+                super().__init__(path, sess_options, *args, **kwargs)
+
+        monkeypatch.setattr(onnxruntime, "InferenceSession", Recording)
+
+
+@pytest.fixture
+def ort_sessions(monkeypatch: pytest.MonkeyPatch) -> SessionLog:
+    """A :class:`SessionLog` for this test."""
+    return SessionLog(monkeypatch)
+

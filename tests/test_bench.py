@@ -216,30 +216,13 @@ def test_cli_bench(workdir: dict[str, Path]) -> None:
     assert (out / "cli.md").is_file() and (out / "cli.png").stat().st_size > 0
 
 
-class _SessionSpy:
-    """Wraps ``onnxruntime.InferenceSession``: records each session's model and intra-op thread count."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import onnxruntime
-
-        real = onnxruntime.InferenceSession
-        self.seen: list[tuple[str, int]] = []
-        spy = self
-
-        class Recording(real):  # type: ignore[misc,valid-type]
-            def __init__(self, path: Any, sess_options: Any = None, *args: Any, **kwargs: Any) -> None:
-                spy.seen.append((Path(str(path)).name, sess_options.intra_op_num_threads if sess_options else 0))
-                super().__init__(path, sess_options, *args, **kwargs)
-
-        monkeypatch.setattr(onnxruntime, "InferenceSession", Recording)
-
-    def unet_threads(self) -> list[int]:
-        return [n for name, n in self.seen if name.startswith("unet-")]
+def _unet_threads(log: Any) -> list[int]:
+    return [n for name, n in log.seen if name.startswith("unet-")]
 
 
-def test_cli_threads_reach_the_sessions(workdir: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_threads_reach_the_sessions(workdir: dict[str, Path], ort_sessions: Any) -> None:
     """--threads sets intra_op_num_threads of every UNet session (measured, reference, render, baseline) and is recorded."""
-    spy = _SessionSpy(monkeypatch)
+    spy = ort_sessions
     out = workdir["root"] / "threads-out"
     args = [
         "bench", "--tiny", "--backends", "cpu", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
@@ -249,14 +232,17 @@ def test_cli_threads_reach_the_sessions(workdir: dict[str, Path], monkeypatch: p
     res = CliRunner().invoke(cli, [*args, "--threads", "1", "--name", "t1"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     # model-only, cross-check reference, end-to-end render, ONNX Runtime baseline
-    assert spy.unet_threads() == [1, 1, 1, 1]
+    assert _unet_threads(spy) == [1, 1, 1, 1]
+    # the ave encoder's sessions too (sessions from bytes calibrate the seeded test models, outside any measurement)
+    files = [n for name, n in spy.seen if name != "<bytes>"]
+    assert set(files) == {1} and len(files) > 4, spy.seen
     doc = json.loads((out / "t1.json").read_text())
     assert doc["settings"]["threads"] == 1 and doc["backends"]["cpu"]["threads"] == 1
     # without the option ORT picks (0 = its default): the spy would see a lost --threads
     spy.seen.clear()
     res = CliRunner().invoke(cli, [*args, "--mode", "model", "--name", "t0"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert spy.unet_threads() == [0, 0]
+    assert _unet_threads(spy) == [0, 0]
     doc = json.loads((out / "t0.json").read_text())
     assert doc["settings"]["threads"] is None and doc["backends"]["cpu"]["threads"] is None
 

@@ -508,6 +508,27 @@ def test_cli_report_and_sink_options(models: dict[str, Path], demo_avatar: Path,
     assert r.exit_code != 0 and "fiel" in r.output
 
 
+def test_cli_threads_reach_the_model_and_encoder_sessions(
+    models: dict[str, Path], demo_avatar: Path, tmp_path: Path, ort_sessions: Any
+) -> None:
+    from click.testing import CliRunner
+
+    from avatar.cli import cli
+    from avatar.demo import speechlike_audio, write_wav
+
+    seen = ort_sessions.seen
+    wav = tmp_path / "a.wav"
+    write_wav(wav, speechlike_audio(0.4))
+    base = ["run", "--avatar", str(demo_avatar), "--audio", str(wav), "--model", str(models["unet"]),
+            "--ave-encoder", str(models["encoder"]), "--backend", "cpu", "-o", str(tmp_path / "t.mp4"), "--no-progress"]  # fmt: skip
+    r = CliRunner().invoke(cli, [*base, "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert sorted(name for name, _ in seen) == sorted([models["unet"].name, models["encoder"].name])
+    assert [n for _, n in seen] == [1, 1]
+    r = CliRunner().invoke(cli, [*base, "--threads", "0"])
+    assert r.exit_code == 2 and "--threads" in r.output
+
+
 def test_uint8_visual_on_the_device_gives_the_same_frames(models: dict[str, Path], demo_avatar: Path) -> None:
     """The backend's uint8_visual option (normalise in the graph) reaches the engine and changes nothing visible."""
     from avatar import BackendOptions

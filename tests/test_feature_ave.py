@@ -144,6 +144,17 @@ def test_bad_options(pm, models) -> None:  # type: ignore[no-untyped-def]
         pm.feature_source("ave", encoder=enc, padding="mirror")
     with pytest.raises(ConfigError, match="no backend named"):
         pm.feature_source("ave", encoder=enc, backend="no-such-backend")
+    with pytest.raises(ConfigError, match="threads must be at least 1"):
+        pm.feature_source("ave", encoder=enc, threads=0)
+
+
+def test_threads_option_reaches_the_encoder_session(pm, models) -> None:  # type: ignore[no-untyped-def]
+    pcm = _speechish(16000, seed=2)
+    one = pm.feature_source("ave", encoder=models["enc0"], threads=1)
+    default = pm.feature_source("ave", encoder=models["enc0"])
+    assert one.backend._session.get_session_options().intra_op_num_threads == 1
+    assert default.backend._session.get_session_options().intra_op_num_threads == 0  # ORT's own choice
+    np.testing.assert_allclose(one.rows(pcm), default.rows(pcm), atol=1e-5)  # threads never change the result
 
 
 def test_wrong_models_are_explained(pm, models) -> None:  # type: ignore[no-untyped-def]

@@ -47,7 +47,7 @@ def _coerce(v: str) -> Any:
 @click.option("--device-id", default=0, show_default=True, help="GPU index for GPU backends.")
 @click.option("--fp16", is_flag=True, help="Half precision on GPU backends.")
 @click.option("--batch", "batch_size", default=8, show_default=True, help="Frames per inference call.")
-@click.option("--threads", type=int, help="CPU threads for the cpu backend.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads of each ONNX Runtime session (the model, the ave encoder).")
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
 @click.option("--rtmp-url", help="rtmp://host/app/KEY for the rtmp sink (the key is never printed).")
@@ -93,6 +93,8 @@ def run(
         fopts["padding"] = padding
     if features == "ave" and ave_encoder:
         fopts["encoder"] = ave_encoder
+    if features == "ave" and threads:
+        fopts["threads"] = threads
     if features == "npy":
         if not features_file:
             raise ConfigError("--features npy needs --features-file FEATURES.npy")

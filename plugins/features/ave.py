@@ -103,13 +103,14 @@ class AveSource(FeatureSource):
         device_id: int = 0,
         stft_pad: str = "constant",
         padding: str | None = None,
+        threads: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__(padding=padding)
         if options:
             raise ConfigError(
                 f"unknown option(s) for feature source 'ave': {', '.join(sorted(options))} "
-                "(valid: encoder, backend, batch, device_id, stft_pad, padding)"
+                "(valid: encoder, backend, batch, device_id, stft_pad, padding, threads)"
             )
         if encoder is None or str(encoder) == "":
             raise ConfigError(f"the 'ave' feature source needs an audio-encoder model: pass encoder=PATH; {_MAKE_ENCODER}")
@@ -130,7 +131,10 @@ class AveSource(FeatureSource):
         from avatar.plugins import get_plugin_manager
 
         cls = get_plugin_manager().backend_class(backend)
-        self._backend: Backend | None = cls(path, BackendOptions(max_batch=self.batch, device_id=int(device_id)))
+        if threads is not None and int(threads) < 1:
+            raise ConfigError(f"threads must be at least 1 (leave it out for all cores), not {threads!r}")
+        opts = BackendOptions(max_batch=self.batch, device_id=int(device_id), threads=None if threads is None else int(threads))
+        self._backend: Backend | None = cls(path, opts)
         try:
             self._input, self._output, self._fixed_batch = self._check_encoder(self._backend)
         except FeatureError:
