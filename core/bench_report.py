@@ -39,7 +39,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"**Measured:** {result['created']}; 1-minute load average {_f(env.get('load_avg_1m_at_start'), 2)} at start, "
         f"{_f(env.get('load_avg_1m_at_end'), 2)} at end (other work on the machine slows every figure)  ",
         f"**Model:** UNet-328 ({result['model']['feature_type']}), "
-        f"{'tiny ' if result['model']['tiny'] else ''}{result['model']['note']}",
+        f"{'tiny ' if result['model']['tiny'] else ''}{result['model']['note']}  ",
+        f"**Threads:** {result['settings'].get('threads') or 'all cores'} per ONNX Runtime session",
         "",
     ]
     s = result["settings"]

@@ -238,6 +238,7 @@ def test_cli_threads_reach_the_sessions(workdir: dict[str, Path], ort_sessions: 
     assert set(files) == {1} and len(files) > 4, spy.seen
     doc = json.loads((out / "t1.json").read_text())
     assert doc["settings"]["threads"] == 1 and doc["backends"]["cpu"]["threads"] == 1
+    assert "**Threads:** 1 per ONNX Runtime session" in (out / "t1.md").read_text()
     # without the option ORT picks (0 = its default): the spy would see a lost --threads
     spy.seen.clear()
     res = CliRunner().invoke(cli, [*args, "--mode", "model", "--name", "t0"], catch_exceptions=False)
@@ -245,6 +246,7 @@ def test_cli_threads_reach_the_sessions(workdir: dict[str, Path], ort_sessions: 
     assert _unet_threads(spy) == [0, 0]
     doc = json.loads((out / "t0.json").read_text())
     assert doc["settings"]["threads"] is None and doc["backends"]["cpu"]["threads"] is None
+    assert "**Threads:** all cores" in (out / "t0.md").read_text()
 
 
 def test_threads_cross_into_the_isolated_process(workdir: dict[str, Path]) -> None:
