@@ -696,3 +696,22 @@ def test_availability_does_not_load_the_cuda_provider_library(monkeypatch):
     assert loaded == []  # nothing loaded for the cheap check
     ort_mod._cuda_provider_loads.__wrapped__()  # the check at load does load it
     assert loaded[0] == "preload_dlls" and any("providers_cuda" in n for n in loaded)
+
+
+def test_gpu_dependencies_pin_one_cuda_major():
+    """onnxruntime-gpu and cuda-bindings must need the same CUDA major (13): one driver serves both."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = {r.name: r.specifier for r in map(Requirement, deps)}
+    # 1.25 and older are CUDA 12 builds on PyPI, 1.27 to 1.31 CUDA 13 (read from their wheel metadata)
+    assert [v in spec["onnxruntime-gpu"] for v in ("1.25.0", "1.27.0", "1.31.1", "1.32.0")] == [False, True, True, False]
+    assert [v in spec["cuda-bindings"] for v in ("12.9.0", "13.0.0", "13.5.0", "14.0.0")] == [False, True, True, False]
+    try:  # what is installed here agrees
+        from onnxruntime.capi import build_and_package_info as info
+        import cuda.bindings
+    except ImportError:
+        return
+    if getattr(info, "package_name", "") == "onnxruntime-gpu":
+        assert info.cuda_version.split(".")[0] == cuda.bindings.__version__.split(".")[0] == "13"
