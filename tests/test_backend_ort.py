@@ -315,6 +315,41 @@ def test_gpu_onnx_cuda_user_stream(models):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_onnx_cuda_places_compute_nodes_on_cuda_and_pads_partial_batches(models, caplog):
+    feeds = _feeds(8)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run(feeds)["output"]
+    with caplog.at_level(logging.WARNING, logger="avatar_plugins.backends.ort"):
+        opts = BackendOptions(max_batch=8, extra={"cpu_fallback": "error"})  # a compute node on the CPU fails the load
+        with OnnxCudaBackend(models["unet"], opts) as b:
+            assert b.node_placement.get("CUDAExecutionProvider", 0) > 0  # ONNX Runtime's real log was read
+            assert sorted(b._bindings) == [1, 2, 4, 8]  # bound and warmed up at load
+            for n in (3, 5, 7, 8, 1):  # live input's partial batches: padded, never a new binding
+                np.testing.assert_allclose(b.run({k: v[:n] for k, v in feeds.items()})["output"], want[:n], atol=1e-3)
+            assert sorted(b._bindings) == [1, 2, 4, 8]
+    assert "could not read" not in caplog.text
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_onnx_cuda_aliased_outputs_survive_close(models):
+    import gc
+
+    b = OnnxCudaBackend(models["unet"], BackendOptions(max_batch=2, extra={"alias_outputs": True}))
+    st = b._staging
+    assert b.staging == "pinned"
+    out = b.run(_feeds(2))["output"]
+    kept = out.copy()
+    b.close()
+    assert st._buffers  # not freed: an aliased output is alive
+    np.testing.assert_array_equal(out, kept)
+    del out
+    gc.collect()
+    assert st._buffers == []  # cudaFreeHost once the last alias died
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_onnx_cuda_audio_encoder(models):
     mel = sample_mel(8)
     with CpuBackend(models["encoder"]) as ref, OnnxCudaBackend(models["encoder"], BackendOptions(max_batch=8)) as b:
@@ -619,9 +654,10 @@ class _FallsBackToCpu(_BoundOnCpu):
 
 def test_cpu_fallback_of_compute_nodes_is_visible(models, caplog, capfd):
     with caplog.at_level(logging.WARNING, logger="avatar_plugins.backends.ort"):
-        with _FallsBackToCpu(models["unet"], BackendOptions(max_batch=1, extra={"warmup": False})):
+        with _FallsBackToCpu(models["unet"], BackendOptions(max_batch=1, extra={"warmup": False})) as b:
             pass
     assert "runs all 19 nodes of tiny.onnx on the CPU, not on CUDAExecutionProvider" in caplog.text
+    assert b.node_placement == {"CPUExecutionProvider": 19}
     assert "VerifyEachNodeIsAssignedToAnEp" not in capfd.readouterr().err  # the VERBOSE log stays captured
     with pytest.raises(BackendError, match="on the CPU.*cpu_fallback=warn"):
         _FallsBackToCpu(models["unet"], BackendOptions(max_batch=1, extra={"cpu_fallback": "error"}))

@@ -109,8 +109,14 @@ def test_build_options_from_backend_options():
     )
     assert (b.opt_batch, b.max_batch, b.workspace_mb, b.uint8_visual, b.tf32) == (16, 64, 512, True, False)
     assert trt_backend.build_options_from(BackendOptions(extra={"tf32": True})).tf32
-    with pytest.raises(ConfigError):
-        trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"opt_batch": 8}))
+    b = trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"opt_batch": 8}))
+    assert (b.opt_batch, b.max_batch) == (8, 8)  # an engine tuned for 8 must accept 8
+    b = trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"profile_max_batch": 16}))
+    assert (b.opt_batch, b.max_batch) == (4, 16)
+    with pytest.raises(ConfigError, match="min <= opt <= max"):
+        trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"opt_batch": 8, "profile_max_batch": 4}))
+    with pytest.raises(ConfigError, match="smaller than max_batch"):
+        trt_backend.build_options_from(BackendOptions(max_batch=8, extra={"profile_max_batch": 4}))
 
 
 # --------------------------------------------------------------------------- profile and buffers
@@ -515,6 +521,37 @@ def test_gpu_tensorrt_alias_outputs_threads_and_onnx_runtime_together(unet, tmp_
             with OnnxCudaBackend(unet, BackendOptions(max_batch=2)) as ort_b:
                 np.testing.assert_allclose(ort_b.run(_feeds(2))["output"], kept, atol=1e-3)
             np.testing.assert_allclose(b.run(_feeds(2))["output"], kept, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_gpu_tensorrt_close_leaves_the_thread_without_a_current_context(unet, tmp_path):
+    """pycuda's detach of the primary context used to leave it on the driver's stack after every close."""
+    driver = pytest.importorskip("cuda.bindings.driver")
+    opts = BackendOptions(max_batch=2, extra={"cache_dir": str(tmp_path)})
+    trt_backend.TensorRTBackend(unet, opts).close()  # the engine is built (and cached) outside the thread
+    current: list[int] = []
+
+    def worker() -> None:  # a fresh thread starts with empty context stacks
+        for _ in range(3):
+            with trt_backend.TensorRTBackend(unet, opts) as b:
+                b.run(_feeds(1))
+            err, ctx = driver.cuCtxGetCurrent()
+            current.append(int(ctx) if err == driver.CUresult.CUDA_SUCCESS else -1)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert current == [0, 0, 0]
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_gpu_tensorrt_covering_engine_is_reused(unet, tmp_path):
+    res = CliRunner().invoke(cli, ["build-engine", str(unet), "--max-batch", "8", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    with trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=4, extra={"cache_dir": str(tmp_path)})) as b:
+        assert b.engine_file == Path(res.output.split()[0]) and b.stats.load_s < 30  # deserialised, not built
 
 
 @pytest.mark.gpu

@@ -398,6 +398,8 @@ class OnnxCudaBackend(_OrtBackend):
         self._leases = LeasedBuffers(self._staging.close, "onnx-cuda staging") if self._staging is not None else None
         self._staged = False
         self._sizes: list[int] = []
+        #: nodes per execution provider, as ONNX Runtime placed them at load ({} when not checked)
+        self.node_placement: dict[str, int] = {}
         try:
             super().__init__(model_path, opts)
         except BaseException:
@@ -447,9 +449,13 @@ class OnnxCudaBackend(_OrtBackend):
             probe = _ort().InferenceSession(str(path), sess_options=so, providers=self._providers())
         del probe
         placements = placement.node_placements(captured.text)
+        self.node_placement = {k: n for k, (n, _) in placements.items()}
+        if not placements:  # ONNX Runtime changed its log: say so rather than pretend all is well
+            log.warning("%s: could not read ONNX Runtime's node placement; CPU fallbacks go unreported", self.name)
+            return
         found = placement.cpu_fallbacks(placements, self.provider)
         if found is None:
-            log.debug("%s: node placement %s", self.name, {k: n for k, (n, _) in placements.items()})
+            log.debug("%s: node placement %s", self.name, self.node_placement)
             return
         total = sum(n for n, _ in placements.values())
         msg = (

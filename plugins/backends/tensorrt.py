@@ -286,13 +286,14 @@ def build_options_from(options: BackendOptions) -> BuildOptions:
     """The engine a backend builds when no cached engine covers its ``max_batch``."""
     extra = options.extra
     need = int(options.max_batch)
-    max_b = int(extra.get("profile_max_batch", need))
+    opt = int(extra.get("opt_batch", need))
+    max_b = int(extra.get("profile_max_batch", max(need, opt)))
     if max_b < need:
         raise ConfigError(f"profile_max_batch={max_b} is smaller than max_batch={need}; the engine must accept every batch run")
     return BuildOptions(
         precision=options.precision,
         min_batch=1,
-        opt_batch=int(extra.get("opt_batch", min(need, max_b))),
+        opt_batch=opt,
         max_batch=max_b,
         workspace_mb=int(extra.get("workspace_mb", 4096)),
         uint8_visual=bool(extra.get("uint8_visual", False)),
