@@ -751,3 +751,47 @@ def test_gpu_dependencies_pin_one_cuda_major():
         return
     if getattr(info, "package_name", "") == "onnxruntime-gpu":
         assert info.cuda_version.split(".")[0] == cuda.bindings.__version__.split(".")[0] == "13"
+
+
+def _stateful_model(path: Path) -> Path:
+    """A WeNet-like signature: a batch input beside fixed-size inputs (a cache, an offset) and outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["cache"], ["total"], keepdims=0),
+            helper.make_node("Cast", ["offset"], ["offset_f"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["total", "offset_f"], ["shift"]),
+            helper.make_node("Add", ["x", "shift"], ["y"]),
+            helper.make_node("Add", ["cache", "cache"], ["new_cache"]),
+        ],
+        "stateful",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4]),
+            helper.make_tensor_value_info("offset", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("cache", TensorProto.FLOAT, [3, 2]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4]),
+            helper.make_tensor_value_info("new_cache", TensorProto.FLOAT, [3, 2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("staging", ["auto", "pageable"])
+def test_bound_buffers_keep_fixed_size_inputs_and_outputs_whole(tmp_path, staging):
+    model = _stateful_model(tmp_path / "stateful.onnx")
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((3, 2)).astype(np.float32)
+    offset = np.array([2], np.int64)
+    with _BoundOnCpu(model, BackendOptions(max_batch=4, extra={"staging": staging})) as b:
+        for n in (4, 3, 1):
+            x = rng.standard_normal((n, 4)).astype(np.float32)
+            out = b.run({"x": x, "offset": offset, "cache": cache})
+            np.testing.assert_allclose(out["y"], x + cache.sum() + 2, rtol=1e-6)
+            np.testing.assert_array_equal(out["new_cache"], cache * 2)

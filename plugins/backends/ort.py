@@ -322,6 +322,16 @@ def cuda_provider_options(options: BackendOptions, stream: int | None = None) ->
     return po
 
 
+def _batched(t: TensorInfo) -> bool:
+    """Whether the tensor's first axis is the (dynamic) batch axis; caches and scalars beside it are not."""
+    return bool(t.shape) and not isinstance(t.shape[0], int)
+
+
+def _dims(t: TensorInfo, batch: int) -> list[int]:
+    """The tensor's shape for a run of ``batch`` items (fixed-size tensors keep their size)."""
+    return [batch, *t.shape[1:]] if _batched(t) else list(t.shape)
+
+
 class _Binding:
     """Device buffers for one batch size, bound once and reused for every run of that size."""
 
@@ -334,12 +344,12 @@ class _Binding:
         self.in_values: dict[str, Any] = {}
         self.out_values: dict[str, Any] = {}
         for t in inputs:
-            v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, device, device_id)
+            v = ort.OrtValue.ortvalue_from_shape_and_type(_dims(t, batch), t.dtype, device, device_id)
             self.binding.bind_ortvalue_input(t.name, v)
             self.in_values[t.name] = v
         for t in outputs:
             if all(isinstance(d, int) for d in t.shape[1:]):
-                v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, device, device_id)
+                v = ort.OrtValue.ortvalue_from_shape_and_type(_dims(t, batch), t.dtype, device, device_id)
                 self.binding.bind_ortvalue_output(t.name, v)
                 self.out_values[t.name] = v
             else:  # shape known only after the run: let ORT allocate on the device
@@ -398,6 +408,7 @@ class OnnxCudaBackend(_OrtBackend):
         self._leases = LeasedBuffers(self._staging.close, "onnx-cuda staging") if self._staging is not None else None
         self._staged = False
         self._sizes: list[int] = []
+        self._batched: set[str] = set()
         #: nodes per execution provider, as ONNX Runtime placed them at load ({} when not checked)
         self.node_placement: dict[str, int] = {}
         try:
@@ -492,8 +503,10 @@ class OnnxCudaBackend(_OrtBackend):
             # the stream stays (the session computes on it); only the copies go through ORT
             log.info("%s: an output's shape is known only after the run; ORT copies it (pageable)", self.name)
         if self._staged:
-            self._host = {t.name: self._staging.empty((top, *t.shape[1:]), t.dtype) for t in tensors}
-        self._sizes = batch_sizes(self.options.extra.get("batch_sizes"), top)
+            self._host = {t.name: self._staging.empty(_dims(t, top), t.dtype) for t in tensors}
+        self._batched = {t.name for t in tensors if _batched(t)}
+        # a model without a batch axis (every input fixed) runs in one binding
+        self._sizes = batch_sizes(self.options.extra.get("batch_sizes"), top) if self._batched else [top]
         for n in self._sizes:
             b = _Binding(self._session, self._inputs, self._outputs, n, self._device_type, int(self.options.device_id))
             self._bindings[n] = b
@@ -531,34 +544,43 @@ class OnnxCudaBackend(_OrtBackend):
         st = self._staging
         st.bind_thread()
         for name, value in b.in_values.items():
-            host = self._host[name][:batch]  # only the real rows cross; padding rows keep old values
+            host = self._rows(name, batch)  # only the real rows cross; padding rows keep old values
             np.copyto(host, feeds[name])
             st.to_device(value.data_ptr(), host)
         self._session.run_with_iobinding(b.binding)  # on the staging stream, after the copies
         views = {}
         for name, value in b.out_values.items():
-            views[name] = self._host[name][:batch]
+            views[name] = self._rows(name, batch)
             st.to_host(views[name], value.data_ptr())
         st.synchronize()
         if self._alias and self._leases is not None:
             return {name: self._leases.lend(v) for name, v in views.items()}
         return {name: v.copy() for name, v in views.items()}
 
+    def _rows(self, name: str, batch: int) -> np.ndarray:
+        """The part of a staging buffer a run of ``batch`` items uses."""
+        return self._host[name][:batch] if name in self._batched else self._host[name]
+
     def _run_pageable(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         b = self._binding_for(batch)
+        pad = b.batch - batch
         for name, value in b.in_values.items():
             arr = np.ascontiguousarray(feeds[name])
-            if b.batch > batch:  # pad with copies of the last row (finite values)
-                arr = np.concatenate([arr, np.repeat(arr[-1:], b.batch - batch, axis=0)])
+            if pad and name in self._batched:  # pad with copies of the last row (finite values)
+                arr = np.concatenate([arr, np.repeat(arr[-1:], pad, axis=0)])
             value.update_inplace(arr)
         b.binding.synchronize_inputs()
         self._session.run_with_iobinding(b.binding)
         b.binding.synchronize_outputs()
+
+        def real(name: str, arr: np.ndarray) -> np.ndarray:
+            return arr[:batch] if pad and name in self._batched else arr
+
         if len(b.out_values) == len(self._outputs):
             # numpy() copies device memory to a new array, but views CPU memory: copy that
             own = self._device_type == "cpu"
-            return {name: v.numpy()[:batch].copy() if own or b.batch > batch else v.numpy() for name, v in b.out_values.items()}
-        return {t.name: o[:batch] for t, o in zip(self._outputs, b.binding.copy_outputs_to_cpu())}
+            return {name: real(name, v.numpy()).copy() if own else real(name, v.numpy()) for name, v in b.out_values.items()}
+        return {t.name: real(t.name, o) for t, o in zip(self._outputs, b.binding.copy_outputs_to_cpu())}
 
     def _close_staging(self) -> None:
         self._host, self._staged = {}, False
