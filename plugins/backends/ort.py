@@ -456,8 +456,11 @@ class OnnxCudaBackend(_OrtBackend):
             return
         so = session_options(self.options)
         so.log_severity_level = 0
-        with placement.capture_stderr() as captured:
-            probe = _ort().InferenceSession(str(path), sess_options=so, providers=self._providers())
+        try:
+            with placement.capture_stderr() as captured:
+                probe = _ort().InferenceSession(str(path), sess_options=so, providers=self._providers())
+        except Exception as exc:  # the same options just made the real session: unexpected, but one line
+            raise BackendError(f"{self.name}: the node-placement probe session failed: {exc}; pass cpu_fallback=off") from exc
         del probe
         placements = placement.node_placements(captured.text)
         self.node_placement = {k: n for k, (n, _) in placements.items()}
