@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,12 +55,14 @@ class SessionLog:
 
         real = onnxruntime.InferenceSession
         self.seen: list[tuple[str, int]] = []
+        self.providers: list[Any] = []  # the providers argument of each session, as given
         log = self
 
         class Recording(real):  # type: ignore[misc,valid-type]
             def __init__(self, path, sess_options=None, *args, **kwargs):  # type: ignore[no-untyped-def]
                 name = "<bytes>" if isinstance(path, (bytes, bytearray)) else Path(str(path)).name
                 log.seen.append((name, sess_options.intra_op_num_threads if sess_options else 0))
+                log.providers.append(kwargs.get("providers"))
                 super().__init__(path, sess_options, *args, **kwargs)
 
         monkeypatch.setattr(onnxruntime, "InferenceSession", Recording)

@@ -276,11 +276,11 @@ def test_gpu_onnx_cuda_matches_cpu(models, io_binding):
     with OnnxCudaBackend(models["unet"], opts) as b:
         assert "CUDAExecutionProvider" in b.providers
         got = b.run(feeds)["output"]
-        got1 = b.run({k: v[:1] for k, v in feeds.items()})["output"]  # a tail batch: its own binding
+        got1 = b.run({k: v[:1] for k, v in feeds.items()})["output"]  # a tail batch: the batch-1 binding
         again = b.run(feeds)["output"]
         assert b.stats.calls == 3
         if io_binding:
-            assert b.staging == "pinned" and sorted(b._bindings) == [1, 4]
+            assert b.staging == "pinned" and sorted(b._bindings) == [1, 2, 4]
             with pytest.raises(BackendError, match="exceeds max_batch=4"):
                 b.run(_feeds(5))
     assert np.abs(want - got).max() <= 1e-3
@@ -311,6 +311,41 @@ def test_gpu_onnx_cuda_user_stream(models):
         assert b.staging == "pinned" and b._staging.stream == stream.ptr  # copies and compute on the user's stream
         assert np.abs(b.run(_feeds(2))["output"] - want).max() <= 1e-3
     stream.synchronize()  # still alive: the backend did not destroy a stream it did not make
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_onnx_cuda_places_compute_nodes_on_cuda_and_pads_partial_batches(models, caplog):
+    feeds = _feeds(8)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run(feeds)["output"]
+    with caplog.at_level(logging.WARNING, logger="avatar_plugins.backends.ort"):
+        opts = BackendOptions(max_batch=8, extra={"cpu_fallback": "error"})  # a compute node on the CPU fails the load
+        with OnnxCudaBackend(models["unet"], opts) as b:
+            assert b.node_placement.get("CUDAExecutionProvider", 0) > 0  # ONNX Runtime's real log was read
+            assert sorted(b._bindings) == [1, 2, 4, 8]  # bound and warmed up at load
+            for n in (3, 5, 7, 8, 1):  # live input's partial batches: padded, never a new binding
+                np.testing.assert_allclose(b.run({k: v[:n] for k, v in feeds.items()})["output"], want[:n], atol=1e-3)
+            assert sorted(b._bindings) == [1, 2, 4, 8]
+    assert "could not read" not in caplog.text
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_onnx_cuda_aliased_outputs_survive_close(models):
+    import gc
+
+    b = OnnxCudaBackend(models["unet"], BackendOptions(max_batch=2, extra={"alias_outputs": True}))
+    st = b._staging
+    assert b.staging == "pinned"
+    out = b.run(_feeds(2))["output"]
+    kept = out.copy()
+    b.close()
+    assert st._buffers  # not freed: an aliased output is alive
+    np.testing.assert_array_equal(out, kept)
+    del out
+    gc.collect()
+    assert st._buffers == []  # cudaFreeHost once the last alias died
 
 
 @pytest.mark.gpu
@@ -369,9 +404,12 @@ class _CpuMemoryStaging:
     def __init__(self) -> None:
         self.h2d_bytes = self.d2h_bytes = self.syncs = 0
         self.closed = False
+        self._buffers: list[np.ndarray] = []
 
     def empty(self, shape, dtype):  # type: ignore[no-untyped-def]
-        return np.full(shape, 7, dtype)  # not zeros: a missed copy must show
+        arr = np.full(shape, 7, dtype)  # not zeros: a missed copy must show
+        self._buffers.append(arr)
+        return arr
 
     def bind_thread(self) -> None:
         pass
@@ -388,6 +426,10 @@ class _CpuMemoryStaging:
         self.syncs += 1
 
     def close(self) -> None:
+        """Like cudaFreeHost, but the bytes stay mapped and poisoned (NaN), so a read of freed memory shows."""
+        for arr in self._buffers:
+            arr.view(np.uint8).fill(0xFF)
+        self._buffers = []
         self.closed = True
 
 
@@ -404,6 +446,8 @@ class _BoundOnCpu(OnnxCudaBackend):
 
         return Availability.ok()
 
+    _loads = availability
+
     def _providers(self):  # type: ignore[no-untyped-def]
         return ["CPUExecutionProvider"]
 
@@ -417,21 +461,22 @@ class _RealStagingOnCpu(_BoundOnCpu):
     _new_staging = OnnxCudaBackend._new_staging
 
 
-def test_io_binding_path_binds_per_batch_size_and_matches_plain_runs(models):
+def test_io_binding_path_binds_fixed_sizes_at_load_and_pads_partial_batches(models):
     feeds = _feeds(4)
     with CpuBackend(models["unet"]) as ref:
         want = ref.run(feeds)["output"]
         want_tail = ref.run({k: v[:3] for k, v in feeds.items()})["output"]
     with _BoundOnCpu(models["unet"], BackendOptions(max_batch=4)) as b:
         st = b._staging
-        assert sorted(b._bindings) == [4]  # max_batch buffers made at load
+        assert sorted(b._bindings) == [1, 2, 4]  # every size a run will use, bound (and run once) at load
         assert b.staging == "cpu-memory" and {k: v.shape[0] for k, v in b._host.items()} == {"input": 4, "audio": 4, "output": 4}
+        syncs_at_load = st.syncs
         got = b.run(feeds)["output"]
-        tail = b.run({k: v[:3] for k, v in feeds.items()})["output"]
-        assert sorted(b._bindings) == [3, 4]
+        tail = b.run({k: v[:3] for k, v in feeds.items()})["output"]  # runs in the batch-4 buffers
+        assert sorted(b._bindings) == [1, 2, 4] and tail.shape[0] == 3  # no new binding; only the real rows back
         in_bytes = sum(v.nbytes for v in feeds.values())
         assert st.h2d_bytes == in_bytes + in_bytes * 3 // 4  # every input byte crossed; the tail only its rows
-        assert st.d2h_bytes == want.nbytes + want_tail.nbytes and st.syncs == 2
+        assert st.d2h_bytes == want.nbytes + want_tail.nbytes and st.syncs - syncs_at_load == 2
         again = b.run(_feeds(4, seed=8))["output"]
         assert b.stats.calls == 3
         with pytest.raises(BackendError, match="exceeds max_batch=4"):
@@ -441,6 +486,49 @@ def test_io_binding_path_binds_per_batch_size_and_matches_plain_runs(models):
     np.testing.assert_allclose(tail, want_tail, atol=1e-6)
     assert np.abs(again - got).mean() > 1e-3  # new inputs really reached the bound buffers
     assert not np.shares_memory(got, again)
+
+
+def test_batch_sizes_option_pads_to_the_next_bound_size(models):
+    feeds = _feeds(5)
+    with CpuBackend(models["unet"]) as ref:
+        want = ref.run(feeds)["output"]
+    for staging in ("auto", "pageable"):
+        opts = BackendOptions(max_batch=6, extra={"batch_sizes": "2,5", "staging": staging, "warmup": False})
+        with _BoundOnCpu(models["unet"], opts) as b:
+            assert sorted(b._bindings) == [2, 5, 6]  # max_batch is always bound
+            for n in (1, 3, 5):
+                out = b.run({k: v[:n] for k, v in feeds.items()})["output"]
+                assert out.shape[0] == n
+                np.testing.assert_allclose(out, want[:n], atol=1e-6)  # padding rows never leak into the result
+            assert sorted(b._bindings) == [2, 5, 6]
+
+
+def test_batch_sizes_default_and_validation():
+    from avatar_plugins.backends.ort import batch_sizes
+
+    assert batch_sizes(None, 8) == [1, 2, 4, 8] and batch_sizes(None, 6) == [1, 2, 4, 6] and batch_sizes(None, 1) == [1]
+    assert batch_sizes("1,4", 8) == [1, 4, 8] and batch_sizes(3, 8) == [3, 8] and batch_sizes([2, 2], 2) == [2]
+    for bad in ("0,4", "9", "a,b", ""):
+        with pytest.raises(ConfigError, match="batch_sizes"):
+            batch_sizes(bad, 8)
+
+
+def test_warmup_runs_every_bound_size_at_load(models, monkeypatch):
+    import onnxruntime as ort
+
+    runs: list[int] = []
+    real = ort.InferenceSession.run_with_iobinding
+
+    def counting(self, iobinding, run_options=None):  # type: ignore[no-untyped-def]
+        runs.append(1)
+        return real(self, iobinding, run_options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", counting)
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=8)):
+        assert len(runs) == 4  # 1, 2, 4, 8: the cuDNN algorithm search happens here, not mid-stream
+    runs.clear()
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=8, extra={"warmup": False})):
+        assert runs == []
 
 
 def test_io_binding_can_be_switched_off(models):
@@ -505,3 +593,205 @@ def test_pinned_staging_error_names_the_cuda_call_and_the_fix():
         PinnedStaging(0)
     msg = str(err.value)
     assert "cudaSetDevice failed: cudaError" in msg and MATCH_DRIVER in msg
+
+
+def test_aliased_outputs_keep_the_staging_alive_after_close(models):
+    import gc
+
+    b = _BoundOnCpu(models["unet"], BackendOptions(max_batch=2, extra={"alias_outputs": True}))
+    st = b._staging
+    out = b.run(_feeds(2))["output"]
+    kept = out.copy()
+    view = out[1:]
+    b.close()
+    assert not st.closed  # an aliased output is alive: the staging is not freed under it
+    np.testing.assert_array_equal(out, kept)  # no poison
+    del out
+    gc.collect()
+    assert not st.closed  # a view of it still holds the lease
+    np.testing.assert_array_equal(view, kept[1:])
+    del view
+    gc.collect()
+    assert st.closed  # freed once the last alias died
+    with pytest.raises(BackendError, match="closed"):
+        b.run(_feeds(1))
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=2)) as b2:  # without aliasing: freed at close
+        st2 = b2._staging
+        b2.run(_feeds(1))
+    assert st2.closed
+
+
+# --------------------------------------------------------------------------- onnx-cuda: provider options, placement, availability
+
+
+def test_cuda_provider_options_reach_the_session(models, ort_sessions):
+    class _AsksForCuda(_BoundOnCpu):
+        """The real onnx-cuda provider list; ONNX Runtime falls back to the CPU here (no GPU)."""
+
+        _providers = OnnxCudaBackend._providers
+        def _check_providers(self) -> None:  # the session has no CUDA here; the options are what is checked
+            pass
+
+    opts = BackendOptions(max_batch=2, device_id=0, extra={"cudnn_conv_algo_search": "HEURISTIC", "tf32": True, "warmup": False})
+    with _AsksForCuda(models["unet"], opts) as b:
+        assert b.run(_feeds(1))["output"].shape == (1, 3, 320, 320)
+    (providers,) = [p for p in ort_sessions.providers if p]
+    name, po = providers[0]
+    assert name == "CUDAExecutionProvider" and providers[1] == "CPUExecutionProvider"
+    assert po["cudnn_conv_algo_search"] == "HEURISTIC" and po["use_tf32"] == "1" and po["device_id"] == "0"
+    with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
+        _AsksForCuda(models["unet"], BackendOptions(extra={"cudnn_conv_algo_search": "FAST"}))
+
+
+class _FallsBackToCpu(_BoundOnCpu):
+    """Asks for CUDA, gets the CPU: the real ONNX Runtime log of a real session is what is checked."""
+
+    provider = "CUDAExecutionProvider"
+
+    def _check_providers(self) -> None:  # the session-level check would refuse first; test the node-level one
+        self._check_placement(self.model_file)
+
+
+def test_cpu_fallback_of_compute_nodes_is_visible(models, caplog, capfd):
+    with caplog.at_level(logging.WARNING, logger="avatar_plugins.backends.ort"):
+        with _FallsBackToCpu(models["unet"], BackendOptions(max_batch=1, extra={"warmup": False})) as b:
+            pass
+    assert "runs all 19 nodes of tiny.onnx on the CPU, not on CUDAExecutionProvider" in caplog.text
+    assert b.node_placement == {"CPUExecutionProvider": 19}
+    assert "VerifyEachNodeIsAssignedToAnEp" not in capfd.readouterr().err  # the VERBOSE log stays captured
+    with pytest.raises(BackendError, match="on the CPU.*cpu_fallback=warn"):
+        _FallsBackToCpu(models["unet"], BackendOptions(max_batch=1, extra={"cpu_fallback": "error"}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="avatar_plugins.backends.ort"):
+        with _FallsBackToCpu(models["unet"], BackendOptions(max_batch=1, extra={"cpu_fallback": "off", "warmup": False})):
+            pass
+    assert "on the CPU" not in caplog.text
+    with pytest.raises(ConfigError, match="cpu_fallback must be warn, error or off"):
+        _BoundOnCpu(models["unet"], BackendOptions(extra={"cpu_fallback": "maybe"}))
+    with _BoundOnCpu(models["unet"], BackendOptions(max_batch=1, extra={"warmup": False})):
+        pass  # asks for the CPU and gets it: nothing to say
+
+
+_MIXED_LOG = """\
+2026-01-01 00:00:00.1 [V:onnxruntime:, session_state.cc:1578 VerifyEachNodeIsAssignedToAnEp] Node placements
+2026-01-01 00:00:00.2 [V:onnxruntime:, session_state.cc:1590 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 3
+  Conv (conv1)
+  Relu (relu1)
+  Conv (conv2)
+
+2026-01-01 00:00:00.3 [V:onnxruntime:, session_state.cc:1590 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on [CPUExecutionProvider]. Number of nodes: 4
+  Shape (shape1)
+  Gather (gather1)
+  Resize (up1)
+  Resize (up2)
+
+2026-01-01 00:00:00.4 [W:onnxruntime:, session_state.cc:1200 VerifyEachNodeIsAssignedToAnEp] Some nodes were not assigned to the preferred execution providers
+2026-01-01 00:00:00.5 [E:onnxruntime:, inference_session.cc:1 Init] something that must stay visible
+a line another thread printed
+"""
+
+
+def test_node_placement_parsing_and_what_stays_visible():
+    from avatar_plugins.backends import _ort_placement as pl
+
+    placements = pl.node_placements(_MIXED_LOG)
+    assert placements == {"CUDAExecutionProvider": (3, ["Conv", "Relu", "Conv"]), "CPUExecutionProvider": (4, ["Shape", "Gather", "Resize", "Resize"])}
+    found = pl.cpu_fallbacks(placements, "CUDAExecutionProvider")
+    assert found == (2, ["Resize", "Resize"])  # shape computations on the CPU are ORT's choice, not a fallback
+    assert pl.describe(*found, 7) == "2 of 7 nodes (Resize x2)"
+    only_shapes = {"CUDAExecutionProvider": (3, []), "CPUExecutionProvider": (2, ["Shape", "Gather"])}
+    assert pl.cpu_fallbacks(only_shapes, "CUDAExecutionProvider") is None
+    assert pl.cpu_fallbacks(placements, "CPUExecutionProvider") is None
+    kept = pl.visible(_MIXED_LOG)
+    assert kept.splitlines() == [
+        "2026-01-01 00:00:00.5 [E:onnxruntime:, inference_session.cc:1 Init] something that must stay visible",
+        "a line another thread printed",
+    ]
+
+
+def test_availability_does_not_load_the_cuda_provider_library(monkeypatch):
+    """`avatar plugins` asks every backend; loading CUDA, cuBLAS and cuDNN there is seconds and hundreds of MB."""
+    from avatar.interfaces import Availability
+    from avatar_plugins.backends import ort as ort_mod
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu installed (the default install)")
+    loaded: list[str] = []
+    real_cdll = ctypes.CDLL
+
+    def recording_cdll(name, *a, **k):  # type: ignore[no-untyped-def]
+        loaded.append(str(name))
+        return real_cdll(name, *a, **k)
+
+    monkeypatch.setattr(ctypes, "CDLL", recording_cdll)
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda *a, **k: loaded.append("preload_dlls"), raising=False)
+    monkeypatch.setattr(ort_mod, "cuda_driver_status", lambda: (True, "", 1))  # as on a GPU machine
+    assert ort_mod._cuda_provider_status.__wrapped__() == Availability.ok()
+    assert loaded == []  # nothing loaded for the cheap check
+    ort_mod._cuda_provider_loads.__wrapped__()  # the check at load does load it
+    assert loaded[0] == "preload_dlls" and any("providers_cuda" in n for n in loaded)
+
+
+def test_gpu_dependencies_pin_one_cuda_major():
+    """onnxruntime-gpu and cuda-bindings must need the same CUDA major (13): one driver serves both."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = {r.name: r.specifier for r in map(Requirement, deps)}
+    # 1.25 and older are CUDA 12 builds on PyPI, 1.27 to 1.31 CUDA 13 (read from their wheel metadata)
+    assert [v in spec["onnxruntime-gpu"] for v in ("1.25.0", "1.27.0", "1.31.1", "1.32.0")] == [False, True, True, False]
+    assert [v in spec["cuda-bindings"] for v in ("12.9.0", "13.0.0", "13.5.0", "14.0.0")] == [False, True, True, False]
+    try:  # what is installed here agrees
+        from onnxruntime.capi import build_and_package_info as info
+        import cuda.bindings
+    except ImportError:
+        return
+    if getattr(info, "package_name", "") == "onnxruntime-gpu":
+        assert info.cuda_version.split(".")[0] == cuda.bindings.__version__.split(".")[0] == "13"
+
+
+def _stateful_model(path: Path) -> Path:
+    """A WeNet-like signature: a batch input beside fixed-size inputs (a cache, an offset) and outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["cache"], ["total"], keepdims=0),
+            helper.make_node("Cast", ["offset"], ["offset_f"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["total", "offset_f"], ["shift"]),
+            helper.make_node("Add", ["x", "shift"], ["y"]),
+            helper.make_node("Add", ["cache", "cache"], ["new_cache"]),
+        ],
+        "stateful",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4]),
+            helper.make_tensor_value_info("offset", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("cache", TensorProto.FLOAT, [3, 2]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4]),
+            helper.make_tensor_value_info("new_cache", TensorProto.FLOAT, [3, 2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("staging", ["auto", "pageable"])
+def test_bound_buffers_keep_fixed_size_inputs_and_outputs_whole(tmp_path, staging):
+    model = _stateful_model(tmp_path / "stateful.onnx")
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((3, 2)).astype(np.float32)
+    offset = np.array([2], np.int64)
+    with _BoundOnCpu(model, BackendOptions(max_batch=4, extra={"staging": staging})) as b:
+        for n in (4, 3, 1):
+            x = rng.standard_normal((n, 4)).astype(np.float32)
+            out = b.run({"x": x, "offset": offset, "cache": cache})
+            np.testing.assert_allclose(out["y"], x + cache.sum() + 2, rtol=1e-6)
+            np.testing.assert_array_equal(out["new_cache"], cache * 2)

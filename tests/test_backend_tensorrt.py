@@ -109,8 +109,14 @@ def test_build_options_from_backend_options():
     )
     assert (b.opt_batch, b.max_batch, b.workspace_mb, b.uint8_visual, b.tf32) == (16, 64, 512, True, False)
     assert trt_backend.build_options_from(BackendOptions(extra={"tf32": True})).tf32
-    with pytest.raises(ConfigError):
-        trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"opt_batch": 8}))
+    b = trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"opt_batch": 8}))
+    assert (b.opt_batch, b.max_batch) == (8, 8)  # an engine tuned for 8 must accept 8
+    b = trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"profile_max_batch": 16}))
+    assert (b.opt_batch, b.max_batch) == (4, 16)
+    with pytest.raises(ConfigError, match="min <= opt <= max"):
+        trt_backend.build_options_from(BackendOptions(max_batch=4, extra={"opt_batch": 8, "profile_max_batch": 4}))
+    with pytest.raises(ConfigError, match="smaller than max_batch"):
+        trt_backend.build_options_from(BackendOptions(max_batch=8, extra={"profile_max_batch": 4}))
 
 
 # --------------------------------------------------------------------------- profile and buffers
@@ -519,6 +525,37 @@ def test_gpu_tensorrt_alias_outputs_threads_and_onnx_runtime_together(unet, tmp_
 
 @pytest.mark.gpu
 @needs_trt
+def test_gpu_tensorrt_close_leaves_the_thread_without_a_current_context(unet, tmp_path):
+    """pycuda's detach of the primary context used to leave it on the driver's stack after every close."""
+    driver = pytest.importorskip("cuda.bindings.driver")
+    opts = BackendOptions(max_batch=2, extra={"cache_dir": str(tmp_path)})
+    trt_backend.TensorRTBackend(unet, opts).close()  # the engine is built (and cached) outside the thread
+    current: list[int] = []
+
+    def worker() -> None:  # a fresh thread starts with empty context stacks
+        for _ in range(3):
+            with trt_backend.TensorRTBackend(unet, opts) as b:
+                b.run(_feeds(1))
+            err, ctx = driver.cuCtxGetCurrent()
+            current.append(int(ctx) if err == driver.CUresult.CUDA_SUCCESS else -1)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert current == [0, 0, 0]
+
+
+@pytest.mark.gpu
+@needs_trt
+def test_gpu_tensorrt_covering_engine_is_reused(unet, tmp_path):
+    res = CliRunner().invoke(cli, ["build-engine", str(unet), "--max-batch", "8", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    with trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=4, extra={"cache_dir": str(tmp_path)})) as b:
+        assert b.engine_file == Path(res.output.split()[0]) and b.stats.load_s < 30  # deserialised, not built
+
+
+@pytest.mark.gpu
+@needs_trt
 def test_gpu_build_engine_command(unet, tmp_path):
     res = CliRunner().invoke(cli, ["build-engine", str(unet), "--max-batch", "4", "--cache-dir", str(tmp_path)])
     assert res.exit_code == 0, res.output
@@ -559,3 +596,201 @@ def test_recorded_remeasures_a_missing_or_broken_meta_json(tmp_path, caplog):
     assert recorded(broken, "k", lambda: 2.5) == 2.5
     assert "unreadable" in caplog.text and json.loads(broken.read_text()) == {"k": 2.5}
 
+
+
+# --------------------------------------------------------------------------- the backend through stand-ins
+# tensorrt and pycuda cannot be installed here: tests/gpu_standins.py stands in for both, enforcing
+# the documented call order and signatures and computing with ONNX Runtime on the bound "device"
+# memory, so the whole build / load / run / close path runs in CI.
+
+
+@pytest.fixture
+def standins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from gpu_standins import install
+
+    from avatar.interfaces import Availability
+
+    state = install(monkeypatch)
+    monkeypatch.setattr(trt_backend, "_status", lambda: Availability.ok())
+    monkeypatch.setattr(trt_backend, "_RETAINED", {}, raising=False)  # a fresh process as far as contexts go
+    monkeypatch.setenv("AVATAR_CACHE_DIR", str(tmp_path / "cache"))
+    return state
+
+
+def _calls(state, name: str) -> int:  # type: ignore[no-untyped-def]
+    return sum(c == name for c in state.calls)
+
+
+def test_standin_build_load_run_close_matches_cpu(unet, tmp_path, standins):
+    feeds = _feeds(3)
+    want = _cpu(unet, feeds)
+    opts = BackendOptions(max_batch=4, extra={"cache_dir": str(tmp_path / "engines")})
+    with trt_backend.TensorRTBackend(unet, opts) as b:
+        engine = b.engine_file
+        assert [t.name for t in b.inputs] == ["input", "audio"] and [t.name for t in b.outputs] == ["output"]
+        got = b.run(feeds)["output"]
+        tail = b.run({k: v[:1] for k, v in feeds.items()})["output"]
+        assert b.buffer_bytes["input"] == 4 * 6 * 320 * 320 * 4  # sized from the profile max
+    np.testing.assert_array_equal(got, want)  # the same ORT CPU graph behind the bound buffers
+    np.testing.assert_array_equal(tail, want[:1])
+    # the first build wrote the engine, its meta json and the timing cache (a NameError stopped it before)
+    meta = json.loads(engine.with_suffix(".json").read_text())
+    assert meta["build"]["max_batch"] == 4 and meta["key"] in engine.name
+    (timing,) = (tmp_path / "engines").glob("timing.*.cache")
+    assert "sm90" in timing.name and json.loads(timing.read_text()) == ["tactics:tiny.onnx"]
+    assert _calls(standins, "Builder.build_serialized_network") == 1
+    assert _calls(standins, "IExecutionContext.execute_async_v3") == 2
+    assert not standins.memory.keys() - standins.streams.keys()  # every buffer freed at close
+    # a second backend deserialises the cached engine, building nothing
+    with trt_backend.TensorRTBackend(unet, opts) as again:
+        assert again.engine_file == engine
+        np.testing.assert_array_equal(again.run(feeds)["output"], want)
+    assert _calls(standins, "Builder.build_serialized_network") == 1
+
+
+def test_standin_fp16_uint8_engine_is_gated_and_recorded(unet, tmp_path, standins):
+    x = np.round(_feeds(2)["input"] * 255).astype(np.uint8)
+    a = _feeds(2)["audio"]
+    want = _cpu(unet, {"input": x.astype(np.float32) / 255, "audio": a})
+    opts = BackendOptions(max_batch=2, precision="fp16", extra={"cache_dir": str(tmp_path), "uint8_visual": True})
+    with trt_backend.TensorRTBackend(unet, opts) as b:
+        assert np.dtype(b.inputs[0].dtype) == np.uint8 and b.fp16_psnr is not None and b.fp16_psnr >= 40
+        assert psnr(want, b.run({"input": x, "audio": a})["output"]) >= 40
+    meta = json.loads(b.engine_file.with_suffix(".json").read_text())
+    assert meta["fp16_psnr_vs_fp32"] == b.fp16_psnr and meta["build"]["precision"] == "fp16"
+    with pytest.raises(BackendError, match="too inaccurate"):
+        trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=2, precision="fp16", extra={**opts.extra, "fp16_min_psnr": 500, "rebuild": True}))
+    assert not standins.driver_stack and not standins.pycuda_stack  # a failed load leaves no context pushed
+
+
+def test_standin_builds_merge_the_shared_timing_cache(unet, tmp_path, standins):
+    other = tmp_path / "other.onnx"
+    other.write_bytes(unet.read_bytes())
+    folder = tmp_path / "engines"
+    for model in (unet, other):
+        res = CliRunner().invoke(cli, ["build-engine", str(model), "--max-batch", "2", "--cache-dir", str(folder)])
+        assert res.exit_code == 0, res.output
+    (timing,) = folder.glob("timing.*.cache")
+    assert json.loads(timing.read_text()) == ["tactics:other.onnx", "tactics:tiny.onnx"]  # merged, not overwritten
+
+
+def test_standin_primary_context_leaves_no_stale_stack_entry(unet, tmp_path, standins):
+    opts = BackendOptions(max_batch=2, extra={"cache_dir": str(tmp_path)})
+    for _ in range(3):
+        with trt_backend.TensorRTBackend(unet, opts) as b:
+            b.run(_feeds(1))
+        assert standins.driver_stack == [] and standins.pycuda_stack == []
+    errors: list[BaseException] = []
+
+    def worker() -> None:  # the engine runs backends on worker threads; each has its own stacks
+        try:
+            with trt_backend.TensorRTBackend(unet, opts) as b:
+                b.run(_feeds(1))
+            assert standins.driver_stack == [] and standins.pycuda_stack == []
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert errors == []
+    assert standins.retains == [1]  # retained once per process, never leaked per backend
+
+
+def test_standin_set_input_shape_refusal_is_an_error(unet, tmp_path, standins):
+    with trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=2, extra={"cache_dir": str(tmp_path)})) as b:
+        with b._pc, pytest.raises(BackendError, match=r"rejected shape \(3, 6, 320, 320\) for input 'input'.*\(1, 6, 320, 320\) to \(2, 6, 320, 320\)"):
+            b._set_input_shape("input", (3, 6, 320, 320))
+
+
+def test_standin_aliased_outputs_keep_the_page_locked_buffers_alive(unet, tmp_path, standins):
+    import gc
+
+    opts = BackendOptions(max_batch=2, extra={"cache_dir": str(tmp_path), "alias_outputs": True})
+    b = trt_backend.TensorRTBackend(unet, opts)
+    first = b.run(_feeds(2))["output"]
+    kept = first.copy()
+    second = b.run(_feeds(2, seed=5))["output"]
+    assert np.shares_memory(first, second)  # documented: the next run overwrites the view
+    np.testing.assert_array_equal(first, second)
+    view = second[1:]  # a view of an alias keeps the buffers too
+    del first, second
+    b.close()
+    assert _calls(standins, "HostAllocation.free") == 0
+    kept2 = _cpu(unet, _feeds(2, seed=5))[1:]
+    np.testing.assert_array_equal(view, kept2)  # not freed: no poison
+    assert not np.array_equal(kept[1:], kept2)
+    del view
+    gc.collect()
+    assert _calls(standins, "HostAllocation.free") == 3  # input, audio, output: freed once the last view died
+    assert not standins.driver_stack
+
+
+def test_standin_without_alias_close_frees_everything_at_once(unet, tmp_path, standins):
+    with trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=2, extra={"cache_dir": str(tmp_path)})) as b:
+        out = b.run(_feeds(1))["output"]
+    assert _calls(standins, "HostAllocation.free") == 3 and _calls(standins, "DeviceAllocation.free") == 3
+    assert np.isfinite(out).all()  # a copy the caller owns
+
+
+# --------------------------------------------------------------------------- the engine cache lookup rule
+
+
+def test_a_cached_engine_whose_profile_covers_the_batch_is_used(unet, tmp_path, standins):
+    folder = tmp_path / "engines"
+    res = CliRunner().invoke(cli, ["build-engine", str(unet), "--cache-dir", str(folder)])  # defaults: batch 1..16
+    assert res.exit_code == 0, res.output
+    built = Path(res.output.split()[0])
+    # what `avatar run --backend tensorrt --batch 8` asks for: max_batch = 8
+    with trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=8, extra={"cache_dir": str(folder)})) as b:
+        assert b.engine_file == built and b._max_batch == 16
+    assert _calls(standins, "Builder.build_serialized_network") == 1  # found, not built again
+    # a batch the cached profile does not cover builds its own engine
+    with trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=32, extra={"cache_dir": str(folder)})) as b:
+        assert b.engine_file != built and b._max_batch == 32
+    # an explicit tuned batch must match; profile_max_batch sizes the new engine
+    opts = BackendOptions(max_batch=8, extra={"cache_dir": str(folder), "opt_batch": 8, "profile_max_batch": 16})
+    with trt_backend.TensorRTBackend(unet, opts) as b:
+        tuned = b.engine_file
+        assert tuned not in (built,) and b._max_batch == 16
+    assert json.loads(tuned.with_suffix(".json").read_text())["build"]["opt_batch"] == 8
+    with trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=4, extra={"cache_dir": str(folder), "opt_batch": 8})) as b:
+        assert b.engine_file == tuned  # covers batch 4 and is tuned for 8
+    assert _calls(standins, "Builder.build_serialized_network") == 3
+    with pytest.raises(ConfigError, match="profile_max_batch=4 is smaller than max_batch=8"):
+        trt_backend.TensorRTBackend(unet, BackendOptions(max_batch=8, extra={"profile_max_batch": 4}))
+
+
+def _fake_engine(folder: Path, model: Path, build: BuildOptions, device: DeviceIdentity = H100) -> Path:
+    key = engine_cache_key(trt_backend.file_sha256(model), device, build)
+    out = engine_path(folder, model, key)
+    out.write_bytes(b"engine")
+    out.with_suffix(".json").write_text(json.dumps({"key": key, "build": dataclasses.asdict(build)}))
+    return out
+
+
+def test_find_covering_engine_rule(tmp_path):
+    from avatar_plugins.backends._trt_engine_cache import find_covering_engine
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model")
+    sha = trt_backend.file_sha256(model)
+    want = BuildOptions(opt_batch=8, max_batch=8)
+
+    def find(batch: int = 8, opt: int | None = None, build: BuildOptions = want, device: DeviceIdentity = H100):  # type: ignore[no-untyped-def]
+        return find_covering_engine(tmp_path, model, sha, device, build, batch=batch, opt_batch=opt)
+
+    assert find() is None
+    e16 = _fake_engine(tmp_path, model, BuildOptions(opt_batch=16, max_batch=16))
+    e64 = _fake_engine(tmp_path, model, BuildOptions(opt_batch=8, max_batch=64))
+    _fake_engine(tmp_path, model, BuildOptions(precision="fp16", opt_batch=8, max_batch=8))
+    _fake_engine(tmp_path, model, BuildOptions(opt_batch=8, max_batch=8, tf32=True))
+    assert find() == e16  # the smallest profile that covers the batch
+    assert find(opt=8) == e64  # an asked-for tuned batch must match
+    assert find(batch=32) == e64 and find(batch=65) is None
+    assert find(build=dataclasses.replace(want, uint8_visual=True)) is None
+    assert find(device=dataclasses.replace(H100, trt_version="10.14.1")) is None  # the key covers GPU and TensorRT
+    e16.unlink()  # a meta json without its engine (deleted, or a build in progress) is not a match
+    assert find() == e64
+    (tmp_path / f"{model.stem}.broken.json").write_text("{not json")
+    assert find() == e64

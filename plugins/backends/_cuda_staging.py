@@ -11,7 +11,8 @@ copies, then one ``cudaStreamSynchronize``.
 The CUDA runtime comes from ``cuda-bindings`` (NVIDIA's official Python
 bindings; imported only when ``onnx-cuda`` loads). Its ``runtime`` module links
 the CUDA runtime statically, so its major version must be one the driver
-supports: ``cuda-bindings`` 13.x needs a CUDA 13 driver, 12.x a CUDA 12 one.
+supports: ``cuda-bindings`` 13.x (what the package pins, matching the CUDA 13
+build of ``onnxruntime-gpu`` it pins) needs a CUDA 13 driver (580 or newer).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ log = logging.getLogger(__name__)
 
 INSTALL = "pip install cuda-bindings"
 #: what to do when the installed cuda-bindings is newer than the driver's CUDA
-MATCH_DRIVER = "for a CUDA 12 driver: pip install 'cuda-bindings<13'"
+MATCH_DRIVER = (
+    "avatar-sdk's GPU dependencies are built for CUDA 13: update the NVIDIA driver to 580 or newer "
+    "(or use --backend cpu)"
+)
 
 
 class PinnedStaging:

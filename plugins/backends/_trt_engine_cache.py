@@ -9,6 +9,7 @@ want the same engine at the same time agree on one build.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -89,6 +90,47 @@ def engine_cache_key(model_sha256: str, device: DeviceIdentity, build: BuildOpti
 def engine_path(cache_dir: Path, model_path: Path, key: str) -> Path:
     """Where the engine for ``key`` lives (the model's stem keeps the folder readable)."""
     return Path(cache_dir) / f"{Path(model_path).stem}.{key}.engine"
+
+
+def find_covering_engine(
+    folder: Path, model_path: Path, model_sha256: str, device: DeviceIdentity, build: BuildOptions,
+    *, batch: int, opt_batch: int | None = None,
+) -> Path | None:  # fmt: skip
+    """A cached engine for this model and GPU whose profile covers batches up to ``batch``, or ``None``.
+
+    The rule that lets ``avatar build-engine`` (batch 1..16 by default) serve
+    ``avatar run --batch 8``: everything but the batch profile must match
+    ``build`` (precision, uint8 visual, TF32, workspace); the profile must
+    accept every batch in ``[build.min_batch, batch]``; with ``opt_batch``
+    (the caller asked for a tuned batch) the engine must be tuned for it.
+    Among several, the smallest profile wins (the smallest buffers), then the
+    tuned batch nearest ``build.opt_batch``. The key is recomputed from each
+    meta json's build options and must name an existing engine file, so a meta
+    from another model, GPU, TensorRT version or recipe never matches, and a
+    build still in progress (its meta is written last) is not picked up.
+    """
+    best: tuple[tuple[int, int], Path] | None = None
+    for meta_path in sorted(Path(folder).glob(f"{glob.escape(Path(model_path).stem)}.*.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            cand = BuildOptions(**meta["build"])
+        except (OSError, ValueError, TypeError, KeyError, ConfigError):
+            continue
+        same = (cand.precision, cand.uint8_visual, cand.tf32, cand.workspace_mb)
+        if same != (build.precision, build.uint8_visual, build.tf32, build.workspace_mb):
+            continue
+        if cand.min_batch > build.min_batch or cand.max_batch < batch:
+            continue
+        if opt_batch is not None and cand.opt_batch != opt_batch:
+            continue
+        key = engine_cache_key(model_sha256, device, cand)
+        path = engine_path(folder, model_path, key)
+        if meta.get("key") != key or not path.is_file():
+            continue
+        rank = (cand.max_batch, abs(cand.opt_batch - build.opt_batch))
+        if best is None or rank < best[0]:
+            best = (rank, path)
+    return best[1] if best else None
 
 
 def timing_cache_path(cache_dir: Path, device: DeviceIdentity) -> Path:

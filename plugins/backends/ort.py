@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import logging
 import threading
 import time
@@ -30,7 +31,9 @@ from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelEr
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
 
+from . import _ort_placement as placement
 from ._common import check_extra, check_feeds, cuda_driver_status, fp16_gate, output_psnr, prepare_model, random_feeds
+from ._host_buffers import LeasedBuffers
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,11 @@ _COMMON_EXTRA = {
 }
 _CUDA_EXTRA = {
     "io_binding": "run with device buffers bound once per batch size (default True)",
+    "batch_sizes": "batch sizes bound (and warmed up) at load, e.g. '1,4,8'; a smaller batch runs padded to the next (default: powers of two below max_batch, and max_batch)",
+    "warmup": "run every bound batch size once at load, so cuDNN's algorithm search never stalls a stream (default True)",
+    "cpu_fallback": "when ONNX Runtime places compute nodes on the CPU: warn (default), error, or off (skips the load-time check)",
     "staging": "host side of the bound copies: auto (default: pinned if it can), pinned, pageable",
-    "alias_outputs": "return views of the page-locked output buffers (overwritten by the next run)",
+    "alias_outputs": "return views of the page-locked output buffers (overwritten by the next run; they keep the buffers alive after close)",
     "cuda_stream": "an existing CUDA stream handle (int) ONNX Runtime should compute on",
     "cudnn_conv_algo_search": "EXHAUSTIVE (default), HEURISTIC or DEFAULT",
     "gpu_mem_limit": "bytes the CUDA arena may use",
@@ -229,10 +235,15 @@ class CpuBackend(_OrtBackend):
 
 @functools.lru_cache(maxsize=1)
 def _cuda_provider_status() -> Availability:
-    try:
-        ort = _ort()
-    except ImportError:
+    """Cheap (``avatar plugins`` asks every backend): installed, CUDA provider listed, a driver with a GPU.
+
+    It does not load the CUDA provider library (that pulls in the CUDA
+    runtime, cuBLAS and cuDNN: seconds and hundreds of MB); the backend does
+    that when it loads (:func:`_cuda_provider_loads`).
+    """
+    if importlib.util.find_spec("onnxruntime") is None:
         return Availability(False, "onnxruntime-gpu is not installed", "pip install onnxruntime-gpu")
+    ort = _ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return Availability(
             False,
@@ -242,9 +253,14 @@ def _cuda_provider_status() -> Availability:
     ok, reason, _ = cuda_driver_status()
     if not ok:
         return Availability(False, f"onnxruntime-gpu is installed but {reason}")
-    # The CUDA provider library needs the CUDA runtime, cuBLAS and cuDNN; load it
-    # now so a missing library is named here rather than as a fallback later.
-    if hasattr(ort, "preload_dlls"):
+    return Availability.ok()
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_provider_loads() -> Availability:
+    """The real check, at load: the CUDA provider library and its CUDA/cuDNN libraries load."""
+    ort = _ort()
+    if hasattr(ort, "preload_dlls"):  # finds CUDA/cuDNN in the nvidia-* pip packages
         try:
             ort.preload_dlls()
         except Exception as exc:  # best effort: system libraries may still be found
@@ -260,6 +276,22 @@ def _cuda_provider_status() -> Availability:
                 "pip install 'onnxruntime-gpu[cuda,cudnn]'",
             )
     return Availability.ok()
+
+
+def batch_sizes(spec: Any, top: int) -> list[int]:
+    """The batch sizes ``onnx-cuda`` binds: ``spec`` ('1,4,8', a list, an int) or powers of two and ``top``."""
+    if spec is None:
+        sizes = {1 << i for i in range(top.bit_length()) if 1 << i < top} | {top}
+    else:
+        items = str(spec).split(",") if isinstance(spec, (str, int)) else list(spec)
+        try:
+            sizes = {int(str(x).strip()) for x in items if str(x).strip()}
+        except ValueError:
+            raise ConfigError(f"batch_sizes must be comma-separated integers, not {spec!r}") from None
+        if not sizes or min(sizes) < 1 or max(sizes) > top:
+            raise ConfigError(f"batch_sizes must lie in 1..max_batch={top}, got {sorted(sizes)}")
+        sizes.add(top)
+    return sorted(sizes)
 
 
 def cuda_provider_options(options: BackendOptions, stream: int | None = None) -> dict[str, str]:
@@ -290,6 +322,16 @@ def cuda_provider_options(options: BackendOptions, stream: int | None = None) ->
     return po
 
 
+def _batched(t: TensorInfo) -> bool:
+    """Whether the tensor's first axis is the (dynamic) batch axis; caches and scalars beside it are not."""
+    return bool(t.shape) and not isinstance(t.shape[0], int)
+
+
+def _dims(t: TensorInfo, batch: int) -> list[int]:
+    """The tensor's shape for a run of ``batch`` items (fixed-size tensors keep their size)."""
+    return [batch, *t.shape[1:]] if _batched(t) else list(t.shape)
+
+
 class _Binding:
     """Device buffers for one batch size, bound once and reused for every run of that size."""
 
@@ -302,12 +344,12 @@ class _Binding:
         self.in_values: dict[str, Any] = {}
         self.out_values: dict[str, Any] = {}
         for t in inputs:
-            v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, device, device_id)
+            v = ort.OrtValue.ortvalue_from_shape_and_type(_dims(t, batch), t.dtype, device, device_id)
             self.binding.bind_ortvalue_input(t.name, v)
             self.in_values[t.name] = v
         for t in outputs:
             if all(isinstance(d, int) for d in t.shape[1:]):
-                v = ort.OrtValue.ortvalue_from_shape_and_type([batch, *t.shape[1:]], t.dtype, device, device_id)
+                v = ort.OrtValue.ortvalue_from_shape_and_type(_dims(t, batch), t.dtype, device, device_id)
                 self.binding.bind_ortvalue_output(t.name, v)
                 self.out_values[t.name] = v
             else:  # shape known only after the run: let ORT allocate on the device
@@ -317,9 +359,14 @@ class _Binding:
 class OnnxCudaBackend(_OrtBackend):
     """ONNX Runtime with the CUDAExecutionProvider, device buffers bound with IO binding.
 
-    For each batch size met, input and output tensors are allocated on the GPU
-    once and bound to an IO binding (``max_batch`` buffers at load; a smaller
-    batch, a stream's tail, gets its own on first use). The host side is a set
+    Input and output tensors are allocated on the GPU and bound to an IO
+    binding at load for a few batch sizes (``batch_sizes``: powers of two
+    and ``max_batch``), and each is run once (``warmup``), so cuDNN's algorithm
+    search and the arena growth happen at load: live input produces arbitrary
+    partial batches, and a new shape mid-stream would stall it. A batch runs
+    on the smallest bound size that holds it; only its rows are copied in and
+    out (the model computes the padding rows too, and every UNet-328 and audio
+    encoder treats batch rows independently). The host side is a set
     of page-locked staging buffers sized for ``max_batch`` and one CUDA stream
     that ONNX Runtime also computes on (see :mod:`._cuda_staging`): a run
     copies the batch into staging, queues the H2D copies, the model and the
@@ -342,18 +389,28 @@ class OnnxCudaBackend(_OrtBackend):
 
     def __init__(self, model_path: str | Path, options: BackendOptions | None = None) -> None:
         a = self.availability()
+        if a.usable:
+            a = self._loads()
         if not a.usable:
             fix = f"; install with `{a.install}`" if a.install else ""
             raise BackendUnavailable(f"onnx-cuda is unavailable: {a.reason}{fix}")
         opts = options or BackendOptions()
         check_extra(opts.extra, self._extra, self.name)
+        if str(opts.extra.get("cpu_fallback", "warn")) not in ("warn", "error", "off"):
+            raise ConfigError(f"cpu_fallback must be warn, error or off, not {opts.extra['cpu_fallback']!r}")
         self._bindings: dict[int, _Binding] = {}
         self._lock = threading.Lock()  # bound buffers are shared: one run at a time
         self._host: dict[str, np.ndarray] = {}
         self._io = bool(opts.extra.get("io_binding", True))
         self._alias = bool(opts.extra.get("alias_outputs", False))
         self._staging = self._open_staging(opts) if self._io else None
+        # aliased outputs may outlive close(): staging is freed when the last one is gone
+        self._leases = LeasedBuffers(self._staging.close, "onnx-cuda staging") if self._staging is not None else None
         self._staged = False
+        self._sizes: list[int] = []
+        self._batched: set[str] = set()
+        #: nodes per execution provider, as ONNX Runtime placed them at load ({} when not checked)
+        self.node_placement: dict[str, int] = {}
         try:
             super().__init__(model_path, opts)
         except BaseException:
@@ -375,6 +432,53 @@ class OnnxCudaBackend(_OrtBackend):
                 raise
             log.warning("%s; onnx-cuda copies through pageable memory (slower)", exc)
             return None
+
+    @classmethod
+    def _loads(cls) -> Availability:
+        return _cuda_provider_loads()
+
+    def _check_providers(self) -> None:
+        super()._check_providers()
+        self._check_placement(self.model_file)
+
+    def _check_placement(self, path: Path) -> None:
+        """Warn (or fail) when ONNX Runtime placed compute nodes on the CPU instead of CUDA.
+
+        ONNX Runtime says which provider runs each node only in its VERBOSE log,
+        and a session's log level is fixed for its lifetime (at VERBOSE every
+        new shape logs pages at run time). So a probe session with the same
+        options is created at VERBOSE with stderr captured, its "Node
+        placements" block parsed, and the probe dropped: one more session
+        creation at load (``cpu_fallback="off"`` skips it).
+        """
+        mode = str(self.options.extra.get("cpu_fallback", "warn"))
+        if mode == "off":
+            return
+        so = session_options(self.options)
+        so.log_severity_level = 0
+        try:
+            with placement.capture_stderr() as captured:
+                probe = _ort().InferenceSession(str(path), sess_options=so, providers=self._providers())
+        except Exception as exc:  # the same options just made the real session: unexpected, but one line
+            raise BackendError(f"{self.name}: the node-placement probe session failed: {exc}; pass cpu_fallback=off") from exc
+        del probe
+        placements = placement.node_placements(captured.text)
+        self.node_placement = {k: n for k, (n, _) in placements.items()}
+        if not placements:  # ONNX Runtime changed its log: say so rather than pretend all is well
+            log.warning("%s: could not read ONNX Runtime's node placement; CPU fallbacks go unreported", self.name)
+            return
+        found = placement.cpu_fallbacks(placements, self.provider)
+        if found is None:
+            log.debug("%s: node placement %s", self.name, self.node_placement)
+            return
+        total = sum(n for n, _ in placements.values())
+        msg = (
+            f"{self.name}: ONNX Runtime runs {placement.describe(*found, total)} of {Path(path).name} on the CPU, "
+            f"not on {self.provider} (it has no kernel for them there); each costs a device round trip per run"
+        )
+        if mode == "error":
+            raise BackendError(msg + "; try the tensorrt backend, or pass cpu_fallback=warn to run anyway")
+        log.warning("%s", msg)
 
     def _new_staging(self, device_id: int, stream: int | None) -> Any:
         from ._cuda_staging import PinnedStaging
@@ -402,18 +506,25 @@ class OnnxCudaBackend(_OrtBackend):
             # the stream stays (the session computes on it); only the copies go through ORT
             log.info("%s: an output's shape is known only after the run; ORT copies it (pageable)", self.name)
         if self._staged:
-            self._host = {t.name: self._staging.empty((top, *t.shape[1:]), t.dtype) for t in tensors}
-        self._binding_for(top)
+            self._host = {t.name: self._staging.empty(_dims(t, top), t.dtype) for t in tensors}
+        self._batched = {t.name for t in tensors if _batched(t)}
+        # a model without a batch axis (every input fixed) runs in one binding
+        self._sizes = batch_sizes(self.options.extra.get("batch_sizes"), top) if self._batched else [top]
+        for n in self._sizes:
+            b = _Binding(self._session, self._inputs, self._outputs, n, self._device_type, int(self.options.device_id))
+            self._bindings[n] = b
+            if self.options.extra.get("warmup", True):
+                # the buffers hold whatever was there: the values do not matter, the shapes do
+                self._session.run_with_iobinding(b.binding)
+        if self._staged and self.options.extra.get("warmup", True):
+            self._staging.synchronize()
 
     def _max_batch(self) -> int | None:
         return int(self.options.max_batch) if self._io else None
 
     def _binding_for(self, batch: int) -> _Binding:
-        b = self._bindings.get(batch)
-        if b is None:
-            b = _Binding(self._session, self._inputs, self._outputs, batch, self._device_type, int(self.options.device_id))
-            self._bindings[batch] = b
-        return b
+        """The bound buffers a batch of ``batch`` runs in: the smallest bound size that holds it."""
+        return self._bindings[next(n for n in self._sizes if n >= batch)]
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self._io:
@@ -436,35 +547,50 @@ class OnnxCudaBackend(_OrtBackend):
         st = self._staging
         st.bind_thread()
         for name, value in b.in_values.items():
-            host = self._host[name][:batch]
+            host = self._rows(name, batch)  # only the real rows cross; padding rows keep old values
             np.copyto(host, feeds[name])
             st.to_device(value.data_ptr(), host)
         self._session.run_with_iobinding(b.binding)  # on the staging stream, after the copies
         views = {}
         for name, value in b.out_values.items():
-            views[name] = self._host[name][:batch]
+            views[name] = self._rows(name, batch)
             st.to_host(views[name], value.data_ptr())
         st.synchronize()
-        return views if self._alias else {name: v.copy() for name, v in views.items()}
+        if self._alias and self._leases is not None:
+            return {name: self._leases.lend(v) for name, v in views.items()}
+        return {name: v.copy() for name, v in views.items()}
+
+    def _rows(self, name: str, batch: int) -> np.ndarray:
+        """The part of a staging buffer a run of ``batch`` items uses."""
+        return self._host[name][:batch] if name in self._batched else self._host[name]
 
     def _run_pageable(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         b = self._binding_for(batch)
+        pad = b.batch - batch
         for name, value in b.in_values.items():
-            value.update_inplace(np.ascontiguousarray(feeds[name]))
+            arr = np.ascontiguousarray(feeds[name])
+            if pad and name in self._batched:  # pad with copies of the last row (finite values)
+                arr = np.concatenate([arr, np.repeat(arr[-1:], pad, axis=0)])
+            value.update_inplace(arr)
         b.binding.synchronize_inputs()
         self._session.run_with_iobinding(b.binding)
         b.binding.synchronize_outputs()
+
+        def real(name: str, arr: np.ndarray) -> np.ndarray:
+            return arr[:batch] if pad and name in self._batched else arr
+
         if len(b.out_values) == len(self._outputs):
             # numpy() copies device memory to a new array, but views CPU memory: copy that
             own = self._device_type == "cpu"
-            return {name: v.numpy().copy() if own else v.numpy() for name, v in b.out_values.items()}
-        return {t.name: o for t, o in zip(self._outputs, b.binding.copy_outputs_to_cpu())}
+            return {name: real(name, v.numpy()).copy() if own else real(name, v.numpy()) for name, v in b.out_values.items()}
+        return {t.name: real(t.name, o) for t, o in zip(self._outputs, b.binding.copy_outputs_to_cpu())}
 
     def _close_staging(self) -> None:
         self._host, self._staged = {}, False
-        if self._staging is not None:
-            self._staging.close()
-            self._staging = None
+        if self._leases is not None:
+            self._leases.close()  # frees the staging now, or once the last aliased output is gone
+            self._leases = None
+        self._staging = None
 
     def close(self) -> None:
         with self._lock:

@@ -15,7 +15,11 @@ Run-time design (the why):
 * pycuda uses the device's **primary** context (``retain_primary_context``),
   never ``pycuda.autoinit``: autoinit creates a private context, and ONNX
   Runtime, PyTorch and the CUDA runtime inside TensorRT all use the primary
-  one; two contexts on one GPU do not share memory or streams.
+  one; two contexts on one GPU do not share memory or streams. It is retained
+  once per device and process and never detached: pycuda's ``detach()`` of a
+  primary context that is not current pushes it and releases it without a pop
+  (``cuDevicePrimaryCtxRelease`` never pops), which left a stale entry on the
+  thread's context stack after every ``close()``.
 * The context is pushed before and popped after every call (load, run, close),
   so the backend works from whichever worker thread the engine runs it on.
 * Host staging buffers are page-locked (``pagelocked_empty``) so the copies
@@ -25,7 +29,11 @@ Run-time design (the why):
   owns, then one synchronise.
 * ``run`` returns copies the caller owns. With ``extra={"alias_outputs": True}``
   it returns views of the page-locked output buffers instead (no copy); they
-  are overwritten by the next ``run`` of this backend.
+  are overwritten by the next ``run`` of this backend, and keep the page-locked
+  buffers alive after ``close()`` until the last of them is gone.
+* A cached engine is used when its profile covers the requested batch
+  (:func:`find_covering_engine`), so ``avatar build-engine``'s batch-16 engine
+  serves ``avatar run --batch 8``.
 """
 
 from __future__ import annotations
@@ -57,16 +65,19 @@ from ._common import (
     prepare_model,
     random_feeds,
 )
+from ._host_buffers import LeasedBuffers
 from ._trt_engine_cache import (
     atomic_write,
     INSTALL,
     BuildOptions,
     DeviceIdentity,
     buffer_plan,
+    build_lock,
     cached_or_build,
     check_shape,
     engine_cache_key,
     engine_path,
+    find_covering_engine,
     have_module,
     missing_parts,
     profile_shapes,
@@ -79,11 +90,12 @@ log = logging.getLogger(__name__)
 
 _EXTRA = {
     "cache_dir": "where engines and the timing cache are kept",
-    "opt_batch": "batch size the engine is tuned for (default max_batch)",
+    "opt_batch": "batch size an engine built here is tuned for (default max_batch); a cached engine must be tuned for it when given",
+    "profile_max_batch": "largest batch of an engine built here (default max_batch); any cached engine whose profile covers max_batch is used",
     "workspace_mb": "builder workspace limit in MiB (default 4096)",
     "uint8_visual": "feed the visual input as uint8 (normalised in the graph)",
     "tf32": "allow TF32 tensor-core math in fp32 layers (faster, ~1e-3 less exact; default False)",
-    "alias_outputs": "return views of the page-locked output buffers (overwritten by the next run)",
+    "alias_outputs": "return views of the page-locked output buffers (overwritten by the next run; they keep the buffers alive after close)",
     "rebuild": "ignore a cached engine and build again",
     "fp16_min_psnr": "minimum PSNR (dB) of an fp16 engine against the fp32 model on CPU, measured once per engine (default 40; 0 skips)",
 }
@@ -118,8 +130,21 @@ def require() -> None:
 # --------------------------------------------------------------------------- device helpers
 
 
+#: device id -> its primary context, retained once per process (see the module docstring)
+_RETAINED: dict[int, Any] = {}
+_RETAIN_LOCK = threading.Lock()
+
+
 class _PrimaryContext:
-    """The GPU's primary CUDA context, pushed for the duration of a ``with`` block."""
+    """The GPU's primary CUDA context, pushed for the duration of a ``with`` block.
+
+    The context is retained once per device and process and never detached:
+    ONNX Runtime, PyTorch and TensorRT's CUDA runtime keep the primary context
+    alive for the process anyway, and pycuda's ``detach()`` of a primary
+    context leaves it on the thread's driver context stack whatever the order
+    (``cuDevicePrimaryCtxRelease`` does not pop), a fault in a long-running
+    server that opens and closes backends. Balanced push/pop is all we do.
+    """
 
     def __init__(self, device_id: int) -> None:
         import pycuda.driver as cuda
@@ -128,7 +153,10 @@ class _PrimaryContext:
         if device_id >= cuda.Device.count():
             raise ConfigError(f"device_id {device_id} does not exist; this machine has {cuda.Device.count()} GPU(s)")
         self.device = cuda.Device(device_id)
-        self.ctx = self.device.retain_primary_context()
+        with _RETAIN_LOCK:
+            if device_id not in _RETAINED:
+                _RETAINED[device_id] = self.device.retain_primary_context()
+            self.ctx = _RETAINED[device_id]
 
     def __enter__(self) -> "_PrimaryContext":
         self.ctx.push()
@@ -143,9 +171,6 @@ class _PrimaryContext:
         import tensorrt as trt
 
         return DeviceIdentity(self.device.name(), tuple(self.device.compute_capability()), trt.__version__)  # type: ignore[arg-type]
-
-    def release(self) -> None:
-        self.ctx.detach()
 
 
 def _trt_logger():  # type: ignore[no-untyped-def]
@@ -165,23 +190,36 @@ def build_engine(
     device_id: int = 0,
     rebuild: bool = False,
 ) -> Path:
-    """Return the cached engine for ``model_path`` and ``build``, building it if needed."""
+    """Return the cached engine for ``model_path`` and exactly ``build``, building it if needed."""
     require()
     model_path = Path(model_path)
     if not model_path.is_file():
         raise ModelError(f"model file not found: {model_path}")
     pc = _PrimaryContext(device_id)
-    try:
-        with pc:
-            return _build_in_context(model_path, build, cache_dir(cache, "engines"), pc.identity(), rebuild, cache)
-    finally:
-        pc.release()
+    with pc:
+        return _build_in_context(model_path, build, cache_dir(cache, "engines"), pc.identity(), rebuild, cache)
 
 
 def _build_in_context(
-    model_path: Path, build: BuildOptions, folder: Path, device: DeviceIdentity, rebuild: bool, cache: Any
-) -> Path:
-    key = engine_cache_key(file_sha256(model_path), device, build)
+    model_path: Path, build: BuildOptions, folder: Path, device: DeviceIdentity, rebuild: bool, cache: Any,
+    cover: tuple[int, bool] | None = None,
+) -> Path:  # fmt: skip
+    """The engine file for ``build``: a covering cached one, the exact cached one, or a new build.
+
+    ``cover``: ``(largest batch the caller runs, whether opt_batch was asked
+    for)``; when given, a cached engine whose profile covers that batch is
+    used (:func:`find_covering_engine`) before anything is built.
+    """
+    sha = file_sha256(model_path)
+    if cover is not None and not rebuild:
+        need, exact_opt = cover
+        found = find_covering_engine(
+            folder, model_path, sha, device, build, batch=need, opt_batch=build.opt_batch if exact_opt else None
+        )
+        if found is not None:
+            log.info("using cached TensorRT engine %s (its profile covers batch %d)", found, need)
+            return found
+    key = engine_cache_key(sha, device, build)
     out = engine_path(folder, model_path, key)
     # One process builds while any other that wants the same engine waits on the lock, then finds it.
     make = functools.partial(_build_engine_file, model_path, build, folder, device, key, out, cache)
@@ -245,13 +283,17 @@ def _build_engine_file(
 
 
 def build_options_from(options: BackendOptions) -> BuildOptions:
-    """The engine build options a backend's options ask for."""
+    """The engine a backend builds when no cached engine covers its ``max_batch``."""
     extra = options.extra
-    max_b = int(options.max_batch)
+    need = int(options.max_batch)
+    opt = int(extra.get("opt_batch", need))
+    max_b = int(extra.get("profile_max_batch", max(need, opt)))
+    if max_b < need:
+        raise ConfigError(f"profile_max_batch={max_b} is smaller than max_batch={need}; the engine must accept every batch run")
     return BuildOptions(
         precision=options.precision,
         min_batch=1,
-        opt_batch=int(extra.get("opt_batch", max_b)),
+        opt_batch=opt,
         max_batch=max_b,
         workspace_mb=int(extra.get("workspace_mb", 4096)),
         uint8_visual=bool(extra.get("uint8_visual", False)),
@@ -288,11 +330,12 @@ class TensorRTBackend(Backend):
                 self.engine_file = _build_in_context(
                     self.model_path, build, cache_dir(self.options.extra.get("cache_dir"), "engines"),
                     self._pc.identity(), bool(self.options.extra.get("rebuild", False)), self.options.extra.get("cache_dir"),
+                    cover=(int(self.options.max_batch), "opt_batch" in self.options.extra),
                 )  # fmt: skip
                 self._load(self.engine_file)
                 self.fp16_psnr = self._check_fp16(build)
         except BaseException:
-            self._pc.release()
+            self._free()
             raise
         self.stats.load_s = time.perf_counter() - start
 
@@ -345,7 +388,7 @@ class TensorRTBackend(Backend):
             if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 lo, _opt, hi = self._engine.get_tensor_profile_shape(name, 0)
                 self._ranges[name] = (tuple(int(d) for d in lo), tuple(int(d) for d in hi))
-                self._context.set_input_shape(name, tuple(int(d) for d in hi))
+                self._set_input_shape(name, self._ranges[name][1])
                 self._inputs.append(info)
             else:
                 self._outputs.append(info)
@@ -360,8 +403,20 @@ class TensorRTBackend(Backend):
         for name, (shape, dtype) in max_shapes.items():
             self._host[name] = cuda.pagelocked_empty(shape, dtype)
             self._device[name] = cuda.mem_alloc(self.buffer_bytes[name])
-            self._context.set_tensor_address(name, int(self._device[name]))
+            if not self._context.set_tensor_address(name, int(self._device[name])):
+                raise BackendError(f"tensorrt: TensorRT refused the device address of tensor '{name}'; run with -vv for the TensorRT log")
+        # aliased outputs may outlive close(): the page-locked buffers are freed when the last one is gone
+        self._leases = LeasedBuffers(functools.partial(self._free_host, dict(self._host)), "tensorrt page-locked buffers")
         self._stream = cuda.Stream()
+
+    def _set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """``set_input_shape``, whose ``False`` (a shape the profile rejects) must not pass silently."""
+        if not self._context.set_input_shape(name, tuple(int(d) for d in shape)):
+            lo, hi = self._ranges[name]
+            raise BackendError(
+                f"tensorrt: the engine rejected shape {tuple(shape)} for input '{name}' "
+                f"(optimisation profile 0 accepts {lo} to {hi}); run with -vv for the TensorRT log"
+            )
 
     @property
     def inputs(self) -> Sequence[TensorInfo]:
@@ -384,7 +439,7 @@ class TensorRTBackend(Backend):
             for t in self._inputs:
                 host = self._host[t.name][:batch]
                 np.copyto(host, feeds[t.name])
-                self._context.set_input_shape(t.name, host.shape)
+                self._set_input_shape(t.name, host.shape)
                 cuda.memcpy_htod_async(self._device[t.name], host, stream)
             if not self._context.execute_async_v3(stream.handle):
                 raise BackendError("tensorrt: execute_async_v3 failed; run with -vv for the TensorRT log")
@@ -395,25 +450,39 @@ class TensorRTBackend(Backend):
                 cuda.memcpy_dtoh_async(view, self._device[t.name], stream)
                 views[t.name] = view
             stream.synchronize()
-        if self._alias:
-            return views
+            if self._alias:
+                return {k: self._leases.lend(v) for k, v in views.items()}
         return {k: v.copy() for k, v in views.items()}
+
+    def _free_host(self, host: Mapping[str, np.ndarray]) -> None:
+        """Free page-locked buffers (on close, or when the last aliased output dies, on any thread)."""
+        with self._pc:
+            for arr in host.values():
+                free = getattr(arr.base, "free", None)  # the HostAllocation behind pagelocked_empty
+                if free is not None:
+                    free()
+
+    def _free(self) -> None:
+        """Release the engine and device memory now, the host buffers once no aliased output is alive."""
+        with self._pc:
+            for mem in getattr(self, "_device", {}).values():
+                mem.free()
+            self._device = {}
+            self._context = self._engine = self._runtime = None
+            self._stream = None
+        host, self._host = getattr(self, "_host", {}), {}
+        leases = getattr(self, "_leases", None)
+        if leases is not None:
+            leases.close()
+        else:  # _load failed before the buffers were leased
+            self._free_host(host)
 
     def close(self) -> None:
         if self._closed or not hasattr(self, "_pc"):
             return
         self._closed = True
-        with self._lock, self._pc:
-            for mem in getattr(self, "_device", {}).values():
-                mem.free()
-            for arr in getattr(self, "_host", {}).values():
-                free = getattr(arr.base, "free", None)  # the HostAllocation behind pagelocked_empty
-                if free is not None:
-                    free()
-            self._device, self._host = {}, {}
-            self._context = self._engine = self._runtime = None
-            self._stream = None
-        self._pc.release()
+        with self._lock:
+            self._free()
 
 
 # --------------------------------------------------------------------------- CLI
