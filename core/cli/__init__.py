@@ -7,7 +7,7 @@ Libraries' own chatter stays off the user's terminal unless asked for: Python
 warnings (NumPy's RuntimeWarnings, ...) go through logging and show with
 ``--debug`` or ``-vv``; ONNX Runtime's log lines (printed by its C++ core, not
 through Python) are held back by the backends on the same switch (see
-``avatar_plugins.backends._common.ort_log_severity``).
+``ort_log_severity`` in the built-in backends).
 """
 
 from __future__ import annotations
