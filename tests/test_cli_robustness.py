@@ -30,21 +30,8 @@ def avatar_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from avatar.demo import speechlike_audio, synthetic_frames, write_wav
-    from avatar.models.synthetic import make_audio_encoder, make_unet
-    from avatar.package import write_package
-
-    d = tmp_path_factory.mktemp("cli")
-    frames, boxes = synthetic_frames(8, width=320, height=240)
-    out = {
-        "avatar": write_package(d / "pkg", iter(frames), boxes, fps=25, name="t"),
-        "unet": make_unet(d / "unet.onnx", mode="ave", seed=1, tiny=True),
-        "encoder": make_audio_encoder(d / "enc.onnx", seed=1, tiny=True),
-        "wav": d / "speech.wav",
-    }
-    write_wav(out["wav"], speechlike_audio(6.0, seed=1))
-    return out
+def setup(small_render_kit: dict[str, Path]) -> dict[str, Path]:
+    return small_render_kit
 
 
 def run_args(setup: dict[str, Path], audio: Path, out: Path, *extra: str) -> list[str]:

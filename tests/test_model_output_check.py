@@ -59,22 +59,9 @@ def broken_unet(path: Path, kind: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from avatar.demo import speechlike_audio, synthetic_frames, write_wav
-    from avatar.models.synthetic import make_audio_encoder
-    from avatar.package import write_package
-
+def setup(small_render_kit: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("broken")
-    frames, boxes = synthetic_frames(8, width=320, height=240)
-    out = {
-        "avatar": write_package(d / "pkg", iter(frames), boxes, fps=25, name="t"),
-        "encoder": make_audio_encoder(d / "enc.onnx", seed=1, tiny=True),
-        "wav": d / "speech.wav",
-    }
-    write_wav(out["wav"], speechlike_audio(2.0, seed=1))
-    for kind in ("one_row", "small", "nan", "inf"):
-        out[kind] = broken_unet(d / f"{kind}.onnx", kind)
-    return out
+    return {**small_render_kit, **{kind: broken_unet(d / f"{kind}.onnx", kind) for kind in ("one_row", "small", "nan", "inf")}}
 
 
 @pytest.mark.parametrize(
