@@ -143,6 +143,10 @@ def _render(
     contract = read_contract(model_path)
     if options.frame_limit is not None and options.frame_limit < 1:
         raise ConfigError("frame_limit must be at least 1")
+    from .vision import ROUNDINGS  # lazily: OpenCV
+
+    if options.output_rounding not in ROUNDINGS:
+        raise ConfigError(f"output_rounding must be one of {', '.join(ROUNDINGS)}, not {options.output_rounding!r}")
     if contract.fixed_batch is not None and batch_size != contract.fixed_batch:
         raise ConfigError(
             f"the model has a fixed batch of {contract.fixed_batch}; use --batch {contract.fixed_batch} "

@@ -147,7 +147,7 @@ def test_truncate_rounding_is_the_specifications_and_nearest_is_the_default(
         assert diff.min() == 0 and diff.max() == 1 and 0.3 < diff.mean() < 0.7
     from avatar import ConfigError
 
-    with pytest.raises(ConfigError, match="rounding"):
+    with pytest.raises(ConfigError, match="output_rounding must be one of nearest, truncate, not 'up'"):
         collect(plain, output_rounding="up", **opts)
 
 
