@@ -67,6 +67,23 @@ def test_report_records_no_error_on_success(setup: dict[str, Path], tmp_path: Pa
     assert d["error"] is None and d["frames"] == 5
 
 
+def test_report_of_an_interrupted_run(setup: dict[str, Path], tmp_path: Path) -> None:
+    from avatar.demo import speechlike_audio, write_wav
+
+    wav, out, report = tmp_path / "long.wav", tmp_path / "out.mp4", tmp_path / "report.json"
+    write_wav(wav, speechlike_audio(60.0, seed=2))
+    proc = subprocess.Popen([sys.executable, "-m", "avatar", *run_args(setup, wav, out, "--report", str(report))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 2000):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    d = json.loads(report.read_text())
+    assert d["interrupted"] is True and d["error"] is None and 0 < d["frames"] < 1500
+
+
 # --------------------------------------------------------------------------- odd audio (15.11)
 
 

@@ -162,7 +162,7 @@ def run(
         partial = getattr(exc, "report", None)
         if report_path and partial is not None:
             try:
-                _write_report(report_path, partial.to_dict(), exc)
+                _write_report(report_path, partial.to_dict(), None if partial.interrupted else exc)
             except OSError as werr:  # the disk that failed the run may fail this too: keep the first error
                 click.echo(f"warning: cannot write the report {report_path}: {werr.strerror or werr}", err=True)
         raise
@@ -170,6 +170,7 @@ def run(
 
 
 def _write_report(path: str, d: dict[str, Any], exc: BaseException | None = None) -> None:
+    # "error" is null for a run that finished or was interrupted ("interrupted": true says so)
     d["error"] = None if exc is None else f"{type(exc).__name__}: {exc}"
     Path(path).write_text(json.dumps(d, indent=2, default=str))
 
