@@ -174,6 +174,16 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130() -> None:
         assert (p.returncode, err) == (130, "interrupted\n"), err
 
 
+def test_the_console_script_enters_through_a_stdlib_only_module() -> None:
+    """Nothing heavy may load before the launcher's Ctrl-C handling is in place."""
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["avatar"] == "avatar_launcher:main"
+    code = "import sys, avatar_launcher; print(sorted(m for m in ('avatar', 'numpy', 'click') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[]", r.stderr
+
+
 def _reshape_failing_model(path: Path) -> Path:
     """A UNet by its contract whose Reshape fails at run time: ONNX Runtime logs an error line and raises."""
     import onnx
