@@ -24,6 +24,7 @@ comes back bit-exact (``sample / 32768``).
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -119,6 +120,70 @@ def iter_audio_chunks(
         raise AudioError(f"{Path(path).name}: the audio stream holds no samples; use a file that contains sound")
 
 
+def check_one_frame(pcm: np.ndarray, sample_rate: int, fps: float, name: str = "the audio") -> None:
+    """Refuse audio that holds some sound but less than one video frame's share.
+
+    Such a render makes one frame whose few samples the AAC encoder turns into
+    no packet at all: an MP4 without an audio stream. Empty audio is left to
+    the caller's own "no frames" error.
+    """
+    need = sample_rate / float(fps)
+    if 0 < len(pcm) < need:
+        raise AudioError(
+            f"{name} holds {len(pcm)} sample(s) ({1000.0 * len(pcm) / sample_rate:.2f} ms at {sample_rate} Hz); "
+            f"one video frame at {float(fps):g} fps needs {1000.0 / float(fps):.0f} ms of sound — use a longer recording"
+        )
+
+
+def _wav_declared_seconds(path: Path) -> float | None:
+    """Seconds of audio a RIFF/WAVE header announces (its ``data`` size / byte rate).
+
+    FFmpeg trusts the file size over the header, so a truncated WAV decodes to
+    what is there without a word; the header is the only record of what was
+    meant to be there. ``None`` for other files and for the size placeholders
+    (0, 0xFFFFFFFF) that streaming writers leave.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            byte_rate = 0
+            for _ in range(64):  # a WAV has a handful of chunks; never loop on garbage
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = f.read(size + (size & 1))
+                    byte_rate = struct.unpack("<I", fmt[8:12])[0] if len(fmt) >= 12 else 0
+                elif cid == b"data":
+                    return size / byte_rate if byte_rate and size not in (0, 0xFFFFFFFF) else None
+                else:
+                    f.seek(size + (size & 1), 1)
+    except OSError:
+        return None
+    return None
+
+
+def _hms(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    h, rest = divmod(int(round(seconds)), 3600)
+    return f"{h} h {rest // 60:02d} min {rest % 60:02d} s" if h else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def _warn_if_truncated(path: Path, decoded: int, sample_rate: int) -> None:
+    declared = _wav_declared_seconds(path)
+    got = decoded / sample_rate
+    if declared is not None and declared - got > 0.1:
+        log.warning(
+            "%s: the WAV header announces %s of audio but the file holds only %s — it is truncated "
+            "(an interrupted recording or copy?); rendering the %s that are there",
+            path.name, _hms(declared), _hms(got), _hms(got),
+        )  # fmt: skip
+
+
 def _decode(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
     """Yield resampled mono float32 blocks of the file's first audio stream."""
     import av  # lazily: importing PyAV loads all of FFmpeg
@@ -141,13 +206,17 @@ def _decode(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
         stream = container.streams.audio[0]
         # format conversion and rate change only; channels are averaged below
         resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+        decoded = 0
         try:
             for frame in container.decode(stream):
                 frame.pts = None  # sloppy timestamps must not make swresample insert silence
                 for out in resampler.resample(frame):
+                    decoded += out.samples
                     yield _mono(out)
             for out in resampler.resample(None):  # flush the filter's delay line
+                decoded += out.samples
                 yield _mono(out)
+            _warn_if_truncated(path, decoded, sample_rate)
         except AudioError:
             raise
         except (av.FFmpegError, ValueError) as exc:

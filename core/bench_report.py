@@ -7,11 +7,14 @@ numbers (medians and percentiles of timed calls, wall times of real renders).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import MissingDependency
+
+log = logging.getLogger(__name__)
 
 
 def _f(v: Any, digits: int = 1) -> str:
@@ -149,7 +152,7 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("the benchmark chart needs matplotlib: pip install 'avatar-sdk[bench]'") from None
+        raise MissingDependency("matplotlib", "bench", feature="the benchmark chart") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -210,11 +213,18 @@ def _jsonable(v: Any) -> Any:
 
 
 def write_all(result: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
-    """Write ``NAME.json``, ``NAME.md`` and ``NAME.png``; return their paths by kind."""
+    """Write ``NAME.json``, ``NAME.md`` and ``NAME.png``; return their paths by kind.
+
+    Without matplotlib (the ``bench`` extra) the chart is left out, with a
+    warning saying how to get it: the measurements are in the other two.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = _jsonable({**result, "name": name})
-    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}
+    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
     paths["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     paths["md"].write_text(markdown(doc))
-    chart(doc, paths["png"])
+    try:
+        paths["png"] = chart(doc, out_dir / f"{name}.png")
+    except MissingDependency as exc:
+        log.warning("no chart: %s", exc)
     return paths

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -154,3 +155,33 @@ def check_feature_match(contract: ModelContract, source_name: str, window_shape:
             f"but the feature source '{source_name}' makes {tuple(window_shape)}; choose the matching "
             f"--features or a model exported for '{source_name}'"
         )
+
+
+def check_output(contract: ModelContract, result: Mapping[str, np.ndarray], batch: int) -> np.ndarray:
+    """The model's output for a batch of ``batch`` rows, checked; raise :class:`ModelError` otherwise.
+
+    A model can declare ``[B,3,320,320]`` and return something else (fewer rows,
+    another size) or NaN/Inf values; rendering on would drop frames or make
+    garbage with exit 0. The value check costs one min and one max over the
+    batch (no temporary array); the count of bad values is made only on failure.
+    """
+    name = contract.output.name
+    model = contract.path.name
+    out = result.get(name) if isinstance(result, Mapping) else None
+    if not isinstance(out, np.ndarray):
+        got = ", ".join(sorted(map(str, result))) if isinstance(result, Mapping) else type(result).__name__
+        raise ModelError(f"model {model} returned no output '{name}' (got {got or 'nothing'}); check the model file")
+    want = (batch, *OUTPUT_SHAPE)
+    if tuple(out.shape) != want:
+        raise ModelError(
+            f"model {model} returned output '{name}' of shape {list(out.shape)} for a batch of {batch}; "
+            f"it declares {_info_dict(contract.output)['shape']} and must return {list(want)} — "
+            "the model is broken or was exported wrongly (a fixed batch inside the graph?)"
+        )
+    if out.dtype.kind == "f" and out.size and not (np.isfinite(out.min()) and np.isfinite(out.max())):
+        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        raise ModelError(
+            f"model {model} returned {bad} NaN or infinite value(s) in a batch of {batch} frames; "
+            "the weights are broken or the export is wrong (try fp32 if this is an fp16 model)"
+        )
+    return out

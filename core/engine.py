@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .contract import ModelContract, check_feature_match, read_contract
+from .contract import ModelContract, check_feature_match, check_output, read_contract
 from .errors import AvatarError, ConfigError
 from .interfaces import Backend, BackendOptions, FeatureSource, Sink, SinkReport, StreamInfo, VideoFrame
 from .windows import WindowAssembler
@@ -303,6 +303,8 @@ class RenderOptions:
     frame_limit: int | None = None
     #: how long a started batch waits for more frames before running partial (live input)
     flush_s: float = 0.02
+    #: model output to pixels: ``nearest`` or ``truncate`` (the spec's), see vision.output_to_uint8
+    output_rounding: str = "nearest"
 
 
 class Renderer:
@@ -444,7 +446,7 @@ class Renderer:
             t1 = time.perf_counter()
             self.times.add("visual", t1 - t, n)
             result = self.backend.run({vis_name: visual, aud_name: audio})
-            faces = result[self.contract.output.name][:n]
+            faces = check_output(self.contract, result, len(visual))[:n]
             self.times.add("inference", time.perf_counter() - t1, n)
             out.put((idx, av_idx, faces, lasts))
         out.put(_END)
@@ -460,13 +462,13 @@ class Renderer:
                 out.put(item)
                 return
             idx, av_idx, faces, lasts = item
-            faces_u8 = output_to_uint8(faces)
+            faces_u8 = output_to_uint8(faces, rounding=self.options.output_rounding)
             for i, a, face, last in zip(idx, av_idx, faces_u8, lasts):
                 t = time.perf_counter()
                 frame = self.package.frame(a)
                 t1 = time.perf_counter()
                 box = tuple(int(v) for v in self.package.boxes[a])
-                image = composite(frame, box, face)
+                image = composite(frame, box, face, interpolation=self.package.crop_interpolation)
                 self.times.add("decode", t1 - t)
                 self.times.add("composite", time.perf_counter() - t1)
                 out.put((i, a, image, face if self.wants_face else None, box, last))
@@ -579,8 +581,6 @@ class Renderer:
                 self.backend.close()
                 self.source.close()
         wall = time.perf_counter() - start
-        if error is not None:
-            raise error
         report = RenderReport(
             frames=frames,
             fps=fps,
@@ -595,6 +595,10 @@ class Renderer:
             first_frame_s=first_frame_s,
             backend_calls=self.backend.stats.calls,
         )
+        if error is not None:
+            with contextlib.suppress(AttributeError):  # what was done before the failure, for `avatar run --report`
+                error.report = report  # type: ignore[attr-defined]
+            raise error
         if interrupted is not None:
             raise RenderInterrupted(report, int(interrupted))
         if frames == 0:

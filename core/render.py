@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from .contract import check_feature_match, read_contract
 from .engine import RenderOptions, RenderReport, Renderer
@@ -79,6 +81,7 @@ def render(
     progress: bool = False,
     frame_limit: int | None = None,
     memory_budget_mb: int = 512,
+    output_rounding: str = "nearest",
 ) -> RenderReport:
     """Render a lip-synced video of ``avatar`` speaking ``audio``.
 
@@ -91,24 +94,59 @@ def render(
     :param model: the UNet-328 ONNX file; defaults to the package's model.
     :param features: feature source name (``ave``, ``npy``, ``hubert``, ``wenet``)
         or an instance. For ``ave`` the package's audio encoder is the default
-        ``encoder`` option.
+        ``encoder`` option. The package's recorded window padding
+        (``model.padding``) is the default ``padding`` option; an explicit
+        ``feature_options["padding"]`` wins.
     :param backend: ``auto`` (onnx-cuda when usable, else cpu), ``cpu``,
         ``onnx-cuda``, ``tensorrt`` or a plugin's.
     :param memory_budget_mb: how much decoded avatar video may be held in
         memory; a longer avatar is decoded in keyframe chunks on demand.
+    :param output_rounding: how the model's [0, 1] output becomes 8-bit pixels:
+        ``nearest`` (default) or ``truncate`` (the specification's
+        ``(x * 255).astype(uint8)``); see :func:`avatar.vision.output_to_uint8`.
     :returns: the :class:`RenderReport` (frames, timings, sink reports).
     """
     from .package import AvatarPackage
 
-    package = (
-        avatar if not isinstance(avatar, (str, Path)) else AvatarPackage.open(avatar, memory_budget_mb=memory_budget_mb)
-    )
+    # a package opened here is closed here; one passed in stays the caller's
+    owned = isinstance(avatar, (str, Path))
+    package = AvatarPackage.open(avatar, memory_budget_mb=memory_budget_mb) if owned else avatar
+    try:
+        return _render(
+            package, audio, sinks=sinks, model=model, features=features, feature_options=feature_options,
+            backend=backend, backend_options=backend_options, batch_size=batch_size,
+            options=RenderOptions(
+                batch_size=batch_size, progress=progress, frame_limit=frame_limit, output_rounding=output_rounding
+            ),
+        )  # fmt: skip
+    finally:
+        if owned:
+            package.close()
+
+
+def _render(
+    package: Any,
+    audio: Any,
+    *,
+    sinks: SinkSpec | Sequence[SinkSpec],
+    model: str | Path | None,
+    features: str | FeatureSource,
+    feature_options: Mapping[str, Any] | None,
+    backend: str,
+    backend_options: BackendOptions | None,
+    batch_size: int,
+    options: RenderOptions,
+) -> RenderReport:
     model_path = Path(model) if model is not None else getattr(package, "model_path", None)
     if model_path is None:
         raise ConfigError("no model given and the avatar package names none; pass --model MODEL.onnx")
     contract = read_contract(model_path)
-    if frame_limit is not None and frame_limit < 1:
+    if options.frame_limit is not None and options.frame_limit < 1:
         raise ConfigError("frame_limit must be at least 1")
+    from .vision import ROUNDINGS  # lazily: OpenCV
+
+    if options.output_rounding not in ROUNDINGS:
+        raise ConfigError(f"output_rounding must be one of {', '.join(ROUNDINGS)}, not {options.output_rounding!r}")
     if contract.fixed_batch is not None and batch_size != contract.fixed_batch:
         raise ConfigError(
             f"the model has a fixed batch of {contract.fixed_batch}; use --batch {contract.fixed_batch} "
@@ -118,6 +156,10 @@ def render(
         source = features
     else:
         opts = dict(feature_options or {})
+        if not opts.get("padding"):
+            padding = package_padding(package, contract.feature_type)
+            if padding:
+                opts["padding"] = padding
         if features == "ave" and not opts.get("encoder"):
             enc = getattr(package, "audio_encoder_path", None)
             if enc is None:
@@ -131,21 +173,47 @@ def render(
     try:
         # cheap checks before the backend loads the model (a TensorRT build takes minutes)
         check_feature_match(contract, source.name, tuple(source.window_shape))
+        audio = _whole_audio(audio, source)
         sink_objs = make_sinks(sinks)
-        options = backend_options or BackendOptions(max_batch=max(batch_size, 1))
-        be, used = open_backend(backend, model_path, options)
-        renderer = Renderer(
-            package,
-            be,
-            contract,
-            source,
-            sink_objs,
-            RenderOptions(batch_size=batch_size, progress=progress, frame_limit=frame_limit),
-            backend_name=used,
-        )
+        bopts = backend_options or BackendOptions(max_batch=max(batch_size, 1))
+        be, used = open_backend(backend, model_path, bopts)
+        renderer = Renderer(package, be, contract, source, sink_objs, options, backend_name=used)
     except BaseException:
         if be is not None:
             be.close()
         source.close()
         raise
     return renderer.run(audio)
+
+
+def _whole_audio(audio: Any, source: FeatureSource) -> Any:
+    """A file decoded now (a bad file fails before a model loads), checked to cover one frame.
+
+    Arrays are checked as they are; live iterables pass through.
+    """
+    from .audio import check_one_frame, load_audio
+
+    name = "the audio"
+    if isinstance(audio, (str, Path)):
+        name = Path(audio).name
+        audio = load_audio(audio, sample_rate=source.sample_rate)
+    if isinstance(audio, np.ndarray):
+        check_one_frame(audio.reshape(-1), source.sample_rate, float(source.fps), name)
+    return audio
+
+
+def package_padding(package: Any, feature_type: str) -> str | None:
+    """The audio window padding the package records for its model, if it applies to ``feature_type``.
+
+    A model is trained with one edge padding; using the other changes the first
+    and last frames of every render. The record describes the package's model,
+    so it is not applied to a model of another feature type.
+    """
+    manifest = getattr(package, "manifest", None)
+    padding = getattr(manifest, "padding", None)
+    recorded_type = getattr(manifest, "feature_type", None)
+    if padding and recorded_type and recorded_type != feature_type:
+        log.info("the package's padding %r is for its %s model, not this %s model; not used",
+                 padding, recorded_type, feature_type)  # fmt: skip
+        return None
+    return padding

@@ -191,14 +191,25 @@ def normalize(visual: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- output
 
 
-def output_to_uint8(out: np.ndarray) -> np.ndarray:
+#: how :func:`output_to_uint8` turns [0, 1] floats into 8-bit levels
+ROUNDINGS = ("nearest", "truncate")
+
+
+def output_to_uint8(out: np.ndarray, *, rounding: str = "nearest") -> np.ndarray:
     """Model output ``[3, 320, 320]`` or ``[B, 3, 320, 320]`` in [0, 1] to HWC uint8 BGR.
 
-    Values are scaled by 255, **rounded to nearest** and clipped to [0, 255]
-    (upstream truncates, which darkens every pixel by half a level on average).
+    Values are scaled by 255 and clipped to [0, 255]. ``rounding="nearest"``
+    (the default) rounds to the nearest level; ``"truncate"`` drops the
+    fraction, which is the specification's ``(x * 255).astype(np.uint8)``
+    bit for bit. Nearest is the default because truncation maps every value
+    to the level at or below it: the output comes out half a level darker on
+    average, and only an exact 1.0 reaches white. Choose ``truncate`` to
+    compare frames with upstream's output.
     A uint8 output (a model that denormalises in the graph) is only transposed.
     Returns ``[320, 320, 3]`` or ``[B, 320, 320, 3]``, contiguous, new memory.
     """
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"output rounding must be one of {', '.join(ROUNDINGS)}, not {rounding!r}")
     out = np.asarray(out)
     if out.ndim not in (3, 4) or out.shape[-3] != 3:
         raise ConfigError(f"model output must be [3, H, W] or [B, 3, H, W], got {list(out.shape)}")
@@ -207,7 +218,8 @@ def output_to_uint8(out: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(out.transpose(axes))
     # scale in the input's own (contiguous) layout, transpose the 4x smaller uint8
     scaled = np.multiply(out, np.float32(255.0), dtype=np.float32)
-    scaled += np.float32(0.5)
+    if rounding == "nearest":
+        scaled += np.float32(0.5)
     np.clip(scaled, 0.0, 255.0, out=scaled)
     return np.ascontiguousarray(scaled.astype(np.uint8).transpose(axes))
 

@@ -73,3 +73,22 @@ def ort_sessions(monkeypatch: pytest.MonkeyPatch) -> SessionLog:
     """A :class:`SessionLog` for this test."""
     return SessionLog(monkeypatch)
 
+
+
+@pytest.fixture(scope="session")
+def small_render_kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What a quick real render needs: an 8-frame 320x240 package, tiny seeded models, 6 s of speech-like WAV."""
+    from avatar.demo import speechlike_audio, synthetic_frames, write_wav
+    from avatar.models.synthetic import make_audio_encoder, make_unet
+    from avatar.package import write_package
+
+    d = tmp_path_factory.mktemp("render-kit")
+    frames, boxes = synthetic_frames(8, width=320, height=240)
+    kit = {
+        "avatar": write_package(d / "pkg", iter(frames), boxes, fps=25, name="kit"),
+        "unet": make_unet(d / "unet.onnx", mode="ave", seed=1, tiny=True),
+        "encoder": make_audio_encoder(d / "enc.onnx", seed=1, tiny=True),
+        "wav": d / "speech.wav",
+    }
+    write_wav(kit["wav"], speechlike_audio(6.0, seed=1))
+    return kit

@@ -312,3 +312,25 @@ def test_real_speech(talk_wav: Path, source: HubertSource) -> None:
         pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
     rows = source.rows(pcm[: 3 * SR])
     assert rows.shape == (75, 2, 1024) and np.isfinite(rows).all()
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_loading_leaves_hf_hub_offline_as_it_was(model_dir: Path, monkeypatch: pytest.MonkeyPatch, before: str | None) -> None:
+    """The load is offline, but the process (an application embedding us) keeps its own setting."""
+    import os
+
+    if before is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", before)
+    seen: list[str | None] = []
+    real = transformers.HubertModel.from_pretrained
+
+    def noting(*args, **kwargs):  # type: ignore[no-untyped-def]  # the real load, with the variable noted
+        seen.append(os.environ.get("HF_HUB_OFFLINE"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.HubertModel, "from_pretrained", noting)
+    rt.load_torch_model(model_dir)
+    assert seen == ["1"]
+    assert os.environ.get("HF_HUB_OFFLINE") == before

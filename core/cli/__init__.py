@@ -2,6 +2,12 @@
 
 The edge here turns :class:`avatar.AvatarError` into one line on stderr and a
 non-zero exit; ``--debug`` (or ``AVATAR_DEBUG=1``) shows the traceback.
+
+Libraries' own chatter stays off the user's terminal unless asked for: Python
+warnings (NumPy's RuntimeWarnings, ...) go through logging and show with
+``--debug`` or ``-vv``; ONNX Runtime's log lines (printed by its C++ core, not
+through Python) are held back by the backends on the same switch (see
+``ort_log_severity`` in the built-in backends).
 """
 
 from __future__ import annotations
@@ -88,12 +94,18 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """avatar-sdk: speech in, a lip-synced talking-head video out."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if debug:
+        # the library and the worker processes it starts read the switch from here
+        os.environ["AVATAR_DEBUG"] = "1"
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    show = _debug(ctx) or verbose >= 2
+    logging.getLogger("py.warnings").setLevel(logging.NOTSET if show else logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Run the command line (the console script enters through ``avatar_launcher``)."""
     cli.main(args=argv, prog_name="avatar")
 
 

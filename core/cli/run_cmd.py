@@ -55,7 +55,10 @@ def _coerce(v: str) -> Any:
 @click.option("--memory-budget", "memory_budget_mb", default=512, show_default=True, help="MB of decoded avatar frames kept in memory.")
 @click.option("--frames", "frame_limit", type=click.IntRange(min=1), help="Stop after this many frames.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the render report as JSON here.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the render report as JSON here (also when the run fails or is interrupted, with the error).")
+@click.option("--output-rounding", type=click.Choice(["nearest", "truncate"]), default="nearest", show_default=True,
+              help="Model output to pixels: nearest level, or truncate as the specification's (x*255).astype(uint8).")
 def run(
     avatar_dir: str,
     audio: str,
@@ -79,6 +82,7 @@ def run(
     frame_limit: int | None,
     progress: bool,
     report_path: str | None,
+    output_rounding: str,
 ) -> None:
     """Render AUDIO spoken by an avatar to one or more sinks.
 
@@ -137,8 +141,6 @@ def run(
     bopts = BackendOptions(
         device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads
     )
-    from ..engine import RenderInterrupted
-
     try:
         report = render(
             avatar_dir,
@@ -153,12 +155,24 @@ def run(
             progress=progress,
             frame_limit=frame_limit,
             memory_budget_mb=memory_budget_mb,
+            output_rounding=output_rounding,
         )
-    except RenderInterrupted as exc:
-        if report_path:
-            Path(report_path).write_text(json.dumps(exc.report.to_dict(), indent=2, default=str))
+    except BaseException as exc:
+        # a run that started carries its report (interrupted, or failed: disk full, stream lost)
+        partial = getattr(exc, "report", None)
+        if report_path and partial is not None:
+            try:
+                _write_report(report_path, partial.to_dict(), None if partial.interrupted else exc)
+            except OSError as werr:  # the disk that failed the run may fail this too: keep the first error
+                click.echo(f"warning: cannot write the report {report_path}: {werr.strerror or werr}", err=True)
         raise
     _summary(report, output, report_path)
+
+
+def _write_report(path: str, d: dict[str, Any], exc: BaseException | None = None) -> None:
+    # "error" is null for a run that finished or was interrupted ("interrupted": true says so)
+    d["error"] = None if exc is None else f"{type(exc).__name__}: {exc}"
+    Path(path).write_text(json.dumps(d, indent=2, default=str))
 
 
 def _summary(report: Any, output: str | None, report_path: str | None) -> None:
@@ -181,4 +195,4 @@ def _summary(report: Any, output: str | None, report_path: str | None) -> None:
     if output:
         click.echo(output)
     if report_path:
-        Path(report_path).write_text(json.dumps(d, indent=2, default=str))
+        _write_report(report_path, d)

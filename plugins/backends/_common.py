@@ -144,6 +144,19 @@ def cache_dir(explicit: str | Path | None = None, sub: str = "models") -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "avatar-sdk" / sub
 
 
+def ort_log_severity() -> int:
+    """The threshold for ONNX Runtime's own log lines in our sessions (0 verbose ... 4 fatal).
+
+    ORT prints its log in colour straight to stderr from C++, past Python's
+    logging. Every error it logs also comes back as the exception our backends
+    turn into one clear message, so by default only fatal lines pass; with
+    ``avatar --debug``, ``AVATAR_DEBUG=1`` or debug logging (``-vv``) its
+    warnings and errors show too (e.g. nodes placed on the CPU).
+    """
+    debug = os.environ.get("AVATAR_DEBUG", "") not in ("", "0")
+    return 2 if debug or logging.getLogger("avatar").isEnabledFor(logging.DEBUG) else 4
+
+
 def check_extra(extra: Mapping[str, Any], known: Mapping[str, str], backend: str) -> None:
     """Reject backend options nobody reads (an option that does nothing is a bug)."""
     unknown = sorted(set(extra) - set(known))

@@ -32,7 +32,16 @@ from avatar.hookspecs import hookimpl
 from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
 
 from . import _ort_placement as placement
-from ._common import check_extra, check_feeds, cuda_driver_status, fp16_gate, output_psnr, prepare_model, random_feeds
+from ._common import (
+    check_extra,
+    check_feeds,
+    cuda_driver_status,
+    fp16_gate,
+    ort_log_severity,
+    output_psnr,
+    prepare_model,
+    random_feeds,
+)
 from ._host_buffers import LeasedBuffers
 
 log = logging.getLogger(__name__)
@@ -74,6 +83,7 @@ _CUDA_EXTRA = {
 def _ort():  # type: ignore[no-untyped-def]
     import onnxruntime
 
+    onnxruntime.set_default_logger_severity(ort_log_severity())  # the process-wide logger (provider loading)
     return onnxruntime
 
 
@@ -108,7 +118,7 @@ def session_options(options: BackendOptions):  # type: ignore[no-untyped-def]
     if options.extra.get("profile"):
         so.enable_profiling = True
         so.profile_file_prefix = str(options.extra["profile"])
-    so.log_severity_level = 3  # ORT's own warnings go to stderr unconditionally otherwise
+    so.log_severity_level = ort_log_severity()  # ORT's own lines go to stderr, past Python logging
     return so
 
 

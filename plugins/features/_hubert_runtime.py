@@ -7,11 +7,12 @@ ONNX path must work on a machine that never installed torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -105,14 +106,29 @@ def import_torch_transformers() -> tuple[Any, Any]:
     return torch, transformers
 
 
+@contextlib.contextmanager
+def _offline_env() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` while the block runs; the previous value (or its absence) afterwards."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
 def load_torch_model(model_dir: Path) -> Any:
     """``HubertModel`` from a local directory, offline, in eval mode, checked 1024 wide."""
-    # Nothing may be fetched from a hub: a directory path plus local_files_only never
-    # touches the network; HF_HUB_OFFLINE also stops transformers' optional look-ups.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch, transformers = import_torch_transformers()
+    # Nothing may be fetched from a hub: a directory path plus local_files_only never
+    # touches the network. HF_HUB_OFFLINE also stops transformers' optional look-ups,
+    # but only for this call: the process (and an application embedding us) keeps its own setting.
     try:
-        model = transformers.HubertModel.from_pretrained(str(model_dir), local_files_only=True)
+        with _offline_env():
+            model = transformers.HubertModel.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise FeatureError(f"cannot load HuBERT from {model_dir}: {exc}. {HOW_TO_GET}") from exc
     hidden = int(model.config.hidden_size)
