@@ -12,11 +12,12 @@ from ..errors import ConfigError
 from ..interfaces import BackendOptions
 
 
-def _kv(values: tuple[str, ...]) -> dict[str, Any]:
+def _kv(values: tuple[str, ...], option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items of a repeatable option → options (numbers and true/false typed)."""
     out: dict[str, Any] = {}
     for item in values:
         if "=" not in item:
-            raise ConfigError(f"--sink-opt expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = _coerce(v)
     return out
@@ -43,11 +44,13 @@ def _coerce(v: str) -> Any:
 @click.option("--hubert-model", type=click.Path(file_okay=False), help="Local HuBERT model directory for --features hubert.")
 @click.option("--wenet-model", type=click.Path(dir_okay=False), help="WeNet encoder ONNX for --features wenet.")
 @click.option("--padding", type=click.Choice(["replicate", "zero"]), help="Audio window edge padding (default: the source's).")
+@click.option("--feature-opt", multiple=True, help="Extra feature-source option KEY=VALUE (e.g. for a plugin's source); repeatable.")
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt, or a plugin's.")
 @click.option("--device-id", default=0, show_default=True, help="GPU index for GPU backends.")
 @click.option("--fp16", is_flag=True, help="Half precision on GPU backends.")
 @click.option("--batch", "batch_size", default=8, show_default=True, help="Frames per inference call.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads of each ONNX Runtime session (the model, the ave encoder).")
+@click.option("--backend-opt", multiple=True, help="Backend-specific option KEY=VALUE (e.g. cudnn_conv_algo_search=HEURISTIC, or a plugin backend's); repeatable.")
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
 @click.option("--rtmp-url", help="rtmp://host/app/KEY for the rtmp sink (the key is never printed).")
@@ -66,11 +69,13 @@ def run(
     hubert_model: str | None,
     wenet_model: str | None,
     padding: str | None,
+    feature_opt: tuple[str, ...],
     backend: str,
     device_id: int,
     fp16: bool,
     batch_size: int,
     threads: int | None,
+    backend_opt: tuple[str, ...],
     sink_names: tuple[str, ...],
     output: str | None,
     rtmp_url: str | None,
@@ -107,10 +112,11 @@ def run(
         if not wenet_model:
             raise ConfigError("--features wenet needs --wenet-model ENCODER.onnx")
         fopts["model"] = wenet_model
+    fopts.update(_kv(feature_opt, "--feature-opt"))
 
     if output and "file" not in sink_names:
         raise ConfigError("-o/--output is for the file sink; add --sink file to write a file too")
-    extra = _kv(sink_opt)
+    extra = _kv(sink_opt, "--sink-opt")
     chosen = {n.replace("-", "_") for n in sink_names}
     stray = sorted({k.split(".", 1)[0] for k in extra if "." in k} - chosen)
     if stray:
@@ -135,7 +141,8 @@ def run(
         sinks.append((name, opts))
 
     bopts = BackendOptions(
-        device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads
+        device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads,
+        extra=_kv(backend_opt, "--backend-opt"),
     )
     from ..engine import RenderInterrupted
 
