@@ -63,6 +63,7 @@ from ._trt_engine_cache import (
     BuildOptions,
     DeviceIdentity,
     buffer_plan,
+    build_lock,
     cached_or_build,
     check_shape,
     engine_cache_key,
