@@ -91,23 +91,9 @@ def global_pm():  # type: ignore[no-untyped-def]
     reset_plugin_manager()
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from avatar.demo import speechlike_audio, synthetic_frames, write_wav
-    from avatar.models.synthetic import make_audio_encoder, make_unet
-    from avatar.package import write_package
-
-    tmp = tmp_path_factory.mktemp("plugin-options")
-    frames, boxes = synthetic_frames(6, width=160, height=128)
-    pkg = write_package(tmp / "pkg", iter(frames), boxes, fps=25, name="t")
-    write_wav(tmp / "a.wav", speechlike_audio(0.2))
-    return {
-        "pkg": str(pkg),
-        "wav": str(tmp / "a.wav"),
-        "unet": str(make_unet(tmp / "u.onnx", tiny=True)),
-        "enc": str(make_audio_encoder(tmp / "e.onnx", tiny=True)),
-        "tmp": str(tmp),
-    }
+@pytest.fixture
+def job(tiny_job: dict[str, Path], tmp_path: Path) -> dict[str, str]:
+    return {**{k: str(v) for k, v in tiny_job.items()}, "wav": str(tiny_job["short"]), "tmp": str(tmp_path)}
 
 
 def _run(job: dict[str, str], *args: str, out: str = "o.mp4") -> Any:

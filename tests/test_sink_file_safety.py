@@ -20,24 +20,9 @@ from avatar_plugins.sinks.file import FileSink
 from test_sink_file import decode
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from avatar.demo import speechlike_audio, synthetic_frames, write_wav
-    from avatar.models.synthetic import make_audio_encoder, make_unet
-    from avatar.package import write_package
-
-    tmp = tmp_path_factory.mktemp("file-safety")
-    frames, boxes = synthetic_frames(6, width=160, height=128)
-    pkg = write_package(tmp / "pkg", iter(frames), boxes, fps=25, name="t")
-    write_wav(tmp / "short.wav", speechlike_audio(0.4))
-    write_wav(tmp / "long.wav", speechlike_audio(3.0))
-    return {
-        "pkg": pkg,
-        "short": tmp / "short.wav",
-        "long": tmp / "long.wav",
-        "unet": make_unet(tmp / "u.onnx", tiny=True),
-        "enc": make_audio_encoder(tmp / "e.onnx", tiny=True),
-    }
+@pytest.fixture
+def job(tiny_job: dict[str, Path]) -> dict[str, Path]:
+    return tiny_job
 
 
 def _cli(job: dict[str, Path], out: Path, audio: str, *extra: str, prelude: str = "") -> subprocess.CompletedProcess:

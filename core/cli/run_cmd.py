@@ -53,7 +53,8 @@ def _coerce(v: str) -> Any:
 @click.option("--backend-opt", multiple=True, help="Backend-specific option KEY=VALUE (e.g. cudnn_conv_algo_search=HEURISTIC, or a plugin backend's); repeatable.")
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
-@click.option("--rtmp-url", help="rtmp://host/app/KEY for the rtmp sink (the key is never printed).")
+@click.option("--rtmp-url", envvar="AVATAR_RTMP_URL", show_envvar=True, help="rtmp://host/app/KEY for the rtmp sink (the key is never printed; a command line is visible in `ps`: prefer the environment variable or --rtmp-url-file).")
+@click.option("--rtmp-url-file", type=click.Path(dir_okay=False), help="File whose first line is the RTMP URL, for the rtmp sink (keeps the key out of `ps` and shell history).")
 @click.option("--sink-opt", multiple=True, help="Extra sink option KEY=VALUE for every sink, or SINK.KEY=VALUE for one (e.g. file.crf=18, rtmp.bitrate=2500k, rtmp.on_lag=stall); repeatable.")
 @click.option("--memory-budget", "memory_budget_mb", default=512, show_default=True, help="MB of decoded avatar frames kept in memory.")
 @click.option("--frames", "frame_limit", type=click.IntRange(min=1), help="Stop after this many frames.")
@@ -79,6 +80,7 @@ def run(
     sink_names: tuple[str, ...],
     output: str | None,
     rtmp_url: str | None,
+    rtmp_url_file: str | None,
     sink_opt: tuple[str, ...],
     memory_budget_mb: int,
     frame_limit: int | None,
@@ -133,9 +135,14 @@ def run(
                 raise ConfigError("the file sink needs -o/--output OUT.mp4")
             opts["path"] = output
         elif name == "rtmp":
-            if not rtmp_url:
-                raise ConfigError("the rtmp sink needs --rtmp-url rtmp://host/app/KEY")
-            opts["url"] = rtmp_url
+            if rtmp_url and rtmp_url_file:
+                raise ConfigError("give the RTMP URL once: --rtmp-url (or AVATAR_RTMP_URL) or --rtmp-url-file")
+            if not (rtmp_url or rtmp_url_file):
+                raise ConfigError(
+                    "the rtmp sink needs its URL: --rtmp-url-file FILE, AVATAR_RTMP_URL=rtmp://host/app/KEY "
+                    "or --rtmp-url rtmp://host/app/KEY"
+                )
+            opts.update({"url_file": rtmp_url_file} if rtmp_url_file else {"url": rtmp_url})
         elif name == "callback":
             raise ConfigError("the callback sink is for the Python API (avatar.render); use file or rtmp here")
         sinks.append((name, opts))
