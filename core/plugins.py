@@ -263,7 +263,7 @@ class PluginManager:
             before = set(cli.commands)
             try:
                 # a throwaway group catches collisions before touching the real CLI; the call
-                # goes through pluggy (specname, wrappers, monitoring) for this plugin alone
+                # goes through pluggy (specname, hook-call monitoring) for this plugin alone
                 probe = click.Group()
                 self._call_one(plugin, "register_commands", cli=probe)
                 clash = sorted(set(probe.commands) & before)
