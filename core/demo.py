@@ -12,7 +12,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

@@ -34,13 +34,13 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .contract import ModelContract, check_feature_match, check_output, read_contract
+from .contract import ModelContract, check_feature_match, check_output
 from .errors import AvatarError, ConfigError
-from .interfaces import Backend, BackendOptions, FeatureSource, Sink, SinkReport, StreamInfo, VideoFrame
+from .interfaces import Backend, FeatureSource, Sink, SinkReport, StreamInfo, VideoFrame
 from .windows import WindowAssembler
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,10 @@ def register_sinks(register: Register) -> None:
 def register_commands(cli: click.Group) -> None:
     """Add commands to the ``avatar`` command line (called when the CLI starts).
 
-    :param cli: the top-level :class:`click.Group`; use ``@cli.command()`` or
+    Called through pluggy once per plugin (so ``specname`` and hook-call monitoring
+    work), each time with a fresh group whose commands are then added to the CLI.
+
+    :param cli: a :class:`click.Group`; use ``@cli.command()`` or
         ``cli.add_command(...)``. A name already taken is a collision error.
     Returns nothing.
     """

@@ -199,6 +199,10 @@ class Backend(Component):
     documents otherwise.
     """
 
+    #: rank for ``--backend auto`` (higher first); None: never chosen by auto (e.g. a
+    #: backend that builds engines for minutes before the first frame)
+    priority: ClassVar[int | None] = None
+
     def __init__(self, model_path: str | Path, options: BackendOptions | None = None) -> None:
         self.model_path = Path(model_path)
         self.options = options or BackendOptions()

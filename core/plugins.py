@@ -23,6 +23,8 @@ from .errors import ConfigError, MissingDependency, PluginError
 from .interfaces import Availability, Backend, Component, FeatureSource, Sink
 
 ENTRY_POINT_GROUP = "avatar.plugins"
+#: the distribution whose entry points are the built-in plugins
+BUILTIN_DISTRIBUTION = "avatar-sdk"
 KINDS: dict[str, type[Component]] = {
     "feature_source": FeatureSource,
     "backend": Backend,
@@ -122,8 +124,10 @@ class PluginManager:
             dist = getattr(ep, "dist", None)
             return dist.metadata["Name"] if dist is not None else ""
 
-        # built-ins first among equal names, so an installed package cannot shadow them
-        eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, dist_name(e) != "avatar-sdk"))
+        # Every built-in loads before any third-party plugin, whatever the names: a third
+        # party that registers a built-in component name (or reuses an entry-point name)
+        # then fails on its own, instead of knocking out the built-in plugin that came later.
+        eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (dist_name(e) != BUILTIN_DISTRIBUTION, e.name))
         seen: dict[str, str] = {}
         for ep in eps:
             if wanted is not None and ep.name not in wanted:
@@ -188,19 +192,22 @@ class PluginManager:
             raise PluginError(f"plugin '{name}' has an invalid hook: {exc}") from exc
         except ValueError as exc:
             raise PluginError(f"plugin '{name}' is already registered ({exc})") from exc
-        caller = self.pm.subset_hook_caller
         try:
             for kind, hook in (
                 ("feature_source", "register_feature_sources"),
                 ("backend", "register_backends"),
                 ("sink", "register_sinks"),
             ):
-                others = [p for p in self.pm.get_plugins() if p is not plugin]
-                caller(hook, remove_plugins=others)(register=self._registrar(kind, record))
+                self._call_one(plugin, hook, register=self._registrar(kind, record))
         except BaseException:
             self._rollback(name, record)  # a failed plugin contributes nothing
             raise
         return record
+
+    def _call_one(self, plugin: object, hook: str, **kwargs: Any) -> None:
+        """Call ``hook`` through pluggy for ``plugin`` alone (so a failure is that plugin's)."""
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
 
     def _rollback(self, name: str, record: PluginRecord) -> None:
         for reg in record.registered:
@@ -223,6 +230,13 @@ class PluginManager:
             if not isinstance(cname, str) or not cname:
                 raise PluginError(f"plugin '{record.name}' registered {obj.__name__} without a 'name'")
             existing = self.components[kind].get(cname)
+            if existing is not None and existing.distribution == BUILTIN_DISTRIBUTION:
+                raise PluginError(
+                    f"plugin '{record.name}' ({record.distribution or 'no distribution'}) registers "
+                    f"{kind.replace('_', ' ')} '{cname}', a name of the built-in plugin '{existing.plugin}' "
+                    f"({BUILTIN_DISTRIBUTION}); built-in names cannot be replaced: rename the component "
+                    f"in '{record.name}'"
+                )
             if existing is not None:
                 raise PluginError(
                     f"{kind.replace('_', ' ')} name '{cname}' is registered by both plugin "
@@ -240,17 +254,18 @@ class PluginManager:
         if self._commands_added:
             return
         self._commands_added = True
+        import click
+
+        implementers = {id(impl.plugin) for impl in self.pm.hook.register_commands.get_hookimpls()}
         for name, plugin in self.pm.list_name_plugin():
-            impl = getattr(plugin, "register_commands", None)
-            if impl is None:
+            if id(plugin) not in implementers:
                 continue
             before = set(cli.commands)
             try:
-                # a throwaway group catches collisions before touching the real CLI
-                import click
-
+                # a throwaway group catches collisions before touching the real CLI; the call
+                # goes through pluggy (specname, hook-call monitoring) for this plugin alone
                 probe = click.Group()
-                impl(cli=probe)
+                self._call_one(plugin, "register_commands", cli=probe)
                 clash = sorted(set(probe.commands) & before)
                 if clash:
                     raise PluginError(
@@ -298,11 +313,25 @@ class PluginManager:
     def feature_source(self, name: str, **options: Any) -> FeatureSource:
         return self.require("feature_source", name)(**options)  # type: ignore[return-value]
 
+    def auto_backends(self) -> list[Registration]:
+        """Backends ``auto`` may choose, best first: by declared ``priority``, then by name.
+
+        A backend whose ``priority`` is None (the default) is never chosen by ``auto``.
+        """
+        regs = [r for r in self.components["backend"].values() if _priority(r) is not None]
+        return sorted(regs, key=lambda r: (-_priority(r), r.name))  # type: ignore[operator]
+
     def backend_class(self, name: str) -> type[Backend]:
         return self.require("backend", name)  # type: ignore[return-value]
 
     def sink(self, name: str, **options: Any) -> Sink:
         return self.require("sink", name)(**options)  # type: ignore[return-value]
+
+
+def _priority(reg: Registration) -> int | None:
+    value = getattr(reg.obj, "priority", None)
+    # a bool is an int to Python but not a declared priority
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _distribution_of(module: str) -> tuple[str | None, str | None]:

@@ -23,23 +23,33 @@ SinkSpec = Sink | str | tuple[str, Mapping[str, Any]]
 
 
 def open_backend(name: str, model: str | Path, options: BackendOptions | None = None) -> tuple[Backend, str]:
-    """Load ``model`` on backend ``name``; ``auto`` tries ``onnx-cuda`` then ``cpu``.
+    """Load ``model`` on backend ``name``; ``auto`` tries backends by declared priority.
 
-    Returns the backend and the name actually used.
+    ``auto`` takes the usable backend with the highest ``priority`` class attribute
+    that loads the model (onnx-cuda 100, cpu 10; None: never chosen by auto) and
+    logs which one and why. Returns the backend and the name actually used.
     """
     pm = get_plugin_manager()
     options = options or BackendOptions()
-    if name == "auto":
-        for candidate in ("onnx-cuda", "cpu"):
-            reg = pm.components["backend"].get(candidate)
-            if reg is None or not reg.availability().usable:
-                continue
-            try:
-                return reg.obj(model, options), candidate  # type: ignore[call-arg,return-value]
-            except BackendUnavailable as exc:
-                log.info("backend %s not usable (%s); trying the next", candidate, exc)
-        raise BackendUnavailable("no usable backend: neither onnx-cuda nor cpu could load the model")
-    return pm.backend_class(name)(model, options), name
+    if name != "auto":
+        return pm.backend_class(name)(model, options), name
+    skipped: list[str] = []
+    for reg in pm.auto_backends():
+        prio = reg.obj.priority  # type: ignore[attr-defined]
+        avail = reg.availability()
+        if not avail.usable:
+            skipped.append(f"{reg.name} (priority {prio}): {avail.reason}")
+            continue
+        try:
+            backend = reg.obj(model, options)  # type: ignore[call-arg]
+        except BackendUnavailable as exc:
+            skipped.append(f"{reg.name} (priority {prio}): {exc}")
+            continue
+        why = f"; skipped {'; '.join(skipped)}" if skipped else ""
+        log.info("backend auto: chose %s, the usable backend of highest priority (%s)%s", reg.name, prio, why)
+        return backend, reg.name  # type: ignore[return-value]
+    tried = "; ".join(skipped) or "no backend declares a priority"
+    raise BackendUnavailable(f"no usable backend for --backend auto ({tried}); name one with --backend")
 
 
 def make_feature_source(name: str, options: Mapping[str, Any] | None = None) -> FeatureSource:
@@ -97,7 +107,7 @@ def render(
         ``encoder`` option. The package's recorded window padding
         (``model.padding``) is the default ``padding`` option; an explicit
         ``feature_options["padding"]`` wins.
-    :param backend: ``auto`` (onnx-cuda when usable, else cpu), ``cpu``,
+    :param backend: ``auto`` (the usable backend of highest ``priority``: onnx-cuda, else cpu), ``cpu``,
         ``onnx-cuda``, ``tensorrt`` or a plugin's.
     :param memory_budget_mb: how much decoded avatar video may be held in
         memory; a longer avatar is decoded in keyframe chunks on demand.

@@ -92,3 +92,24 @@ def small_render_kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     }
     write_wav(kit["wav"], speechlike_audio(6.0, seed=1))
     return kit
+
+
+@pytest.fixture(scope="session")
+def tiny_job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small render job made locally: a 160x128 avatar package, tiny seeded models, short and long speech."""
+    from avatar.demo import speechlike_audio, synthetic_frames, write_wav
+    from avatar.models.synthetic import make_audio_encoder, make_unet
+    from avatar.package import write_package
+
+    tmp = tmp_path_factory.mktemp("tiny-job")
+    frames, boxes = synthetic_frames(6, width=160, height=128)
+    pkg = write_package(tmp / "pkg", iter(frames), boxes, fps=25, name="t")
+    write_wav(tmp / "short.wav", speechlike_audio(0.4))
+    write_wav(tmp / "long.wav", speechlike_audio(3.0))
+    return {
+        "pkg": pkg,
+        "short": tmp / "short.wav",
+        "long": tmp / "long.wav",
+        "unet": make_unet(tmp / "u.onnx", tiny=True),
+        "enc": make_audio_encoder(tmp / "e.onnx", tiny=True),
+    }

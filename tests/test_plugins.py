@@ -10,12 +10,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import click
-import pluggy
 import pytest
 from click.testing import CliRunner
 
-from avatar import Availability, FeatureSource, PluginError, RowStream, Sink, SinkReport, hookimpl, hookspecs
+from avatar import Availability, PluginError, Sink, SinkReport, hookimpl, hookspecs
 from avatar.cli import cli
 from avatar.plugins import PluginManager
 

@@ -13,6 +13,7 @@ import threading
 import time
 from fractions import Fraction
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -157,10 +158,55 @@ def test_redact_url_hides_key_query_and_password() -> None:
     red = redact_url(url)
     assert red == "rtmp://user:***@live.example.com:1935/app/***?***"
     assert redact_url("rtmps://a.rtmp.youtube.com/live2/abcd-efgh") == "rtmps://a.rtmp.youtube.com/live2/***"
-    assert redact_url("rtmp://host/app") == "rtmp://host/app"
+    assert redact_url("rtmp://host/app") == "rtmp://host/***"  # one component may be the key
     assert redact_url("not a url") == "<url redacted>"
     text = scrub(f"Connection refused: '{url}' while sending {KEY}", url)
     assert KEY not in text and TOKEN not in text and "pw123" not in text and red in text
+
+
+def test_every_form_of_the_url_is_redacted() -> None:
+    for url, red in [
+        (f"rtmp://live.example.com/{KEY}", "rtmp://live.example.com/***"),  # the key as the only component
+        (f"rtmp://127.0.0.1:1935/{KEY}/", "rtmp://127.0.0.1:1935/***"),
+        (f"rtmps://host/app/{KEY}#{TOKEN}", "rtmps://host/app/***#***"),
+        (f"rtmp://host/app/{KEY}%21?t={TOKEN}", "rtmp://host/app/***?***"),
+        (f"rtmp://host:port/{KEY}", "<url redacted>"),  # a malformed port: nothing of it is shown
+    ]:
+        assert redact_url(url) == red, url
+        # FFmpeg quotes the URL, the key alone, or the key percent-decoded, or a query value
+        key = url.split("/")[-1].split("?")[0].split("#")[0] or url.split("/")[-2]
+        text = scrub(f"failed: '{url}' publishing {key} ({unquote(key)}) token {TOKEN}", url)
+        assert KEY not in text and (TOKEN not in url or TOKEN not in text), (url, text)
+
+
+def test_the_url_can_come_from_a_file_or_the_environment(tmp_path: Path, tiny_job, secret_logs) -> None:  # type: ignore[no-untyped-def]
+    """Through `avatar run`: no key on the command line, and none in what it prints."""
+    from click.testing import CliRunner
+
+    from avatar.cli import cli
+
+    url = f"rtmp://127.0.0.1:{free_port()}/{KEY}"  # nothing listens: the run fails at connect
+    secret = tmp_path / "rtmp-url"
+    secret.write_text(f"\n{url}\n")
+    assert RtmpSink(url_file=str(secret)).url == url
+    base = ["run", "--avatar", str(tiny_job["pkg"]), "--audio", str(tiny_job["short"]), "--model", str(tiny_job["unet"]),
+            "--ave-encoder", str(tiny_job["enc"]), "--backend", "cpu", "--no-progress", "--sink", "rtmp"]
+    for args, env in (([], {"AVATAR_RTMP_URL": url}), (["--rtmp-url-file", str(secret)], {})):
+        r = CliRunner().invoke(cli, base + args, env=env)
+        assert r.exit_code != 0
+        assert f"cannot publish to rtmp://127.0.0.1:{url.split(':')[2].split('/')[0]}/***" in r.output, r.output
+        assert KEY not in r.output
+    r = CliRunner().invoke(cli, base + ["--rtmp-url-file", str(secret)], env={"AVATAR_RTMP_URL": url})
+    assert r.exit_code != 0 and "give the RTMP URL once" in r.output and KEY not in r.output
+    r = CliRunner().invoke(cli, base, env={"AVATAR_RTMP_URL": ""})
+    assert r.exit_code != 0 and "--rtmp-url-file FILE, AVATAR_RTMP_URL=" in r.output
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        RtmpSink(url_file=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="cannot read the RTMP URL file"):
+        RtmpSink(url_file=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="once"):
+        RtmpSink(url=url, url_file=str(secret))
 
 
 def test_options_are_validated() -> None:

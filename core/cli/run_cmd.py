@@ -12,11 +12,12 @@ from ..errors import ConfigError
 from ..interfaces import BackendOptions
 
 
-def _kv(values: tuple[str, ...]) -> dict[str, Any]:
+def _kv(values: tuple[str, ...], option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items of a repeatable option → options (numbers and true/false typed)."""
     out: dict[str, Any] = {}
     for item in values:
         if "=" not in item:
-            raise ConfigError(f"--sink-opt expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = _coerce(v)
     return out
@@ -43,14 +44,17 @@ def _coerce(v: str) -> Any:
 @click.option("--hubert-model", type=click.Path(file_okay=False), help="Local HuBERT model directory for --features hubert.")
 @click.option("--wenet-model", type=click.Path(dir_okay=False), help="WeNet encoder ONNX for --features wenet.")
 @click.option("--padding", type=click.Choice(["replicate", "zero"]), help="Audio window edge padding (default: the source's).")
+@click.option("--feature-opt", multiple=True, help="Extra feature-source option KEY=VALUE (e.g. for a plugin's source); repeatable.")
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt, or a plugin's.")
 @click.option("--device-id", default=0, show_default=True, help="GPU index for GPU backends.")
 @click.option("--fp16", is_flag=True, help="Half precision on GPU backends.")
 @click.option("--batch", "batch_size", default=8, show_default=True, help="Frames per inference call.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads of each ONNX Runtime session (the model, the ave encoder).")
+@click.option("--backend-opt", multiple=True, help="Backend-specific option KEY=VALUE (e.g. cudnn_conv_algo_search=HEURISTIC, or a plugin backend's); repeatable.")
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
-@click.option("--rtmp-url", help="rtmp://host/app/KEY for the rtmp sink (the key is never printed).")
+@click.option("--rtmp-url", envvar="AVATAR_RTMP_URL", show_envvar=True, help="rtmp://host/app/KEY for the rtmp sink (the key is never printed; a command line is visible in `ps`: prefer the environment variable or --rtmp-url-file).")
+@click.option("--rtmp-url-file", type=click.Path(dir_okay=False), help="File whose first line is the RTMP URL, for the rtmp sink (keeps the key out of `ps` and shell history).")
 @click.option("--sink-opt", multiple=True, help="Extra sink option KEY=VALUE for every sink, or SINK.KEY=VALUE for one (e.g. file.crf=18, rtmp.bitrate=2500k, rtmp.on_lag=stall); repeatable.")
 @click.option("--memory-budget", "memory_budget_mb", default=512, show_default=True, help="MB of decoded avatar frames kept in memory.")
 @click.option("--frames", "frame_limit", type=click.IntRange(min=1), help="Stop after this many frames.")
@@ -69,14 +73,17 @@ def run(
     hubert_model: str | None,
     wenet_model: str | None,
     padding: str | None,
+    feature_opt: tuple[str, ...],
     backend: str,
     device_id: int,
     fp16: bool,
     batch_size: int,
     threads: int | None,
+    backend_opt: tuple[str, ...],
     sink_names: tuple[str, ...],
     output: str | None,
     rtmp_url: str | None,
+    rtmp_url_file: str | None,
     sink_opt: tuple[str, ...],
     memory_budget_mb: int,
     frame_limit: int | None,
@@ -111,10 +118,11 @@ def run(
         if not wenet_model:
             raise ConfigError("--features wenet needs --wenet-model ENCODER.onnx")
         fopts["model"] = wenet_model
+    fopts.update(_kv(feature_opt, "--feature-opt"))
 
     if output and "file" not in sink_names:
         raise ConfigError("-o/--output is for the file sink; add --sink file to write a file too")
-    extra = _kv(sink_opt)
+    extra = _kv(sink_opt, "--sink-opt")
     chosen = {n.replace("-", "_") for n in sink_names}
     stray = sorted({k.split(".", 1)[0] for k in extra if "." in k} - chosen)
     if stray:
@@ -131,15 +139,21 @@ def run(
                 raise ConfigError("the file sink needs -o/--output OUT.mp4")
             opts["path"] = output
         elif name == "rtmp":
-            if not rtmp_url:
-                raise ConfigError("the rtmp sink needs --rtmp-url rtmp://host/app/KEY")
-            opts["url"] = rtmp_url
+            if rtmp_url and rtmp_url_file:
+                raise ConfigError("give the RTMP URL once: --rtmp-url (or AVATAR_RTMP_URL) or --rtmp-url-file")
+            if not (rtmp_url or rtmp_url_file):
+                raise ConfigError(
+                    "the rtmp sink needs its URL: --rtmp-url-file FILE, AVATAR_RTMP_URL=rtmp://host/app/KEY "
+                    "or --rtmp-url rtmp://host/app/KEY"
+                )
+            opts.update({"url_file": rtmp_url_file} if rtmp_url_file else {"url": rtmp_url})
         elif name == "callback":
             raise ConfigError("the callback sink is for the Python API (avatar.render); use file or rtmp here")
         sinks.append((name, opts))
 
     bopts = BackendOptions(
-        device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads
+        device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads,
+        extra=_kv(backend_opt, "--backend-opt"),
     )
     try:
         report = render(

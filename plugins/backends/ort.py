@@ -234,6 +234,7 @@ class CpuBackend(_OrtBackend):
 
     name = "cpu"
     description = "ONNX Runtime CPUExecutionProvider (works everywhere)"
+    priority = 10  # auto's last resort
     provider = "CPUExecutionProvider"
 
     def _providers(self) -> list[Any]:
@@ -388,6 +389,7 @@ class OnnxCudaBackend(_OrtBackend):
 
     name = "onnx-cuda"
     description = "ONNX Runtime CUDAExecutionProvider with IO binding (NVIDIA GPU)"
+    priority = 100  # auto's first choice where a GPU is usable
     provider = "CUDAExecutionProvider"
     _extra = {**_COMMON_EXTRA, **_CUDA_EXTRA}
     #: where bound buffers live (ONNX Runtime device name)

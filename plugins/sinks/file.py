@@ -4,14 +4,21 @@ Constant frame rate: frame ``i`` has pts ``i`` in a ``1/fps`` time base, and
 the audio is muxed from each frame's PCM share, so the AAC stream is as long as
 the audio given (to within one 1024-sample AAC frame) and cannot drift.
 
+The sink writes a hidden partial file beside the target and renames it over
+the target when it is finalised (see :mod:`._outfile`): a failed render (a
+full disk, an encoder error) never destroys an earlier file at that path, and
+a second writer to the same path is refused while the first runs.
+
 An interrupted render still leaves a playable file: ``close(aborted=True)``
-drains both encoders and writes the trailer (the ``moov`` atom), exactly like
-a normal close. ``+faststart`` (moov moved to the front when the trailer is
-written) is on by default; it needs the trailer either way, so it does not make
-interrupted files worse. A process killed with SIGKILL never reaches
-``close`` and leaves an unplayable MP4, whatever the options. A sink closed
-before its first frame (an interrupt during start-up) removes the file it
-created: no empty, unplayable file is left behind.
+drains both encoders, writes the trailer (the ``moov`` atom) and renames,
+exactly like a normal close. ``+faststart`` (moov moved to the front when the
+trailer is written) is on by default; it needs the trailer either way, so it
+does not make interrupted files worse. A signal that arrives while a frame is
+encoded or the file finalised is held until that step is complete (see
+:mod:`._signals`). A process killed with SIGKILL never reaches ``close``: it
+leaves the earlier file (if any) untouched and a partial file that the next
+render to that path removes. A sink closed before its first frame (an
+interrupt during start-up) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from avatar.errors import ConfigError, SinkError
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
 
+from . import _signals
 from ._options import PRESETS, as_bool, parse_bitrate
+from ._outfile import OutputLock, partial_path, remove_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,8 @@ class FileSink(Sink):
                 f"the output directory {str(self.path.parent)!r} does not exist; create it first "
                 f"(mkdir -p {self.path.parent}) or choose another path"
             )
+        # a second writer to this path fails here, before a model is loaded
+        OutputLock(Path(os.path.realpath(self.path))).check()
         if preset not in PRESETS:
             raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
         try:
@@ -105,9 +116,14 @@ class FileSink(Sink):
         self._info: StreamInfo | None = None
         self._closed = False
         self._frames = 0
-        self._before: tuple[int, int, int] | None = None
+        self._failed = False  # a write failed: the partial file is not worth keeping
+        self._partial: Path | None = None
 
     def open(self, info: StreamInfo) -> None:
+        with _signals.deferred():
+            self._open(info)
+
+    def _open(self, info: StreamInfo) -> None:
         import av
 
         from ._encode import AVEncoder
@@ -117,10 +133,15 @@ class FileSink(Sink):
         if self._container is not None or self._closed:
             raise SinkError("open() on a file sink that was already opened or closed; make a new sink per file")
         opts = {"movflags": "+faststart"} if self.faststart and self.path.suffix.lower() in _MOV_FAMILY else {}
-        self._before = _identity(self.path)  # FFmpeg creates the file only when the first packet is muxed
+        self._lock = OutputLock(Path(os.path.realpath(self.path)))
+        self._lock.acquire()
+        remove_stale_partials(self._lock.target)
+        self._partial = partial_path(self._lock.target)
         try:
-            self._container = av.open(str(self.path), "w", options=opts)
+            self._container = av.open(str(self._partial), "w", options=opts)
         except (OSError, ValueError, av.FFmpegError) as exc:
+            self._remove_partial()
+            self._lock.release()
             raise SinkError(f"cannot create {self.path}: {exc}; check the path and its permissions") from exc
         if info.title:
             self._container.metadata["title"] = info.title
@@ -150,21 +171,22 @@ class FileSink(Sink):
                  self._enc.height, info.fps, self.preset, self.crf)
 
     def _discard(self) -> None:
-        """Close a container that holds no frame and remove the file if this sink started it.
-
-        A file that was already at the path and was never written to is left alone.
-        """
+        """Close the container and drop the partial file: the target is left as it was."""
         try:
             self._container.close()
-        except Exception as exc:  # no frame in it: the file is removed below anyway
-            log.debug("closing %s without frames: %s", self.path, exc)
+        except Exception as exc:  # the file is removed below anyway
+            log.debug("closing %s without keeping it: %s", self._partial, exc)
         self._container = None
-        now = _identity(self.path)
-        if now is not None and now != self._before:
-            try:
-                self.path.unlink()
-            except OSError as exc:
-                log.warning("cannot remove the frameless file %s: %s", self.path, exc)
+        self._remove_partial()
+        self._lock.release()
+
+    def _remove_partial(self) -> None:
+        if self._partial is None:
+            return
+        try:
+            self._partial.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove the partial file %s: %s", self._partial, exc)
 
     def write(self, frame: VideoFrame) -> None:
         if self._closed:
@@ -181,61 +203,70 @@ class FileSink(Sink):
             )
         start = Fraction(frame.pts) if self._frames == 0 else None
         try:
-            self._enc.encode_audio(audio, start=start)
-            self._enc.encode_video(frame.image, frame.index)
+            with _signals.deferred():  # the frame is muxed and counted whole, or not at all
+                self._enc.encode_audio(audio, start=start)
+                self._enc.encode_video(frame.image, frame.index)
+                self._frames += 1
         except SinkError:
             raise
         except (av.FFmpegError, OSError, ValueError) as exc:
+            self._failed = True
             raise SinkError(
                 f"encoding frame {frame.index} into {self.path} failed: {exc}; check the frame size "
                 f"({frame.image.shape[1]}x{frame.image.shape[0]}; libx264 takes at most 16384 px a side), "
-                "the encoder options and free disk space"
+                f"the encoder options and free disk space ({self.path} is left as it was)"
             ) from exc
-        self._frames += 1
 
     def close(self, aborted: bool = False) -> SinkReport:
+        with _signals.deferred():
+            return self._close(aborted)
+
+    def _close(self, aborted: bool) -> SinkReport:
         report = SinkReport(frames=self._frames, details={"path": str(self.path), "aborted": aborted})
         if self._closed or self._container is None:
             self._closed = True
             return report
         self._closed = True
-        if self._frames == 0:
-            # nothing was written: leave no empty, unplayable file behind
+        if self._frames == 0 or self._failed:
+            # nothing (or nothing sound) was written: the target stays as it was
             self._discard()
-            log.info("%s: no frame was written (%s); no file left", self.path, "interrupted" if aborted else "empty")
+            if self._failed:
+                log.info("%s was not written (the render failed); an earlier file there is unchanged", self.path)
+            else:
+                log.info("%s: no frame was written (%s); no file left", self.path, "interrupted" if aborted else "empty")
             report.details.update(audio_s=0.0, video_s=0.0, bytes=0)
             return report
-        flush_error: Exception | None = None
+        failure: str | None = None
         try:
             self._enc.flush()
-        except Exception as exc:  # still write the trailer: what was muxed stays playable
-            flush_error = exc
-            log.warning("flushing the encoders of %s failed: %s", self.path, exc)
+        except Exception as exc:
+            failure = f"flushing the encoders failed: {exc}"
         try:
             self._container.close()  # writes the trailer: the file is playable
         except Exception as exc:
+            failure = f"writing the trailer failed: {exc}"
+        self._container = None
+        if failure is None:
+            try:
+                os.replace(self._partial, self._lock.target)  # type: ignore[arg-type]
+            except OSError as exc:
+                failure = f"renaming {self._partial} to it failed: {exc}"
+        if failure is not None:
+            self._remove_partial()
+            self._lock.release()
+            message = f"cannot finalise {self.path}: {failure}; an earlier file there is unchanged (check free disk space)"
             if not aborted:
-                raise SinkError(f"cannot finalise {self.path}: {exc}; check free disk space") from exc
-            log.warning("finalising %s after an interrupt failed: %s", self.path, exc)
-        if flush_error is not None and not aborted:
-            raise SinkError(
-                f"flushing the encoders of {self.path} failed: {flush_error}; the last frames may be missing"
-            ) from flush_error
+                raise SinkError(message)
+            log.warning("%s", message)
+            report.details.update(audio_s=0.0, video_s=0.0, bytes=0)
+            return report
+        self._lock.release()
         report.details["audio_s"] = self._enc.audio_seconds
         report.details["video_s"] = float(self._frames / self._info.fps) if self._info else 0.0
         report.details["bytes"] = self.path.stat().st_size if self.path.exists() else 0
         log.info("%s %s: %d frames, %.2f s of audio", "interrupted" if aborted else "wrote",
                  self.path, self._frames, self._enc.audio_seconds)
         return report
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, mtime) of a file, or None when there is none."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @hookimpl

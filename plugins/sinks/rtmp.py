@@ -46,7 +46,7 @@ from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
 
 from ._options import PRESETS, parse_bitrate
 from ._pacing import Backoff, LagStats, Pacer
-from ._redact import redact_url, scrub
+from ._redact import redact_url, scrub, url_from_file
 
 __all__ = ["RtmpSink", "RtmpStats", "redact_url", "scrub"]
 
@@ -189,6 +189,7 @@ class RtmpSink(Sink):
         self,
         url: str | None = None,
         *,
+        url_file: str | None = None,
         bitrate: int | str = "2M",
         keyint_s: float = 2.0,
         preset: str = "veryfast",
@@ -204,7 +205,7 @@ class RtmpSink(Sink):
         audio_layout: str = "stereo",
         **options: Any,
     ) -> None:
-        super().__init__(url=url, bitrate=bitrate, keyint_s=keyint_s, preset=preset, on_lag=on_lag,
+        super().__init__(url=url, url_file=url_file, bitrate=bitrate, keyint_s=keyint_s, preset=preset, on_lag=on_lag,
                          max_lag_s=max_lag_s, connect_retries=connect_retries,
                          connect_timeout_s=connect_timeout_s, reconnect=reconnect,
                          reconnect_backoff_s=reconnect_backoff_s, stall_timeout_s=stall_timeout_s,
@@ -213,8 +214,12 @@ class RtmpSink(Sink):
             raise ConfigError(
                 f"unknown option(s) for the rtmp sink: {', '.join(sorted(options))}; see docs/sinks.md"
             )
+        if url and url_file:
+            raise ConfigError("give the rtmp sink its URL once: url or url_file, not both")
+        if url_file:
+            url = url_from_file(url_file)
         if not url:
-            raise ConfigError("the rtmp sink needs url=rtmp://host/app/streamkey")
+            raise ConfigError("the rtmp sink needs url=rtmp://host/app/streamkey (or url_file=FILE holding it)")
         scheme = str(url).split("://", 1)[0].lower() if "://" in str(url) else ""
         if scheme not in ("rtmp", "rtmps"):
             raise ConfigError(f"url must start with rtmp:// or rtmps://, got {redact_url(str(url))}")
