@@ -54,7 +54,7 @@ FACES_PARTIAL = "faces320.*.partial.npy"
 MIN_BOX_SIDE = 16
 #: a box side above this many times the frame's larger side is refused (no face is that big;
 #: a hostile box must not size a multi-GiB crop)
-MAX_BOX_FACTOR = 2
+MAX_BOX_FACTOR = vision.MAX_BOX_FACTOR
 DEFAULT_CRF = 14
 DEFAULT_GOP = 12
 DEFAULT_PRESET = "veryfast"
