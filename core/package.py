@@ -154,7 +154,7 @@ def write_package(
         if faces is not False:
             partials.check_space(tmp, n * FACE_BYTES, dst / FACES)
             fd = os.open(tmp / FACES, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            face_out = partials.NpyWriter(fd, tmp / FACES, (n, vision.FACE_SIZE, vision.FACE_SIZE, 3))
+            face_out = partials.NpyWriter(fd, dst / FACES, (n, vision.FACE_SIZE, vision.FACE_SIZE, 3))
         count = 0
         size: tuple[int, int] = (0, 0)
         for frame in frames:
@@ -651,7 +651,7 @@ class AvatarPackage:
         out: partials.NpyWriter | None = None
         try:
             partials.check_space(dst.parent, self.frame_count * FACE_BYTES, dst)
-            out = partials.NpyWriter(fd, tmp, shape)
+            out = partials.NpyWriter(fd, dst, shape)  # messages name the cache, not our temporary file
             if not self.frames_lossless:
                 log.warning(
                     "building the face cache of %s from its H.264 frames: the model inputs are not bit-exact "

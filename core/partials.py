@@ -119,6 +119,8 @@ def check_space(folder: Path, need: int, what: Path) -> None:
 class NpyWriter:
     """Write a C-ordered ``.npy`` array of ``shape``/``dtype`` row by row to an open file.
 
+    ``path`` is the name errors give (the file's final name, not a temporary one).
+
     No memory map: a full disk is an ``OSError`` here, turned into one
     :class:`AvatarPackageError` line, never a SIGBUS.
     """
