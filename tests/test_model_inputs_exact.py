@@ -14,9 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
 from avatar.cli import cli
+from click.testing import CliRunner
 
 FRAMES = 12  # imported avatar frames (the run walks them forward and back)
 
@@ -25,7 +24,11 @@ def spec_visual(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """The specification's float32 [6, 320, 320] visual input of one decoded frame."""
     x1, y1, x2, y2 = box
     crop = cv2.resize(img[y1:y2, x1:x2], (328, 328), interpolation=cv2.INTER_CUBIC)
-    face = crop[4:324, 4:324].copy()
+    return spec_stack(crop[4:324, 4:324].copy())
+
+
+def spec_stack(face: np.ndarray) -> np.ndarray:
+    """The specification's [6, 320, 320] input from a 320 face: the face, then its masked copy."""
     masked = face.copy()
     cv2.rectangle(masked, (5, 5, 310, 305), (0, 0, 0), -1)
     roi_chw = np.transpose(face.astype(np.float32) / 255.0, (2, 0, 1))
@@ -93,3 +96,33 @@ def test_import_and_run_feed_the_model_the_spec_preprocessing_of_the_source_jpeg
         assert diffs[best] == 0.0, f"the model input differs from the spec's by up to {min(diffs) * 255:.0f} levels"
         seen.add(best)
     assert seen == set(range(FRAMES))  # every imported frame was fed, each bit-exact
+
+
+def read_video_like_the_spec(path: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    out = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            return out
+        out.append(img)
+
+
+@pytest.mark.parametrize("rois", [True, False])
+def test_spec_layout_import_gives_the_spec_input_of_the_decoded_videos(tmp_path: Path, rois: bool) -> None:
+    from avatar.package import AvatarPackage
+    from avatar.vision import normalize
+    from test_importers import box_of, make_spec
+
+    src = make_spec(tmp_path / "spec")
+    args = ["import", "spec", str(src), "-o", str(tmp_path / "p"), "--preset", "ultrafast"]
+    res = CliRunner().invoke(cli, args + ([] if rois else ["--no-rois"]))
+    assert res.exit_code == 0, res.output
+    if rois:  # the decoded ROI video is the face; the spec masks it
+        expected = [spec_stack(f) for f in read_video_like_the_spec(src / "rois_320_video.mp4")]
+    else:  # the crop rule on the decoded full-body video
+        expected = [spec_visual(f, box_of(k)) for k, f in enumerate(read_video_like_the_spec(src / "full_body_video.mp4"))]
+    with AvatarPackage.open(tmp_path / "p") as pkg:
+        got = normalize(pkg.visual_inputs(range(pkg.frame_count)))
+    assert len(expected) == len(got) > 0
+    assert all(float(np.abs(g - e).max()) == 0.0 for g, e in zip(got, expected))

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from test_importers import FAST, make_spec, make_synctalk
-
 from avatar import vision
 from avatar.cli import cli
 from avatar.errors import AvatarPackageError
 from avatar.importers import import_synctalk
 from avatar.package import FACES, AvatarPackage
+from click.testing import CliRunner
+from test_importers import FAST, make_spec, make_synctalk
 
 AVATAR = [sys.executable, "-m", "avatar"]
 FACE_BYTES = 320 * 320 * 3
@@ -252,7 +251,7 @@ def test_import_onto_a_full_disk_fails_with_one_line_and_leaves_nothing(source: 
 @needs_tmpfs
 def test_rebuilding_the_face_cache_on_a_full_disk_fails_with_one_line(pkg_dir: Path, tmp_path: Path) -> None:
     size = 4 * 1024 * 1024
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import sys
         from avatar.errors import AvatarError
         from avatar.package import AvatarPackage
