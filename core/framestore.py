@@ -196,9 +196,10 @@ class FrameWriter:
 
     ``h264``: yuv420p (BT.601 limited, tagged) with a fixed GOP, small but
     lossy. ``ffv1``: FFV1 (intra-only, every frame a keyframe) on ``bgr0``
-    pixels in Matroska, lossless: decoding gives back the exact BGR frames,
-    at about 15-25x the size of the default H.264. A failed write (a full disk)
-    is one :class:`AvatarPackageError` line.
+    pixels in Matroska, lossless: decoding gives back the exact BGR frames, at
+    about 9x the size of H.264 at CRF 14 on real frames (sanders, 1280x720:
+    181 vs 21 KiB per frame). A failed write (a full disk) is one
+    :class:`AvatarPackageError` line.
     """
 
     def __init__(

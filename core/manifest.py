@@ -40,7 +40,7 @@ MAX_SIDE = 16384
 
 # a file inside the package; that it stays inside is checked by member() (one readable message)
 _FILE = {"type": "string", "minLength": 1, "maxLength": 255}
-_FILE_OR_NULL = {"anyOf": [_FILE, {"type": "null"}]}
+_FILE_OR_NULL = {**_FILE, "type": ["string", "null"]}
 _INT = {"type": "integer"}
 
 SCHEMA: dict[str, Any] = {
@@ -64,29 +64,20 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "boxes": {"const": BOXES},
+        # "type": [..., "null"] rather than anyOf: one plain error ("'x' is not of type 'object', 'null'")
         "model": {
-            "anyOf": [
-                {"type": "null"},
-                {
-                    "type": "object",
-                    "properties": {
-                        "file": _FILE_OR_NULL,
-                        "feature_type": {"enum": ["ave", "hubert", "wenet", None]},
-                        "padding": {"enum": ["replicate", "zero", None]},
-                        "audio_encoder": _FILE_OR_NULL,
-                    },
-                },
-            ]
+            "type": ["object", "null"],
+            "properties": {
+                "file": _FILE_OR_NULL,
+                "feature_type": {"enum": ["ave", "hubert", "wenet", None]},
+                "padding": {"enum": ["replicate", "zero", None]},
+                "audio_encoder": _FILE_OR_NULL,
+            },
         },
         "audio_features": {
-            "anyOf": [
-                {"type": "null"},
-                {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": _FILE, "feature_type": {"const": "ave"}},
-                },
-            ]
+            "type": ["object", "null"],
+            "required": ["file"],
+            "properties": {"file": _FILE, "feature_type": {"const": "ave"}},
         },
         "video": {
             "type": "object",

@@ -32,7 +32,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Keyframe interval: smaller = cheaper random access, bigger file."),
         click.option("--frames-codec", type=click.Choice(["h264", "ffv1"]), default="h264", show_default=True,
                      help="How the background frames are stored: h264 (small, lossy; --crf) or ffv1 (lossless, "
-                          "15-25x bigger). The model's face inputs are exact either way."),
+                          "about 9x bigger, slower to decode). The model's face inputs are exact either way."),
         click.option("--force", is_flag=True,
                      help="Replace DST if it is an existing avatar package (nothing else is ever replaced)."),
         click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
