@@ -21,11 +21,13 @@ specification's preprocessing of them, whatever codec stores the frames.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from fractions import Fraction
@@ -154,7 +156,9 @@ def write_package(
         if faces is not False:
             partials.check_space(tmp, n * FACE_BYTES, dst / FACES)
             fd = os.open(tmp / FACES, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            face_out = partials.NpyWriter(fd, dst / FACES, (n, vision.FACE_SIZE, vision.FACE_SIZE, 3))
+            face_out = partials.NpyWriter(
+                fd, dst / FACES, (n, vision.FACE_SIZE, vision.FACE_SIZE, 3), closefd=True
+            )
         count = 0
         size: tuple[int, int] = (0, 0)
         for frame in frames:
@@ -214,6 +218,8 @@ def write_package(
             video=video,
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        with AvatarPackage.open(tmp):  # validates: an invalid package is never moved into place
+            pass
         with partials.dir_lock(dst.parent):  # one writer at a time moves a package into place
             _check_destination(dst, overwrite=overwrite, source_dir=source_dir)  # again: encoding took a while
             _move_into_place(tmp, dst)
@@ -227,8 +233,6 @@ def write_package(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         os.close(held)
-    with AvatarPackage.open(dst):  # validates
-        pass
     return dst
 
 
@@ -352,9 +356,36 @@ def _looks_like_package(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT_NAME
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without the wrapper (glibc < 2.28, some musl builds)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _move_into_place(tmp: Path, dst: Path) -> None:
-    """Rename the finished package ``tmp`` to ``dst``, replacing an old package there."""
+    """Rename the finished package ``tmp`` to ``dst``, replacing an old package there.
+
+    The replacement is one atomic exchange where the system offers it, so a
+    reader opening ``dst`` meanwhile finds the old package or the new one,
+    never no package; the old one then lies at ``tmp`` and is removed.
+    """
     if dst.exists() and any(dst.iterdir()):
+        if _exchange(tmp, dst):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
         os.replace(dst, old)  # an empty directory may be replaced by a rename; the old package is moved aside
         try:

@@ -125,13 +125,16 @@ class NpyWriter:
     :class:`AvatarPackageError` line, never a SIGBUS.
     """
 
-    def __init__(self, fd: int, path: Path, shape: tuple[int, ...], dtype: np.dtype | type = np.uint8) -> None:
+    def __init__(
+        self, fd: int, path: Path, shape: tuple[int, ...], dtype: np.dtype | type = np.uint8, *, closefd: bool = False
+    ) -> None:
         self.path = path
         self.shape = shape
         self.dtype = np.dtype(dtype)
         self.rows = 0
         self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
-        self._f = os.fdopen(fd, "wb", buffering=1 << 20, closefd=False)
+        # closefd=False: a caller that holds a lock on the file keeps its descriptor open until it is done
+        self._f = os.fdopen(fd, "wb", buffering=1 << 20, closefd=closefd)
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
         self._guard(lambda: np.lib.format.write_array_header_1_0(self._f, header))
 

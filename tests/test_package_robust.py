@@ -383,14 +383,44 @@ def test_opening_removes_dead_builders_partial_caches_but_not_live_ones(pkg_dir:
     assert not live.exists()
 
 
+READER = """
+import sys
+from pathlib import Path
+from avatar.errors import AvatarError
+from avatar.package import AvatarPackage
+
+dst, stop = Path(sys.argv[1]), Path(sys.argv[2])
+opened = 0
+while not stop.exists():
+    try:
+        AvatarPackage.open(dst).close()
+        opened += 1
+    except AvatarError as e:
+        print("reader:", e, flush=True)
+        sys.exit(1)
+print(opened, flush=True)
+"""
+
+
 def test_concurrent_forced_imports_to_one_destination(source: Path, tmp_path: Path) -> None:
-    dst = tmp_path / "pkg"
-    for round_ in range(3):
-        procs = [start_import(source, dst, "--force", "--preset", "ultrafast", "--name", f"n{k}") for k in range(2)]
-        results = [proc.communicate(timeout=120) for proc in procs]
-        for proc, (out, err) in zip(procs, results):
-            assert proc.returncode == 0, err  # the old code: FileNotFoundError in 1 of 3 rounds
-            assert "Traceback" not in err
-        with AvatarPackage.open(dst) as pkg:
-            assert pkg.name in ("n0", "n1") and pkg.frame_count == 8
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    work = tmp_path / "work"
+    work.mkdir()
+    dst = work / "pkg"
+    import_synctalk(source, dst, **FAST)
+    stop = tmp_path / "stop"
+    # a render opening the package meanwhile must always find one (the replacement is an atomic exchange)
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(dst), str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        for round_ in range(3):
+            procs = [start_import(source, dst, "--force", "--preset", "ultrafast", "--name", f"n{k}") for k in range(2)]
+            results = [proc.communicate(timeout=120) for proc in procs]
+            for proc, (out, err) in zip(procs, results):
+                assert proc.returncode == 0, err  # the old code: FileNotFoundError in 1 of 3 rounds
+                assert "Traceback" not in err
+            with AvatarPackage.open(dst) as pkg:
+                assert pkg.name in ("n0", "n1") and pkg.frame_count == 8
+            assert sorted(p.name for p in work.iterdir()) == ["pkg"]
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0 and int(out) > 0, out
