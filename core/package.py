@@ -39,11 +39,11 @@ import numpy as np
 from . import partials, vision
 from .errors import AvatarPackageError, ConfigError
 from .framestore import DEFAULT_MEMORY_BUDGET_MB, FRAME_CODECS, FrameStore, FrameWriter, _decode_all
-from .manifest import BOXES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, member, read_manifest
+from .manifest import BOXES, FORMAT_NAME, FORMAT_VERSION, FRAMES, MANIFEST, Manifest, member, read_manifest
 
 __all__ = ["AvatarPackage", "FrameStore", "Manifest", "read_manifest", "write_package"]
-# FORMAT_VERSION and MANIFEST are re-exported for callers that knew them here
-__all__ += ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST"]
+# the format constants lived here before avatar.manifest: re-exported for callers that knew them here
+__all__ += ["BOXES", "FORMAT_NAME", "FORMAT_VERSION", "FRAMES", "MANIFEST"]
 
 log = logging.getLogger(__name__)
 
