@@ -7,12 +7,17 @@
   optional ``rois_320_video.mp4`` (used as the face cache), ``aud_ave.npy``.
 
 Both check the source before encoding anything and name the offending files.
+The face cache is made from the source frames as decoded here (``cv2.imread``
+for images, ``cv2.VideoCapture`` for videos: the specification's own readers),
+so the model input is bit-exact with the specification's preprocessing of
+them, however the background frames are stored (``frames_codec``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -22,7 +27,16 @@ import numpy as np
 
 from . import vision
 from .errors import AvatarPackageError
-from .package import DEFAULT_CRF, DEFAULT_GOP, DEFAULT_PRESET, _box_problems, write_package
+from .package import (
+    DEFAULT_CRF,
+    DEFAULT_FRAMES_CODEC,
+    DEFAULT_GOP,
+    DEFAULT_PRESET,
+    _box_problems,
+    _load_npy,
+    check_ave_features,
+    write_package,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +87,39 @@ def _check_boxes_early(boxes: np.ndarray, width: int, height: int, where: str) -
         raise AvatarPackageError(f"{where}:\n  - " + "\n  - ".join(problems))
 
 
+#: bytes that may follow an image's end marker without making it suspect (padding some writers add)
+_TRAILING_PAD = b"\x00\r\n\t "
+
+
+def image_truncated(path: Path) -> bool:
+    """Whether a JPEG lacks its end-of-image marker or a PNG its IEND chunk.
+
+    A truncated JPEG decodes without an error: libjpeg only warns ("Premature
+    end of JPEG file") and fills the missing rows grey, so the check is on the
+    file itself. Entropy-coded JPEG data never contains ``FF D9`` (``FF`` is
+    stuffed), so a file whose last bytes (before padding) are not ``FF D9`` was cut.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64))
+            tail = f.read().rstrip(_TRAILING_PAD)
+    except OSError:
+        return True
+    if path.suffix.lower() == ".png":
+        return not tail.endswith(b"IEND\xaeB`\x82")
+    return not tail.endswith(b"\xff\xd9")
+
+
+def _check_audio_features(aud: Path) -> Path | None:
+    """The source's ``aud_ave.npy`` if present, checked to be AVE features ``[rows, 512]``."""
+    if not aud.is_file():
+        return None
+    check_ave_features(aud)
+    return aud
+
+
 def import_synctalk(
     src: str | Path,
     dst: str | Path,
@@ -84,6 +131,7 @@ def import_synctalk(
     crf: int = DEFAULT_CRF,
     preset: str = DEFAULT_PRESET,
     gop: int = DEFAULT_GOP,
+    frames_codec: str = DEFAULT_FRAMES_CODEC,
     overwrite: bool = False,
     model: str | Path | None = None,
     audio_encoder: str | Path | None = None,
@@ -93,8 +141,12 @@ def import_synctalk(
 
     Numbering may start at 0 or 1 (detected); gaps, frames without landmarks,
     landmarks without frames and malformed ``.lms`` files are errors naming the
-    files. ``limit`` imports only the first N frames (quick previews, tests).
-    ``aud_ave.npy`` is copied in when present (whole, regardless of ``limit``).
+    files, and so are truncated images (which OpenCV would decode with grey
+    rows and only a warning). ``limit`` imports only the first N frames (quick
+    previews, tests). ``aud_ave.npy`` is copied in when present (whole,
+    regardless of ``limit``) and must be AVE features ``[rows, 512]``. The face
+    cache is made from the decoded JPEGs themselves; ``frames_codec``
+    (``h264``/``ffv1``) chooses how the background frames are stored.
     ``model`` / ``audio_encoder`` (ONNX files) are packaged with the avatar so
     that ``avatar run --avatar`` needs nothing else; the model's feature type is
     read from it, ``padding`` (``replicate``/``zero``) records its window padding.
@@ -128,6 +180,12 @@ def import_synctalk(
     if limit is not None and limit < 1:
         raise AvatarPackageError(f"limit must be at least 1, got {limit}")
     used = list(expected)[: limit or None]
+    cut = [imgs[i].name for i in used if image_truncated(imgs[i])]
+    if cut:
+        raise AvatarPackageError(
+            f"{src / 'full_body_img'}: {len(cut)} image(s) truncated (no end-of-image marker): {_names(cut)}; "
+            "replace them (re-extract the frames) or remove them and their landmarks"
+        )
     boxes = np.array([vision.crop_box_from_landmarks(vision.read_lms(lms[i])) for i in used], dtype=np.int32)
 
     import cv2
@@ -143,7 +201,7 @@ def import_synctalk(
     if first_img is None:
         raise AvatarPackageError(f"cannot decode image {imgs[used[0]]}")
     _check_boxes_early(boxes, first_img.shape[1], first_img.shape[0], f"{src}: bad crop boxes from the landmarks")
-    aud = src / "aud_ave.npy"
+    aud = _check_audio_features(src / "aud_ave.npy")
     source: dict[str, Any] = {
         "importer": "synctalk",
         "path": str(src.resolve()),
@@ -159,11 +217,12 @@ def import_synctalk(
         fps,
         name or src.resolve().name,
         crop_interpolation=crop_interpolation,
-        audio_features=aud if aud.is_file() else None,
+        audio_features=aud,
         source=source,
         crf=crf,
         preset=preset,
         gop=gop,
+        frames_codec=frames_codec,
         overwrite=overwrite,
         source_dir=src,
         **_model_kwargs(model, audio_encoder, padding),
@@ -174,18 +233,26 @@ def import_synctalk(
 
 
 def _decode_video(path: Path, limit: int | None = None) -> Iterator[np.ndarray]:
-    import av
+    """The frames of a video as the specification reads them (``cv2.VideoCapture``, BGR).
 
+    The same reader as the specification's preprocessing, so faces computed
+    from (or taken as) these frames are bit-exact with it by construction.
+    """
+    import cv2
+
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
-        with av.open(str(path)) as c:
-            st = c.streams.video[0]
-            st.thread_type = "AUTO"
-            for k, fr in enumerate(c.decode(st)):
-                if limit is not None and k >= limit:
-                    return
-                yield fr.to_ndarray(format="bgr24")
-    except av.FFmpegError as exc:
-        raise AvatarPackageError(f"cannot decode {path}: {exc}") from None
+        if not cap.isOpened():
+            raise AvatarPackageError(f"cannot decode {path}: OpenCV's FFmpeg reader cannot open it")
+        k = 0
+        while limit is None or k < limit:
+            ok, img = cap.read()
+            if not ok:
+                return
+            yield img
+            k += 1
+    finally:
+        cap.release()
 
 
 def _video_info(path: Path) -> tuple[int, int, int, Fraction | None]:
@@ -254,6 +321,7 @@ def import_spec(
     crf: int = DEFAULT_CRF,
     preset: str = DEFAULT_PRESET,
     gop: int = DEFAULT_GOP,
+    frames_codec: str = DEFAULT_FRAMES_CODEC,
     overwrite: bool = False,
     model: str | Path | None = None,
     audio_encoder: str | Path | None = None,
@@ -265,10 +333,14 @@ def import_spec(
     ``crop_rectangles.json`` (in the folder or its ``cache/``). With ``rois``
     (default) the frames of ``rois_320_video.mp4`` become the face cache, so
     the model sees exactly the faces the source was prepared with; otherwise
-    (or when the video is absent) faces are computed with the crop rule.
+    (or when the video is absent) faces are computed with the crop rule from
+    the decoded full-body frames. Videos are decoded with ``cv2.VideoCapture``,
+    the specification's reader, so either way the model input is bit-exact with
+    the specification's preprocessing of the decoded frames.
     ``model_inputs_video.mp4`` is only count-checked: the masked copy is a fixed
     function of the face. ``fps`` defaults to the full-body video's rate.
-    ``model``, ``audio_encoder``, ``padding`` and ``overwrite`` as in :func:`import_synctalk`.
+    ``model``, ``audio_encoder``, ``padding``, ``frames_codec`` and ``overwrite``
+    as in :func:`import_synctalk`.
     """
     src = Path(src)
     video = src / "full_body_video.mp4"
@@ -276,9 +348,11 @@ def import_spec(
         raise AvatarPackageError(f"{video} is missing; the specification's layout has full_body_video.mp4")
     if (src / "roi_bounds.npy").is_file():
         box_file = src / "roi_bounds.npy"
-        boxes = np.load(box_file)
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise AvatarPackageError(f"{box_file} must be [frames, 4] (x1, y1, x2, y2), it is {list(boxes.shape)}")
+        boxes = _load_npy(box_file, "crop boxes", mmap=False)
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.dtype.kind not in "iuf" or not np.isfinite(boxes).all():
+            raise AvatarPackageError(
+                f"{box_file} must be finite numbers [frames, 4] (x1, y1, x2, y2), it is {boxes.dtype} {list(boxes.shape)}"
+            )
         boxes = np.rint(boxes).astype(np.int32)
     else:
         cands = [src / "crop_rectangles.json", src / "cache" / "crop_rectangles.json"]
@@ -309,7 +383,7 @@ def import_spec(
         fps_value: float | Fraction = rate
     else:
         fps_value = fps
-    aud = src / "aud_ave.npy"
+    aud = _check_audio_features(src / "aud_ave.npy")
     source: dict[str, Any] = {
         "importer": "spec",
         "path": str(src.resolve()),
@@ -327,11 +401,12 @@ def import_spec(
         name or src.resolve().name,
         crop_interpolation=crop_interpolation,
         faces=_decode_video(roi_video, limit) if use_rois else True,
-        audio_features=aud if aud.is_file() else None,
+        audio_features=aud,
         source=source,
         crf=crf,
         preset=preset,
         gop=gop,
+        frames_codec=frames_codec,
         overwrite=overwrite,
         source_dir=src,
         **_model_kwargs(model, audio_encoder, padding),

@@ -38,6 +38,8 @@ CROP_SIZE = 328
 FACE_SIZE = 320
 #: the 320 face sits at ``[FACE_OFFSET:FACE_OFFSET + FACE_SIZE]`` of the 328 crop
 FACE_OFFSET = 4
+#: a crop box side may be at most this many times the frame's larger side
+MAX_BOX_FACTOR = 2
 #: ``cv2.rectangle(img, (5, 5, 310, 305), 0, -1)`` as half-open slices
 MASK_ROWS = slice(5, 310)
 MASK_COLS = slice(5, 315)
@@ -124,6 +126,11 @@ def _region(frame: np.ndarray, box: Box) -> np.ndarray:
     h, w = frame.shape[:2]
     if x2 <= x1 or y2 <= y1:
         raise AvatarPackageError(f"crop box {tuple(box)} is empty")
+    if max(x2 - x1, y2 - y1) > MAX_BOX_FACTOR * max(w, h):
+        # the replicated region below would be allocated whole: (0, 0, 100000, 100000) is 28 GiB
+        raise AvatarPackageError(
+            f"crop box {tuple(box)} is more than {MAX_BOX_FACTOR}x the {w}x{h} frame; check the landmarks or boxes"
+        )
     if x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h:
         return frame[y1:y2, x1:x2]
     rows = np.clip(np.arange(y1, y2), 0, h - 1)

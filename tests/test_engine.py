@@ -97,7 +97,7 @@ def test_render_callback_frames_match_reference(models: dict[str, Path], demo_av
     from avatar.package import AvatarPackage
     from avatar.plugins import get_plugin_manager
     from avatar.schedule import pingpong
-    from avatar.vision import composite, face_320, output_to_uint8, visual_input
+    from avatar.vision import composite, output_to_uint8, visual_input
 
     pcm = speechlike_audio(2.0, seed=3)
     frames, report = collect(
@@ -115,7 +115,7 @@ def test_render_callback_frames_match_reference(models: dict[str, Path], demo_av
         assert f.avatar_index == a
         full = pkg.frame(a)
         box = tuple(int(v) for v in pkg.boxes[a])
-        vis = visual_input(face_320(full, box))[None].astype(np.float32) / 255.0
+        vis = visual_input(pkg.faces[a])[None].astype(np.float32) / 255.0  # the imported source face
         out = sess.run(None, {"input": vis, "audio": windows[f.index][None].astype(np.float32)})[0]
         ref = composite(full, box, output_to_uint8(out)[0])
         assert psnr(f.image, ref) >= 45
@@ -222,7 +222,7 @@ def test_real_dataset_real_speech_callback_and_file(models: dict[str, Path], san
     from avatar.plugins import get_plugin_manager
     from avatar.render import render
     from avatar.schedule import pingpong
-    from avatar.vision import composite, face_320, output_to_uint8, visual_input
+    from avatar.vision import composite, output_to_uint8, visual_input
     from avatar_plugins.sinks.callback import CallbackSink
 
     pcm = load_audio(talk_wav)[: 16000 * 5]  # 5 s → 125 frames
@@ -241,7 +241,7 @@ def test_real_dataset_real_speech_callback_and_file(models: dict[str, Path], san
         a = pingpong(f.index, pkg.frame_count)
         full = pkg.frame(a)
         box = tuple(int(v) for v in pkg.boxes[a])
-        vis = visual_input(face_320(full, box))[None].astype(np.float32) / 255.0
+        vis = visual_input(pkg.faces[a])[None].astype(np.float32) / 255.0  # the imported source face
         ref = composite(full, box, output_to_uint8(sess.run(None, {"input": vis, "audio": windows[f.index][None]})[0])[0])
         assert psnr(f.image, ref) >= 45
     with av.open(str(out)) as c:

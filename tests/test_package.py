@@ -129,13 +129,14 @@ def test_memory_budget_option_has_an_effect(pkg_dir: Path) -> None:
     big.close()
 
 
-def test_faces_cache_is_memmapped_and_made_from_the_stored_frames(pkg_dir: Path, frames: list[np.ndarray]) -> None:
+def test_faces_cache_is_memmapped_and_made_from_the_source_frames(pkg_dir: Path, frames: list[np.ndarray]) -> None:
     with AvatarPackage.open(pkg_dir) as pkg:
         faces = pkg.faces
         assert isinstance(faces, np.memmap) and faces.shape == (N, 320, 320, 3)
-        for i in (0, 13):
-            assert np.array_equal(faces[i], vision.face_320(pkg.frame(i), tuple(pkg.boxes[i])))
-            assert psnr(faces[i], vision.face_320(frames[i], tuple(pkg.boxes[i]))) > 30
+        assert json.loads((pkg_dir / "cache/faces320.json").read_text())["made_from"] == "source"
+        for i in (0, 13):  # the frames given, not their H.264 re-encode
+            assert np.array_equal(faces[i], vision.face_320(frames[i], tuple(pkg.boxes[i])))
+            assert psnr(faces[i], vision.face_320(pkg.frame(i), tuple(pkg.boxes[i]))) > 30
         v = pkg.visual_inputs([3, 0, 3])
         assert v.shape == (3, 6, 320, 320) and v.dtype == np.uint8
         assert np.array_equal(v, vision.visual_batch(faces[[3, 0, 3]]))
@@ -149,10 +150,27 @@ def test_faces_built_lazily_from_the_package(tmp_path: Path, frames: list[np.nda
         faces = np.array(pkg.faces)
         assert (dst / FACES).is_file()
         assert np.array_equal(faces[10], vision.face_320(pkg.frame(10), tuple(pkg.boxes[10])))
-    # building at write time and lazily gives the same cache
+    # H.264 storage: the source-made cache (at write time) differs from one rebuilt from the stored frames
     eager = write_package(tmp_path / "b", iter(frames), make_boxes(), 25, "e", gop=GOP, preset="ultrafast")
     with AvatarPackage.open(eager) as pkg:
-        assert np.array_equal(pkg.faces, faces)
+        assert not np.array_equal(pkg.faces, faces)
+
+
+def test_lossless_frames_option_stores_the_exact_frames(tmp_path: Path, frames: list[np.ndarray]) -> None:
+    dst = write_package(tmp_path / "x", iter(frames[:6]), make_boxes(6), 25, "x", frames_codec="ffv1")
+    m = json.loads((dst / "avatar.json").read_text())["video"]
+    assert (m["file"], m["codec"], m["lossless"]) == ("frames.mkv", "ffv1", True)
+    assert not (dst / "frames.mp4").exists()
+    with AvatarPackage.open(dst) as pkg:
+        assert pkg.frames_lossless
+        assert all(np.array_equal(pkg.frame(i), frames[i]) for i in (5, 0, 3))
+        source_made = np.array(pkg.faces)
+        pkg.build_faces()  # from the stored frames: identical, as they are lossless
+        assert np.array_equal(np.load(dst / FACES), source_made)
+    h264 = write_package(tmp_path / "h", iter(frames[:6]), make_boxes(6), 25, "h", preset="ultrafast")
+    with AvatarPackage.open(h264) as pkg:
+        assert not pkg.frames_lossless and json.loads((h264 / "avatar.json").read_text())["video"]["codec"] == "h264"
+        assert not np.array_equal(pkg.frame(3), frames[3])
 
 
 def test_crop_interpolation_option_has_an_effect(tmp_path: Path, frames: list[np.ndarray]) -> None:
@@ -474,9 +492,12 @@ def test_concurrent_first_use_builds_the_face_cache_safely(pkg_dir: Path, tmp_pa
 
     script = tmp_path / "open_faces.py"
     script.write_text(CONCURRENT)
-    with AvatarPackage.open(pkg_dir) as pkg:
-        import hashlib
+    import hashlib
+    import shutil
 
+    ref = copy_pkg(pkg_dir, tmp_path / "ref")
+    shutil.rmtree(ref / "cache")
+    with AvatarPackage.open(ref) as pkg:  # what a rebuild from the stored frames gives
         expected = hashlib.sha256(np.asarray(pkg.faces).tobytes()).hexdigest()
     for round_ in range(3):
         p = copy_pkg(pkg_dir, tmp_path / f"p{round_}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -28,6 +30,9 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--preset", default="veryfast", show_default=True, help="x264 preset (speed of the import)."),
         click.option("--gop", type=click.IntRange(min=1), default=12, show_default=True,
                      help="Keyframe interval: smaller = cheaper random access, bigger file."),
+        click.option("--frames-codec", type=click.Choice(["h264", "ffv1"]), default="h264", show_default=True,
+                     help="How the background frames are stored: h264 (small, lossy; --crf) or ffv1 (lossless, "
+                          "about 9x bigger, slower to decode). The model's face inputs are exact either way."),
         click.option("--force", is_flag=True,
                      help="Replace DST if it is an existing avatar package (nothing else is ever replaced)."),
         click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -54,10 +59,32 @@ def _summary(dst: Path) -> None:
         click.echo(f"fps:            {pkg.fps:g}")
         click.echo(f"boxes:          {int(side.min())}-{int(side.max())} px square")
         click.echo(f"crop resize:    {pkg.crop_interpolation}")
+        video = pkg.manifest.video
+        click.echo(f"frames stored:  {video.get('codec', 'h264')} ({'lossless' if pkg.frames_lossless else 'lossy'})")
         if pkg.manifest.model:
             click.echo(f"model:          {pkg.manifest.model} ({pkg.manifest.feature_type})")
         if pkg.manifest.audio_features:
             click.echo(f"audio features: {pkg.manifest.audio_features}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd, Docker, Kubernetes) handled like Ctrl-C: partial files are removed on the way out."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave its handling alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group("import")
@@ -69,14 +96,15 @@ def import_() -> None:
 @_common
 @click.option("--fps", type=float, default=25.0, show_default=True, help="Frame rate of the image sequence.")
 def synctalk(src: Path, dst: Path, name: str | None, limit: int | None, interpolation: str, crf: int,
-             preset: str, gop: int, force: bool, model: Path | None, audio_encoder: Path | None,
+             preset: str, gop: int, frames_codec: str, force: bool, model: Path | None, audio_encoder: Path | None,
              padding: str | None, fps: float) -> None:
     """Import SRC/full_body_img/*.jpg + SRC/landmarks/*.lms (+ aud_ave.npy)."""
     from ..importers import import_synctalk
 
-    import_synctalk(src, dst, fps=fps, name=name, limit=limit, crop_interpolation=interpolation, crf=crf,
-                    preset=preset, gop=gop, overwrite=force, model=model, audio_encoder=audio_encoder,
-                    padding=padding)
+    with _sigterm_as_interrupt():
+        import_synctalk(src, dst, fps=fps, name=name, limit=limit, crop_interpolation=interpolation, crf=crf,
+                        preset=preset, gop=gop, frames_codec=frames_codec, overwrite=force, model=model,
+                        audio_encoder=audio_encoder, padding=padding)
     _summary(dst)
 
 
@@ -85,12 +113,13 @@ def synctalk(src: Path, dst: Path, name: str | None, limit: int | None, interpol
 @click.option("--fps", type=float, default=None, help="Override the frame rate (default: the video's).")
 @click.option("--no-rois", is_flag=True, help="Compute faces with the crop rule instead of using rois_320_video.mp4.")
 def spec(src: Path, dst: Path, name: str | None, limit: int | None, interpolation: str, crf: int,
-         preset: str, gop: int, force: bool, model: Path | None, audio_encoder: Path | None,
+         preset: str, gop: int, frames_codec: str, force: bool, model: Path | None, audio_encoder: Path | None,
          padding: str | None, fps: float | None, no_rois: bool) -> None:
     """Import SRC/full_body_video.mp4 + roi_bounds.npy or crop_rectangles.json (+ rois_320_video.mp4, aud_ave.npy)."""
     from ..importers import import_spec
 
-    import_spec(src, dst, fps=fps, name=name, limit=limit, rois=not no_rois, crop_interpolation=interpolation,
-                crf=crf, preset=preset, gop=gop, overwrite=force, model=model, audio_encoder=audio_encoder,
-                padding=padding)
+    with _sigterm_as_interrupt():
+        import_spec(src, dst, fps=fps, name=name, limit=limit, rois=not no_rois, crop_interpolation=interpolation,
+                    crf=crf, preset=preset, gop=gop, frames_codec=frames_codec, overwrite=force, model=model,
+                    audio_encoder=audio_encoder, padding=padding)
     _summary(dst)
