@@ -21,19 +21,23 @@ SinkSpec = Sink | str | tuple[str, Mapping[str, Any]]
 
 
 def open_backend(name: str, model: str | Path, options: BackendOptions | None = None) -> tuple[Backend, str]:
-    """Load ``model`` on backend ``name``; ``auto`` tries ``onnx-cuda`` then ``cpu``.
+    """Load ``model`` on backend ``name``; ``auto`` tries ``onnx-cuda``, ``openvino``, then ``cpu``.
+
+    A backend may decline ``auto`` (``open_auto`` raising :class:`BackendUnavailable`),
+    e.g. openvino when no reduced precision has passed its gate for this model.
 
     Returns the backend and the name actually used.
     """
     pm = get_plugin_manager()
     options = options or BackendOptions()
     if name == "auto":
-        for candidate in ("onnx-cuda", "cpu"):
+        for candidate in ("onnx-cuda", "openvino", "cpu"):
             reg = pm.components["backend"].get(candidate)
             if reg is None or not reg.availability().usable:
                 continue
             try:
-                return reg.obj(model, options), candidate  # type: ignore[call-arg,return-value]
+                opener = getattr(reg.obj, "open_auto", reg.obj)  # a backend's own choice of options under auto
+                return opener(model, options), candidate  # type: ignore[call-arg,return-value]
             except BackendUnavailable as exc:
                 log.info("backend %s not usable (%s); trying the next", candidate, exc)
         raise BackendUnavailable("no usable backend: neither onnx-cuda nor cpu could load the model")

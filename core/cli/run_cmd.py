@@ -12,11 +12,11 @@ from ..errors import ConfigError
 from ..interfaces import BackendOptions
 
 
-def _kv(values: tuple[str, ...]) -> dict[str, Any]:
+def _kv(values: tuple[str, ...], what: str = "--sink-opt") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in values:
         if "=" not in item:
-            raise ConfigError(f"--sink-opt expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{what} expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = _coerce(v)
     return out
@@ -45,7 +45,10 @@ def _coerce(v: str) -> Any:
 @click.option("--padding", type=click.Choice(["replicate", "zero"]), help="Audio window edge padding (default: the source's).")
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt, or a plugin's.")
 @click.option("--device-id", default=0, show_default=True, help="GPU index for GPU backends.")
-@click.option("--fp16", is_flag=True, help="Half precision on GPU backends.")
+@click.option("--fp16", is_flag=True, help="Half precision on GPU backends (same as --precision fp16).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "auto"]),
+              help="Inference precision (bf16, int8, auto: openvino; reduced precisions are accuracy-gated).")
+@click.option("--backend-opt", multiple=True, help="Backend option KEY=VALUE (e.g. device=GPU, streams=2, allow_failed_gate=1); repeatable.")
 @click.option("--batch", "batch_size", default=8, show_default=True, help="Frames per inference call.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads of each ONNX Runtime session (the model, the ave encoder).")
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
@@ -69,6 +72,8 @@ def run(
     backend: str,
     device_id: int,
     fp16: bool,
+    precision: str | None,
+    backend_opt: tuple[str, ...],
     batch_size: int,
     threads: int | None,
     sink_names: tuple[str, ...],
@@ -134,8 +139,11 @@ def run(
             raise ConfigError("the callback sink is for the Python API (avatar.render); use file or rtmp here")
         sinks.append((name, opts))
 
+    if fp16 and precision not in (None, "fp16"):
+        raise ConfigError(f"--fp16 and --precision {precision} contradict each other; give one")
     bopts = BackendOptions(
-        device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads
+        device_id=device_id, precision=precision or ("fp16" if fp16 else "fp32"), max_batch=max(batch_size, 1),
+        threads=threads, extra=_kv(backend_opt, "--backend-opt"),
     )
     from ..engine import RenderInterrupted
 
