@@ -330,3 +330,27 @@ def test_bf16_passes_the_gate_on_the_trained_model(trained: Path):
     assert record.psnr_vs_fp32 >= 40 and record.loss_db <= 0.1
     assert 25.5 < record.fp32_vs_real < 26.0  # the README's 25.77 dB: the measure is the documented one
     assert where.is_file() and _gates.find_record(trained, "bf16", "CPU").passed  # type: ignore[union-attr]
+
+
+def test_quantize_and_gate_commands_write_a_model_and_records(models: dict[str, Path], tmp_path: Path):
+    """The CLI end to end on a synthetic SyncTalk_2D folder (mechanics only: no verdict on a seeded model)."""
+    pytest.importorskip("nncf")
+    from click.testing import CliRunner
+
+    from avatar.cli import cli
+    from test_importers import make_synctalk
+
+    data = make_synctalk(tmp_path / "st", n=10)
+    out = tmp_path / "q" / "tiny.int8.onnx"
+    r = CliRunner().invoke(cli, ["quantize", str(models["unet"]), "--avatar", str(data), "-o", str(out),
+                                 "--frames", "7:10", "--subset", "4"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "4 calibration frames" in r.output and "held out: 7-9" in r.output
+    rec = _gates.find_record(out, "int8", "CPU")
+    assert rec is not None and rec.frames == [7, 9] and rec.reference_sha256 == file_sha256(models["unet"])
+    assert rec.model_sha256 == file_sha256(out) and ovb.is_quantized(ovb._core().read_model(str(out)))
+    r = CliRunner().invoke(cli, ["gate", str(out), "--avatar", str(data), "--precision", "int8", "--frames", "0:3"])
+    assert r.exit_code == 0, r.output and "recorded in" in r.output
+    assert _gates.find_record(out, "int8", "CPU").frames == [0, 2]  # type: ignore[union-attr]
+    r = CliRunner().invoke(cli, ["gate", str(out), "--avatar", str(data), "--precision", "int8", "--frames", "9:99"])
+    assert r.exit_code != 0 and "outside 0:10" in r.output
