@@ -354,3 +354,57 @@ def test_quantize_and_gate_commands_write_a_model_and_records(models: dict[str, 
     assert _gates.find_record(out, "int8", "CPU").frames == [0, 2]  # type: ignore[union-attr]
     r = CliRunner().invoke(cli, ["gate", str(out), "--avatar", str(data), "--precision", "int8", "--frames", "9:99"])
     assert r.exit_code != 0 and "outside 0:10" in r.output
+
+
+# --------------------------------------------------------------------------- renders
+
+
+@pytest.fixture(scope="module")
+def demo_avatar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avatar.demo import synthetic_frames
+    from avatar.package import write_package
+
+    d = tmp_path_factory.mktemp("ov-avatar") / "avatar"
+    frames, boxes = synthetic_frames(8, width=320, height=240)
+    write_package(d, iter(frames), boxes, fps=25, name="test")
+    return d
+
+
+def test_render_on_openvino_matches_cpu(models: dict[str, Path], demo_avatar: Path):
+    from avatar.demo import speechlike_audio
+    from avatar.render import render
+    from avatar_plugins.sinks.callback import CallbackSink
+
+    faces: dict[str, list[np.ndarray]] = {}
+    for backend in ("cpu", "openvino"):
+        got: list = []
+        report = render(demo_avatar, speechlike_audio(0.4), sinks=[CallbackSink(got.append, with_face=True)],
+                        model=models["unet"], feature_options={"encoder": str(models["encoder"])}, backend=backend,
+                        batch_size=4)  # fmt: skip
+        assert report.to_dict()["backend"] == backend
+        faces[backend] = [f.face for f in got]
+    assert len(faces["cpu"]) == len(faces["openvino"]) == 10
+    for a, b in zip(faces["cpu"], faces["openvino"]):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_cli_run_with_precision_and_backend_options(models: dict[str, Path], demo_avatar: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from avatar.cli import cli
+    from avatar.demo import speechlike_audio, write_wav
+
+    wav = tmp_path / "a.wav"
+    write_wav(wav, speechlike_audio(0.4))
+    out, rep = tmp_path / "out.mp4", tmp_path / "report.json"
+    args = ["run", "--avatar", str(demo_avatar), "--audio", str(wav), "--model", str(models["unet"]), "--ave-encoder",
+            str(models["encoder"]), "--backend", "openvino", "-o", str(out), "--no-progress", "--report", str(rep)]  # fmt: skip
+    r = CliRunner().invoke(cli, [*args, "--precision", "fp32", "--backend-opt", "streams=1", "--backend-opt", "device=CPU"])
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > 1000 and '"backend": "openvino"' in rep.read_text()
+    r = CliRunner().invoke(cli, [*args, "--backend-opt", "streams"])
+    assert r.exit_code != 0 and "--backend-opt expects KEY=VALUE" in r.output
+    r = CliRunner().invoke(cli, [*args, "--backend-opt", "colour=blue"])
+    assert r.exit_code != 0 and "unknown option(s) colour" in r.output
+    r = CliRunner().invoke(cli, [*args, "--precision", "int8"])
+    assert r.exit_code != 0 and "avatar quantize" in r.output

@@ -71,16 +71,21 @@ def _nncf():  # type: ignore[no-untyped-def]
 
 
 def sensitive_nodes(model: Any, visual: str, audio: str) -> dict[str, list[str]]:
-    """ONNX node names of the first and last convolution and of the audio branch.
+    """ONNX node names of the layer groups a recipe may keep in float.
 
-    Found from the graph, not from names: the audio branch is every node whose
-    inputs all descend from the audio input alone; the first convolution is the
-    first Conv fed by the visual input; the last is the last Conv in graph order.
+    Found from the graph, not from names: ``audio`` is every node whose inputs
+    all descend from the audio input alone; ``first_conv`` the first Conv fed by
+    the visual input; ``last_conv`` the last Conv in graph order; ``full_res``
+    every Conv whose output has the visual input's full height and width (the
+    layers that draw the output pixels directly, and most of the noise an int8
+    model adds to them).
     """
+    import onnx
+
     consts = {t.name for t in model.graph.initializer}
     origin: dict[str, set[str]] = {visual: {"v"}, audio: {"a"}}
     audio_nodes: list[str] = []
-    convs: list[tuple[str, set[str]]] = []
+    convs: list[tuple[str, set[str], str]] = []
     for node in model.graph.node:  # ONNX graphs are topologically sorted
         src: set[str] = set()
         for i in node.input:
@@ -91,12 +96,21 @@ def sensitive_nodes(model: Any, visual: str, audio: str) -> dict[str, list[str]]
         if src == {"a"}:
             audio_nodes.append(node.name)
         if node.op_type == "Conv":
-            convs.append((node.name, src))
-    visual_convs = [n for n, s in convs if s == {"v"}]
+            convs.append((node.name, src, node.output[0]))
+    # spatial sizes from ONNX shape inference (the batch axis stays symbolic; H and W are static)
+    shapes: dict[str, list[int]] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+            shapes[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+    except Exception as exc:  # noqa: BLE001  (shape inference is best effort: full_res is then empty)
+        log.info("shape inference failed (%s); no full-resolution layers found", exc)
+    full = shapes.get(visual, [])[2:]
     return {
-        "first_conv": visual_convs[:1],
+        "first_conv": [n for n, s, _ in convs if s == {"v"}][:1],
         "last_conv": [convs[-1][0]] if convs else [],
         "audio": audio_nodes,
+        "full_res": [n for n, _, o in convs if full and shapes.get(o, [])[2:] == full],
     }
 
 
