@@ -63,7 +63,7 @@ def _record(model: Path, precision: str, passed: bool) -> _gates.GateRecord:
     """A record as `avatar gate` writes it (figures made up: these tests check the mechanics only)."""
     vs32, loss = (53.8, -0.03) if passed else (33.7, 0.47)
     rec = _gates.GateRecord(
-        model_sha256=file_sha256(model), precision=precision, device="CPU", backend="openvino",
+        model_sha256=_gates.model_sha256(model), precision=precision, device="CPU", backend="openvino",
         psnr_vs_fp32=vs32, psnr_vs_real=25.77 - loss, fp32_vs_real=25.77, frames=[460, 521], data="test",
         passed=_gates.judge(vs32, loss), measured="2026-01-01T00:00:00+00:00",
     )  # fmt: skip
@@ -278,7 +278,7 @@ def quantized(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     idx = list(range(8))
     data = _gates.FrameData(idx, (sample_visual(8)[:, :3].transpose(0, 2, 3, 1) * 255).astype(np.uint8),
                             sample_audio("ave", 8), "seeded")  # fmt: skip
-    out = d / "tiny.int8.onnx"
+    out = d / "tiny.int8.xml"
     quantize(models["unet"], out, data, ("input", "audio"), Recipe(subset_size=8))
     return out
 
@@ -302,11 +302,16 @@ def test_sensitive_layers_are_found_from_the_graph(models: dict[str, Path]):
     from avatar_plugins.backends._ov_quantize import sensitive_nodes
 
     m = onnx.load(str(models["unet"]))
-    groups = sensitive_nodes(m, "input", "audio")
-    convs = [n.name for n in m.graph.node if n.op_type == "Conv"]
+    groups = sensitive_nodes(ovb._core().read_model(str(models["unet"])), "input", "audio")
+    convs = [n.name + "/WithoutBiases" for n in m.graph.node if n.op_type == "Conv"]
     assert groups["last_conv"] == [convs[-1]]
-    assert len(groups["first_conv"]) == 1 and groups["first_conv"][0] in convs
-    assert groups["audio"] and groups["first_conv"][0] not in groups["audio"]
+    assert groups["first_conv"] == [convs[0]]
+    assert groups["audio"] and not set(groups["audio"]) & set(groups["first_conv"] + groups["last_conv"])
+    # full resolution: the convolutions whose output is 320x320 (shape inference on the ONNX graph agrees)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in onnx.shape_inference.infer_shapes(m).graph.value_info}  # fmt: skip
+    want = [n.name + "/WithoutBiases" for n in m.graph.node if n.op_type == "Conv" and shapes.get(n.output[0], [])[2:] == [320, 320]]
+    assert groups["full_res"] == want and convs[-1] in want
 
 
 # --------------------------------------------------------------------------- the trained model
@@ -341,14 +346,15 @@ def test_quantize_and_gate_commands_write_a_model_and_records(models: dict[str, 
     from test_importers import make_synctalk
 
     data = make_synctalk(tmp_path / "st", n=10)
-    out = tmp_path / "q" / "tiny.int8.onnx"
+    out = tmp_path / "q" / "tiny.int8.xml"
     r = CliRunner().invoke(cli, ["quantize", str(models["unet"]), "--avatar", str(data), "-o", str(out),
                                  "--frames", "7:10", "--subset", "4"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "4 calibration frames" in r.output and "held out: 7-9" in r.output
     rec = _gates.find_record(out, "int8", "CPU")
     assert rec is not None and rec.frames == [7, 9] and rec.reference_sha256 == file_sha256(models["unet"])
-    assert rec.model_sha256 == file_sha256(out) and ovb.is_quantized(ovb._core().read_model(str(out)))
+    assert rec.model_sha256 == _gates.model_sha256(out) != file_sha256(out)  # the IR's weights are in the hash
+    assert ovb.is_quantized(ovb._core().read_model(str(out))) and out.with_suffix(".bin").is_file()
     r = CliRunner().invoke(cli, ["gate", str(out), "--avatar", str(data), "--precision", "int8", "--frames", "0:3"])
     assert r.exit_code == 0, r.output and "recorded in" in r.output
     assert _gates.find_record(out, "int8", "CPU").frames == [0, 2]  # type: ignore[union-attr]

@@ -82,6 +82,17 @@ class GateRecord:
         )
 
 
+def model_sha256(path: str | Path) -> str:
+    """Content hash of a model: the ONNX file, or an OpenVINO IR's ``.xml`` and ``.bin`` together."""
+    import hashlib
+
+    path = Path(path)
+    weights = path.with_suffix(".bin")
+    if path.suffix != ".xml" or not weights.is_file():
+        return file_sha256(path)
+    return hashlib.sha256((file_sha256(path) + file_sha256(weights)).encode()).hexdigest()
+
+
 def judge(psnr_vs_fp32: float, loss_db: float) -> bool:
     return psnr_vs_fp32 >= MIN_PSNR_VS_FP32 and loss_db <= MAX_LOSS_DB
 
@@ -92,13 +103,13 @@ def judge(psnr_vs_fp32: float, loss_db: float) -> bool:
 def record_files(model: str | Path, sha: str | None = None) -> list[Path]:
     """Where records for ``model`` may live: beside it, then in the cache."""
     model = Path(model)
-    sha = sha or file_sha256(model)
+    sha = sha or model_sha256(model)
     return [model.with_name(model.name + ".gates.json"), cache_dir(None, "gates") / f"{sha}.gates.json"]
 
 
 def load_records(model: str | Path, sha: str | None = None) -> list[GateRecord]:
     """Every record of this exact model file (matching SHA-256), oldest first."""
-    sha = sha or file_sha256(model)
+    sha = sha or model_sha256(model)
     out: list[GateRecord] = []
     for f in record_files(model, sha):
         if not f.is_file():
@@ -267,10 +278,10 @@ def measure(model: Path, reference_model: Path, data: FrameData, *, precision: s
     got = render_faces(run, names, data)
     vs32, vs_real, base = face_psnr(ref, got), face_psnr(data.faces, got), face_psnr(data.faces, ref)
     return GateRecord(
-        model_sha256=file_sha256(model), precision=precision, device=device, backend=backend,
+        model_sha256=model_sha256(model), precision=precision, device=device, backend=backend,
         psnr_vs_fp32=round(vs32, 3), psnr_vs_real=round(vs_real, 4), fp32_vs_real=round(base, 4),
         frames=[data.indices[0], data.indices[-1]], data=data.source, passed=judge(vs32, base - vs_real),
         runtime=runtime, cpu=f"{cpu_model()} ({platform.machine()})",
         measured=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        reference_sha256=file_sha256(reference_model), notes=dict(notes or {}),
+        reference_sha256=model_sha256(reference_model), notes=dict(notes or {}),
     )  # fmt: skip

@@ -96,11 +96,12 @@ def gate(model: str, avatar: str, precision: str, backend: str, device: str, fra
 @click.argument("model", type=click.Path(dir_okay=False, exists=True))
 @click.option("--avatar", "avatar", required=True, type=click.Path(file_okay=False, exists=True),
               help="Avatar package (with aud_ave.npy) or SyncTalk_2D dataset folder: the calibration data.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Quantized model (.onnx).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Quantized model: an OpenVINO IR .xml (its weights go to the .bin beside it).")
 @click.option("--frames", help="Held-out frames START:END for the gate, never calibrated on (default: the last 62).")
 @click.option("--subset", default=300, show_default=True, help="Calibration frames (spread over the rest of the avatar).")
-@click.option("--keep-float", default="first_conv,last_conv,audio", show_default=True,
-              help="Layer groups kept in float: first_conv, last_conv, audio (comma-separated; '' quantizes everything).")
+@click.option("--keep-float", default="full_res", show_default=True,
+              help="Layer groups kept in float: full_res (convolutions at the input's resolution), first_conv, last_conv, "
+                   "audio (comma-separated; '' quantizes everything).")
 @click.option("--bias-correction", type=click.Choice(["fast", "full"]), default="fast", show_default=True)
 @click.option("--preset", type=click.Choice(["performance", "mixed"]), default="performance", show_default=True,
               help="mixed: asymmetric activations.")
@@ -111,15 +112,15 @@ def quantize(model: str, avatar: str, output: str, frames: str | None, subset: i
     """Quantize a UNet-328 to int8 with NNCF, calibrated on its avatar, and record its accuracy gate.
 
     \b
-    avatar quantize model.onnx --avatar pkg/ -o model.int8.onnx
-    avatar run --avatar pkg/ --audio a.wav --model model.int8.onnx --backend openvino --precision int8 -o out.mp4
+    avatar quantize model.onnx --avatar pkg/ -o model.int8.xml
+    avatar run --avatar pkg/ --audio a.wav --model model.int8.xml --backend openvino --precision int8 -o out.mp4
     """
     from ._ov_quantize import Recipe
     from ._ov_quantize import quantize as run_quantize
 
     src, out = Path(model), Path(output)
-    if out.suffix != ".onnx":
-        raise ConfigError(f"-o must name an .onnx file, not {out}")
+    if out.suffix != ".xml":
+        raise ConfigError(f"-o must name an OpenVINO IR .xml file (the .bin is written beside it), not {out}")
     if out.resolve() == src.resolve():
         raise ConfigError("-o must differ from MODEL")
     names, audio_shape = _names(src)

@@ -34,7 +34,7 @@ from avatar.hookspecs import hookimpl
 from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
 
 from . import _gates
-from ._common import cache_dir, check_extra, check_feeds, file_sha256
+from ._common import cache_dir, check_extra, check_feeds
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,11 @@ _EXTRA = {
 }
 
 
-def _ov():  # type: ignore[no-untyped-def]
-    import openvino
-
-    return openvino
-
-
 @functools.lru_cache(maxsize=1)
 def _core():  # type: ignore[no-untyped-def]
-    return _ov().Core()
+    import openvino
+
+    return openvino.Core()
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,7 +150,7 @@ class OpenVinoBackend(Backend):
         except Exception as exc:
             raise ModelError(f"openvino cannot read {self.model_path}: {exc}") from exc
         self.quantized = is_quantized(self._model)
-        self._sha = file_sha256(self.model_path)
+        self._sha = _gates.model_sha256(self.model_path)
         #: the gate record the precision was loaded under (None for fp32 or when never measured)
         self.gate: _gates.GateRecord | None = None
         self.precision, self.choice = self._choose_precision(opts.precision)
@@ -195,7 +191,7 @@ class OpenVinoBackend(Backend):
             if asked == "int8" and not self.quantized:
                 raise ConfigError(
                     f"openvino: precision int8 needs a quantized model and {self.model_path.name} has no int8 layers; "
-                    f"make one with `avatar quantize {self.model_path} --avatar AVATAR_PKG -o MODEL.int8.onnx`"
+                    f"make one with `avatar quantize {self.model_path} --avatar AVATAR_PKG -o MODEL.int8.xml`"
                 )
             if self.quantized and asked != "int8":
                 raise ConfigError(f"openvino: {self.model_path.name} is a quantized (int8) model; load it with precision int8")
