@@ -133,6 +133,8 @@ def save_record(model: str | Path, record: GateRecord) -> Path:
     """Add ``record`` beside the model (or, if that folder is read-only, in the cache); return the file."""
     beside, cached = record_files(model, record.model_sha256)
     for f in (beside, cached):
+        if f is beside and not _writable(f.parent):
+            continue
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
             doc = json.loads(f.read_text()) if f.is_file() else {"schema": SCHEMA, "records": []}
@@ -147,6 +149,14 @@ def save_record(model: str | Path, record: GateRecord) -> Path:
         except OSError as exc:
             log.info("cannot write gate records to %s (%s); trying the cache", f, exc)
     raise ConfigError(f"cannot write gate records beside {model} nor in {cached.parent}")
+
+
+def _writable(folder: Path) -> bool:
+    """Whether to write into ``folder``: writable, and not marked read-only (root could write there anyway)."""
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
 
 
 def measure_command(model: str | Path, precision: str, backend: str, device: str) -> str:

@@ -79,13 +79,16 @@ def sensitive_nodes(model: Any, visual: str, audio: str) -> dict[str, list[str]]
     Found from the graph, not from names: ``audio`` is every operation whose
     inputs all descend from the audio input alone; ``first_conv`` the first
     convolution fed by the visual input; ``last_conv`` the last convolution;
-    ``full_res`` every convolution whose output has the visual input's full
-    height and width — the layers that draw the output pixels directly, and on
-    the trained sanders model three quarters of the noise int8 adds.
+    ``full_res`` every operation whose output has the visual input's full
+    height and width (convolutions, activations, the upsampling and the skip
+    concatenation into the last block) — the layers that draw the output pixels
+    directly, and on the trained sanders model three quarters of the noise
+    int8 adds.
     """
     origin: dict[str, set[str]] = {}
     audio_ops: list[str] = []
     convs: list[tuple[str, set[str], list[Any]]] = []
+    shaped: list[tuple[str, list[Any]]] = []
     for p in model.inputs:
         origin[p.get_node().get_friendly_name()] = {"v"} if p.get_any_name() == visual else {"a"} if p.get_any_name() == audio else set()
     for op in model.get_ordered_ops():  # topological order
@@ -100,6 +103,8 @@ def sensitive_nodes(model: Any, visual: str, audio: str) -> dict[str, list[str]]
             audio_ops.append(name)
         if kind in _CONVS:
             convs.append((name, src, list(op.get_output_partial_shape(0))))
+        if kind != "Constant" and op.get_output_size() == 1:
+            shaped.append((name, list(op.get_output_partial_shape(0))))
     full = [d for d in next(p for p in model.inputs if p.get_any_name() == visual).get_partial_shape()][2:]
 
     def same(dims: list[Any]) -> bool:
@@ -110,7 +115,7 @@ def sensitive_nodes(model: Any, visual: str, audio: str) -> dict[str, list[str]]
         "first_conv": [n for n, s, _ in convs if s == {"v"}][:1],
         "last_conv": [convs[-1][0]] if convs else [],
         "audio": audio_ops,
-        "full_res": [n for n, _, d in convs if same(d)],
+        "full_res": [n for n, d in shaped if same(d)],
     }
 
 
