@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from avatar.errors import ConfigError
 
@@ -129,8 +130,10 @@ def quantize(model: str, avatar: str, output: str, frames: str | None, subset: i
     rest = [i for i in range(usable) if i not in set(held.indices)]
     if not rest:
         raise ConfigError("no frames are left for calibration outside the held-out frames")
-    step = max(1, len(rest) // max(1, subset))
-    calib = _gates.load_frames(avatar, audio_shape, indices=rest[::step][:subset])
+    if subset < 1:
+        raise ConfigError(f"--subset must be at least 1, not {subset}")
+    picks = sorted({rest[int(k)] for k in np.linspace(0, len(rest) - 1, min(subset, len(rest)))})  # spread over the avatar
+    calib = _gates.load_frames(avatar, audio_shape, indices=picks)
     recipe = Recipe(
         keep_float=tuple(g.strip() for g in keep_float.split(",") if g.strip()),
         subset_size=subset, fast_bias_correction=bias_correction == "fast", preset=preset,

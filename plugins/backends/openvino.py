@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
-#: OpenVINO inference precision hint per precision (int8 keeps its float parts in f32)
-_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+#: OpenVINO inference precision hint per precision (int8: see OpenVinoBackend._compute_precision)
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 _OV_HINT_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 #: OPTIMIZATION_CAPABILITIES a device must list for a precision
 _CAPS = {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
@@ -247,7 +247,7 @@ class OpenVinoBackend(Backend):
 
     def _config(self) -> dict[str, Any]:
         opts, extra = self.options, self.options.extra
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision]}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINTS[self._compute_precision()]}
         hint = str(extra.get("performance_hint", "LATENCY")).upper()
         if hint not in PERFORMANCE_HINTS:
             raise ConfigError(f"openvino: performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}, not {hint!r}")
@@ -268,6 +268,15 @@ class OpenVinoBackend(Backend):
             config = {k: v for k, v in config.items() if k in ("PERFORMANCE_HINT", "CACHE_DIR", "INFERENCE_PRECISION_HINT")}
         return config
 
+    def _compute_precision(self) -> str:
+        """The float precision the layers run in: an int8 model's float layers run in bf16 where it is native.
+
+        (Faster, and on the trained sanders model as accurate: the int8 gate is measured this way.)
+        """
+        if self.precision != "int8":
+            return self.precision
+        return "bf16" if "BF16" in device_capabilities(self.device) else "fp32"
+
     def _check_compiled(self) -> None:
         """A device that silently lowers the precision asked for is an error, not a surprise."""
         if self.device.startswith("AUTO"):
@@ -277,7 +286,7 @@ class OpenVinoBackend(Backend):
         except Exception:
             return
         got = _OV_HINT_NAMES.get(hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint).lower())
-        want = "fp32" if self.precision == "int8" else self.precision
+        want = self._compute_precision()
         if got is not None and got != want:
             raise ConfigError(f"openvino: {self.device} runs {got} when asked for {want}; use {got} or fp32")
 
@@ -309,7 +318,8 @@ class OpenVinoBackend(Backend):
             devs = list(self._compiled.get_property("EXECUTION_DEVICES"))
         except Exception:
             devs = [self.device]
-        return [f"OpenVINO {d} {self.precision}" for d in devs]
+        rest = f" (float layers {self._compute_precision()})" if self.precision == "int8" else ""
+        return [f"OpenVINO {d} {self.precision}{rest}" for d in devs]
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._request is None:
