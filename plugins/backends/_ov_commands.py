@@ -36,7 +36,6 @@ def measure_gate(model: str | Path, avatar: str | Path, *, precision: str, backe
                  frames: str | None = None, threads: int | None = None, reference: str | Path | None = None,
                  data: _gates.FrameData | None = None) -> tuple[_gates.GateRecord, Path]:  # fmt: skip
     """Measure the gate of ``model`` at ``precision`` on ``avatar``'s held-out frames; save and return the record."""
-    from avatar.interfaces import BackendOptions
     from avatar.plugins import get_plugin_manager
 
     from ._ov_quantize import quantized_from
@@ -54,6 +53,19 @@ def measure_gate(model: str | Path, avatar: str | Path, *, precision: str, backe
     data = data or _gates.load_frames(avatar, audio_shape, frames=frames)
     pm = get_plugin_manager()
     extra: dict[str, Any] = {"device": device, "allow_failed_gate": True} if backend == "openvino" else {}
+    quiet = logging.getLogger(pm.backend_class(backend).__module__)
+    level, quiet.level = quiet.level, logging.ERROR  # "no gate record" while measuring the gate is noise
+    try:
+        record = _measure(pm, model, ref_model, data, names, precision, device, backend, threads, extra)
+    finally:
+        quiet.level = level
+    return record, _gates.save_record(model, record)
+
+
+def _measure(pm: Any, model: Path, ref_model: Path, data: _gates.FrameData, names: tuple[str, str], precision: str,
+             device: str, backend: str, threads: int | None, extra: dict[str, Any]) -> _gates.GateRecord:  # fmt: skip
+    from avatar.interfaces import BackendOptions
+
     batch = 4
     with pm.backend_class("cpu")(ref_model, BackendOptions(max_batch=batch, threads=threads)) as ref, \
          pm.backend_class(backend)(model, BackendOptions(precision=precision, max_batch=batch, threads=threads, extra=extra)) as be:  # fmt: skip
@@ -63,7 +75,7 @@ def measure_gate(model: str | Path, avatar: str | Path, *, precision: str, backe
             run=lambda f: be.run(f)[be.outputs[0].name], reference_run=lambda f: ref.run(f)[ref.outputs[0].name],
             names=names, runtime=runtime,
         )  # fmt: skip
-    return record, _gates.save_record(model, record)
+    return record
 
 
 @click.command("gate")
