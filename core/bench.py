@@ -462,6 +462,7 @@ def _end_to_end(
                     feature_backend=feature_backend(name), precision=precision or "fp32",
                 )  # fmt: skip
                 d["backend"] = name
+                d["load_avg_1m_at_end"] = load_average()  # a shared machine: the load this render met
             except AvatarError as exc:
                 result["skipped"][f"{name} e2e batch {b}"] = str(exc)
                 continue

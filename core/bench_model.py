@@ -244,6 +244,7 @@ def measure_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
             result["cells"].append(cell)
             log.info("%s batch %d: median %.1f ms/call, %.1f fps", name, b, cell["median_ms"], cell["fps"])
         result["rss_peak_mb"] = peak_rss_mb()
+        result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)  # a shared machine: the load this backend met
         result["gpu_mem_mb"] = gpu_memory_mb() if gpu else None
     finally:
         backend.close()
