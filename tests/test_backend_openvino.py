@@ -264,6 +264,10 @@ def test_backend_auto_uses_openvino_only_with_a_passing_gate(unet: Path):
     be, used = open_backend("auto", unet, BackendOptions(max_batch=2))
     be.close()
     assert used == "cpu"  # openvino fp32 is no faster: auto declines it
+    if "FP16" not in ovb.device_capabilities("CPU"):
+        be, used = open_backend("auto", unet, BackendOptions(max_batch=2, precision="fp16"))
+        be.close()
+        assert used == "cpu"  # fp16 the CPU cannot run in OpenVINO: auto moves on to ONNX Runtime
     if not _has_bf16():
         return
     _record(unet, "bf16", passed=True)

@@ -125,7 +125,10 @@ class OpenVinoBackend(Backend):
             from dataclasses import replace
 
             options = replace(options, precision="auto")
-        be = cls(model_path, options)
+        try:
+            be = cls(model_path, options)
+        except ConfigError as exc:  # e.g. fp16 asked on a CPU without it: let auto try the next backend
+            raise BackendUnavailable(f"openvino: {exc}") from exc
         if be.precision == "fp32" and options.precision == "auto":
             be.close()
             raise BackendUnavailable(f"openvino: {be.choice}; ONNX Runtime fp32 (cpu) is as fast, so auto does not use it")
