@@ -1,8 +1,8 @@
 """OpenVINO backend: ``openvino`` (CPU, Intel GPU, NPU, AUTO) with fp32, bf16, fp16 and int8.
 
-The fast CPU path. OpenVINO runs an ONNX model as it is (fp32, or int8 when the
-model carries quantize/dequantize pairs, as ``avatar quantize`` writes it) and
-lowers it to the precision asked for (``INFERENCE_PRECISION_HINT``). Compiled
+The fast CPU path. OpenVINO runs an ONNX model (or an OpenVINO IR: the int8
+model ``avatar quantize`` writes carries FakeQuantize layers) and lowers its
+float layers to the precision asked for (``INFERENCE_PRECISION_HINT``). Compiled
 models are cached (OpenVINO's ``CACHE_DIR``), so a second start skips the
 compilation.
 
