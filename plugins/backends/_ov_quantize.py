@@ -6,13 +6,15 @@ with the recording's own audio windows (``aud_ave.npy``, i.e. real speech
 through the AVE encoder). The held-out frames the gate measures on are never
 used for calibration.
 
-NNCF's defaults (every convolution int8) cost 0.3-0.5 dB against the real
-frames on the trained sanders model, which fails the gate. What the recipe
-keeps in float (found on that model, see ``benchmarks/results``):
-
-* the first convolution (it sees raw pixels; the masked half is half zeros),
-* the last convolution (its output becomes the face through a sigmoid),
-* the whole audio branch (small, cheap, and where the lip motion comes from).
+NNCF's defaults (every layer int8) give 33.9 dB against the fp32 output and
+lose 0.49 dB against the real frames on the trained sanders model: the gate
+fails. Taking the int8 out of one block at a time showed that the last,
+full-resolution block holds about three quarters of that noise and the first
+block most of the rest; keeping every operation whose output has the input's
+full 320x320 resolution in float (``full_res``, the default) gives 41.9 dB and
+0.04 dB lost: the gate passes. (First/last convolution and the audio branch
+alone: 35.1 dB; ``mixed`` preset or depthwise convolutions in float: < 1 dB
+more; see ``docs/backends.md``.)
 
 The output is an OpenVINO IR (``.xml`` + ``.bin``) that records the fp32
 model it was made from; :func:`avatar.read_contract` reads its contract like
