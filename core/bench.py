@@ -51,8 +51,10 @@ class BenchConfig:
     """Everything a benchmark run needs; every field is an ``avatar bench`` option."""
 
     mode: str = "all"
-    #: backend names; None = every registered backend usable here
+    #: backend names, optionally at a precision (``openvino:bf16``); None = every registered backend usable here
     backends: Sequence[str] | None = None
+    #: the int8 model ``NAME:int8`` backends run (``avatar quantize`` makes it from ``model``)
+    int8_model: Path | None = None
     #: model-only batch sizes; None = 1,4,16 on CPU-only runs, 1,4,16,64 when a GPU backend is measured
     batch_sizes: Sequence[int] | None = None
     #: batch sizes of the end-to-end renders; None = ``batch_sizes``
@@ -248,12 +250,12 @@ def usable_backends() -> list[str]:
 
 def default_batch_sizes(backends: Sequence[str]) -> list[int]:
     """1,4,16 for CPU-only runs; GPUs also get 64, where large batches pay off."""
-    return [1, 4, 16, 64] if any(b != REFERENCE_BACKEND for b in backends) else [1, 4, 16]
+    return [1, 4, 16, 64] if any(b.split(":")[0] not in (REFERENCE_BACKEND, "openvino") for b in backends) else [1, 4, 16]
 
 
 def feature_backend(backend: str) -> str:
     """The backend the AVE audio encoder runs on during a render with ``backend``: on the GPU when there is one."""
-    if backend != REFERENCE_BACKEND and "onnx-cuda" in usable_backends():
+    if backend.split(":")[0] not in (REFERENCE_BACKEND, "openvino") and "onnx-cuda" in usable_backends():
         return "onnx-cuda"
     return REFERENCE_BACKEND
 
@@ -293,6 +295,11 @@ def _test_models(cfg: BenchConfig, cache: Path) -> tuple[Path, Path, bool]:
     return unet, enc, not cfg.tiny
 
 
+def variant_model(cfg: BenchConfig, backend: str, model: Path) -> Path:
+    """The model file a backend spec runs: the int8 model for ``NAME:int8``, else ``model``."""
+    return Path(cfg.int8_model) if backend.endswith(":int8") and cfg.int8_model else model
+
+
 def _check_inputs(model: Path, path: Path, seed: int) -> dict[str, np.ndarray]:
     from .bench_model import make_feeds
     from .contract import read_io
@@ -321,8 +328,11 @@ def run_bench(config: BenchConfig | None = None, *, progress: Any = None) -> dic
     cache.mkdir(parents=True, exist_ok=True)
     available = usable_backends()
     wanted = list(cfg.backends) if cfg.backends else available
-    skipped = {b: "not registered or not usable on this machine (see `avatar plugins`)" for b in wanted if b not in available}
-    backends = [b for b in wanted if b in available]
+    skipped = {b: "not registered or not usable on this machine (see `avatar plugins`)" for b in wanted if b.split(":")[0] not in available}
+    backends = [b for b in wanted if b.split(":")[0] in available]
+    if cfg.int8_model is None:
+        skipped.update({b: "no --int8-model given (make one with `avatar quantize`)" for b in backends if b.endswith(":int8")})
+        backends = [b for b in backends if not b.endswith(":int8")]
     if not backends:
         raise ConfigError(f"none of the backends {', '.join(wanted)} is usable here; usable: {', '.join(available) or 'none'}")
     batches = sorted({int(b) for b in (cfg.batch_sizes or default_batch_sizes(backends))})
@@ -382,7 +392,7 @@ def _model_only(
     for name in backends:
         spec = {
             "backend": name,
-            "model": str(model),
+            "model": str(variant_model(cfg, name, model)),
             "batch_sizes": batches,
             "warmup": cfg.warmup,
             "repeats": cfg.repeats,
@@ -445,11 +455,14 @@ def _end_to_end(
         for b in batches:
             say(f"end to end: {name}, batch {b}")
             try:
+                base, _, precision = name.partition(":")
                 d = bench_e2e.run_render(
-                    avatar, pcm, model=model, encoder=encoder, backend=name, batch_size=b,
-                    out_file=tmp / f"e2e-{name}-{b}.mp4", threads=cfg.threads, device_id=cfg.device_id,
-                    feature_backend=feature_backend(name),
+                    avatar, pcm, model=variant_model(cfg, name, model), encoder=encoder, backend=base, batch_size=b,
+                    out_file=tmp / f"e2e-{name.replace(':', '-')}-{b}.mp4", threads=cfg.threads, device_id=cfg.device_id,
+                    feature_backend=feature_backend(name), precision=precision or "fp32",
                 )  # fmt: skip
+                d["backend"] = name
+                d["load_avg_1m_at_end"] = load_average()  # a shared machine: the load this render met
             except AvatarError as exc:
                 result["skipped"][f"{name} e2e batch {b}"] = str(exc)
                 continue

@@ -180,6 +180,7 @@ def run_render(
     threads: int | None = None,
     device_id: int = 0,
     feature_backend: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """One real render to the ``file`` sink; the engine's report plus the output size."""
     from .interfaces import BackendOptions
@@ -193,7 +194,7 @@ def run_render(
         features="ave",
         feature_options={"encoder": str(encoder), "backend": feature_backend, "device_id": device_id, "threads": threads},
         backend=backend,
-        backend_options=BackendOptions(device_id=device_id, max_batch=batch_size, threads=threads),
+        backend_options=BackendOptions(device_id=device_id, precision=precision, max_batch=batch_size, threads=threads),
         batch_size=batch_size,
     )
     d = report.to_dict()

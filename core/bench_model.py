@@ -189,13 +189,15 @@ def measure_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     name = str(spec["backend"])
     batches = sorted({int(b) for b in spec["batch_sizes"]})
+    base, _, precision = name.partition(":")  # "openvino:bf16": a backend at a precision
     opts = BackendOptions(
         device_id=int(spec.get("device_id", 0)),
+        precision=precision or "fp32",
         max_batch=max(batches),
         threads=spec.get("threads"),
     )
     rss_before = rss_mb()
-    cls = get_plugin_manager().backend_class(name)
+    cls = get_plugin_manager().backend_class(base)
     t0 = time.perf_counter()
     backend = cls(spec["model"], opts)
     load_s = time.perf_counter() - t0
@@ -204,6 +206,10 @@ def measure_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"backend": name, "pid": os.getpid(), "threads": opts.threads, "cells": []}
     if hasattr(backend, "staging"):  # onnx-cuda: page-locked or pageable copies
         result["staging"] = backend.staging
+    if getattr(backend, "gate", None) is not None:  # the accuracy gate record the precision loaded under
+        from dataclasses import asdict
+
+        result["gate"] = {**asdict(backend.gate), "loss_db": backend.gate.loss_db}
     try:
         first = make_feeds(backend.inputs, 1, int(spec.get("seed", 0)))
         t1 = time.perf_counter()
@@ -222,7 +228,7 @@ def measure_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
                 check = {k: z[k] for k in z.files}
             out = backend.run(check)
             np.save(spec["check_output"], next(iter(out.values())))
-        gpu = name != "cpu"
+        gpu = base not in ("cpu", "openvino")
         for b in batches:
             feeds = make_feeds(backend.inputs, b, int(spec.get("seed", 0)) + b)
             calls = _timed_cell(
@@ -238,6 +244,7 @@ def measure_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
             result["cells"].append(cell)
             log.info("%s batch %d: median %.1f ms/call, %.1f fps", name, b, cell["median_ms"], cell["fps"])
         result["rss_peak_mb"] = peak_rss_mb()
+        result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)  # a shared machine: the load this backend met
         result["gpu_mem_mb"] = gpu_memory_mb() if gpu else None
     finally:
         backend.close()

@@ -77,6 +77,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_f(b.get('time_to_first_result_s'), 2)} | {_f(b.get('rss_after_load_mb'), 0)} |"
             )
         lines.append("")
+    lines += _precision_table(result)
     e2e = result.get("e2e")
     if e2e:
         a = e2e["avatar"]
@@ -145,6 +146,37 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("skipped"):
         lines += ["## Not measured", ""] + [f"- {k}: {v}" for k, v in result["skipped"].items()] + [""]
     return "\n".join(lines)
+
+
+def _precision_table(result: dict[str, Any]) -> list[str]:
+    """Speed against ONNX Runtime fp32 (cpu) beside each precision's accuracy gate, when a run has precisions."""
+    gates = {n: b["gate"] for n, b in (result.get("backends") or {}).items() if b.get("gate")}
+    if not gates:
+        return []
+    cpu = {(c["batch"]): c["fps"] for c in result.get("model_only") or [] if c["backend"] == "cpu"}
+    e2e_cpu = {r["batch_size"]: r["frames_per_s"] for r in (result.get("e2e") or {}).get("runs") or [] if r["backend"] == "cpu"}
+    real = next(iter(gates.values()))["fp32_vs_real"]
+    lines = [
+        "## Precision: speed against ONNX Runtime fp32 and accuracy",
+        "",
+        "Accuracy is the gate record each precision loaded under (`avatar gate`, measured on the trained model's held-out "
+        f"frames {next(iter(gates.values()))['frames']}): face PSNR of the uint8 output against the fp32 output, and "
+        "against the real frames (fp32 scores " + _f(real, 2) + " dB). The gate: >= 40 dB and <= 0.1 dB lost.",
+        "",
+        "| backend | batch | frames/s | vs cpu fp32 | e2e frames/s | e2e vs cpu fp32 | PSNR vs fp32 | PSNR vs real | lost | gate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    e2e = {(r["backend"], r["batch_size"]): r["frames_per_s"] for r in (result.get("e2e") or {}).get("runs") or []}
+    for c in result.get("model_only") or []:
+        g = gates.get(c["backend"])
+        ratio = c["fps"] / cpu[c["batch"]] if cpu.get(c["batch"]) else None
+        ef = e2e.get((c["backend"], c["batch"]))
+        eratio = ef / e2e_cpu[c["batch"]] if ef and e2e_cpu.get(c["batch"]) else None
+        acc = (f"{_f(g['psnr_vs_fp32'])} dB | {_f(g['psnr_vs_real'], 2)} dB | {g['loss_db']:+.2f} dB | "
+               f"{'passed' if g['passed'] else 'FAILED'}") if g else ("– | " + _f(real, 2) + " dB | – | reference" if c["backend"] == "cpu" else "– | – | – | not measured")  # fmt: skip
+        lines.append(f"| {c['backend']} | {c['batch']} | {_f(c['fps'])} | {_f(ratio, 2) + 'x' if ratio else '–'} | "
+                     f"{_f(ef)} | {_f(eratio, 2) + 'x' if eratio else '–'} | {acc} |")  # fmt: skip
+    return lines + [""]
 
 
 def chart(result: dict[str, Any], path: Path) -> Path:

@@ -69,13 +69,18 @@ def _info_dict(t: TensorInfo) -> dict[str, object]:
 
 
 def read_io(path: str | Path) -> tuple[list[TensorInfo], list[TensorInfo], int | None]:
-    """Inputs, outputs and default-domain opset of an ONNX model (weights not loaded)."""
+    """Inputs, outputs and default-domain opset of an ONNX model (weights not loaded).
+
+    An OpenVINO IR (``.xml``, e.g. from ``avatar quantize``) is read with OpenVINO; its opset is None.
+    """
     import onnx
     from onnx import helper
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
+    if path.suffix == ".xml":
+        return _read_ir_io(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
@@ -100,6 +105,28 @@ def read_io(path: str | Path) -> tuple[list[TensorInfo], list[TensorInfo], int |
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return infos(model.graph.input), infos(model.graph.output), opset
+
+
+def _read_ir_io(path: Path) -> tuple[list[TensorInfo], list[TensorInfo], None]:
+    try:
+        import openvino
+    except ImportError:
+        from .errors import MissingDependency
+
+        raise MissingDependency("openvino", "openvino", feature=f"the OpenVINO model {path.name}") from None
+    try:
+        model = openvino.Core().read_model(str(path))
+    except RuntimeError as exc:
+        raise ModelError(f"{path} is not a readable OpenVINO model: {exc}") from exc
+
+    def infos(ports: object) -> list[TensorInfo]:
+        return [
+            TensorInfo(p.get_any_name(), tuple(d.get_length() if d.is_static else None for d in p.get_partial_shape()),
+                       np.dtype(p.get_element_type().to_dtype()))
+            for p in ports  # type: ignore[attr-defined]
+        ]  # fmt: skip
+
+    return infos(model.inputs), infos(model.outputs), None
 
 
 def _tail(t: TensorInfo) -> tuple[int | str | None, ...]:

@@ -41,7 +41,9 @@ def open_backend(name: str, model: str | Path, options: BackendOptions | None = 
             skipped.append(f"{reg.name} (priority {prio}): {avail.reason}")
             continue
         try:
-            backend = reg.obj(model, options)  # type: ignore[call-arg]
+            # a backend may make its own choice of options under auto, or decline (openvino: no passing gate)
+            opener = getattr(reg.obj, "open_auto", reg.obj)
+            backend = opener(model, options)
         except BackendUnavailable as exc:
             skipped.append(f"{reg.name} (priority {prio}): {exc}")
             continue

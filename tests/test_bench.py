@@ -288,3 +288,34 @@ def test_default_batch_sizes_depend_on_the_backends() -> None:
 
     assert default_batch_sizes(["cpu"]) == [1, 4, 16]
     assert default_batch_sizes(["cpu", "onnx-cuda"]) == [1, 4, 16, 64]
+
+
+def test_backends_at_precisions_in_one_run(workdir: dict[str, Path]) -> None:
+    """``openvino:bf16`` is a backend at a precision: its own model-only and end-to-end rows, its gate beside them."""
+    pytest.importorskip("openvino")
+    from avatar.bench import _test_models, bench_cache
+    from avatar_plugins.backends import _gates, openvino as ovb
+    from avatar_plugins.backends._common import file_sha256
+
+    if "BF16" not in ovb.device_capabilities("CPU"):
+        pytest.skip("this CPU has no native bf16")
+    common = dict(batch_sizes=[2], seconds=0.4, avatar=workdir["avatar"], audio=workdir["audio"], baseline="none",
+                  isolate=False, cache_dir=workdir["cache"], **TINY)  # fmt: skip
+    cfg = BenchConfig(backends=["cpu", "openvino:bf16", "openvino:int8"], **common)
+    model, _, _ = _test_models(cfg, bench_cache(cfg.cache_dir))
+    # a record as `avatar gate` writes it (made-up figures: a seeded model is no judge of precision)
+    _gates.save_record(model, _gates.GateRecord(
+        model_sha256=file_sha256(model), precision="bf16", device="CPU", backend="openvino", psnr_vs_fp32=53.8,
+        psnr_vs_real=25.8, fp32_vs_real=25.77, frames=[460, 521], data="test", passed=True, measured="2026-01-01",
+    ))  # fmt: skip
+    result = run_bench(cfg)
+    assert [c["backend"] for c in result["model_only"]] == ["cpu", "openvino:bf16"]
+    assert "openvino:int8" in result["skipped"] and "--int8-model" in result["skipped"]["openvino:int8"]
+    assert result["backends"]["openvino:bf16"]["gate"]["passed"]
+    assert result["backends"]["openvino:bf16"]["providers"] == ["OpenVINO CPU bf16"]
+    assert [r["backend"] for r in result["e2e"]["runs"]] == ["cpu", "openvino:bf16"]
+    md = write_reports(result, workdir["root"] / "out-prec", "prec")["md"].read_text()
+    assert "## Precision" in md
+    section = md.split("## Precision", 1)[1].split("\n## ", 1)[0]
+    row = next(line for line in section.splitlines() if line.startswith("| openvino:bf16 | 2 |"))
+    assert "53.8 dB" in row and "passed" in row and "x |" in row

@@ -24,7 +24,7 @@ def _ints(value: str | None, what: str) -> list[int] | None:
 @click.command("bench")
 @click.option("--mode", type=click.Choice(["model", "e2e", "all"]), default="all", show_default=True,
               help="model: inference calls only; e2e: real renders and the upstream-style baseline; all: both.")
-@click.option("--backends", help="Comma-separated backends, e.g. cpu,onnx-cuda,tensorrt (default: every usable one).")
+@click.option("--backends", help="Comma-separated backends, optionally at a precision: cpu,openvino,openvino:bf16,openvino:int8 (default: every usable one).")
 @click.option("--batch-sizes", help="Model-only batch sizes (default: 1,4,16; 1,4,16,64 when a GPU backend is measured).")
 @click.option("--e2e-batch-sizes", help="End-to-end batch sizes (default: --batch-sizes).")
 @click.option("--repeats", default=5, show_default=True, help="Least number of timed calls per model-only cell.")
@@ -32,6 +32,7 @@ def _ints(value: str | None, what: str) -> list[int] | None:
 @click.option("--cell-seconds", default=5.0, show_default=True, help="Time budget per model-only cell (timed calls continue until spent).")
 @click.option("--seconds", default=10.0, show_default=True, help="Seconds of speech rendered end to end.")
 @click.option("--model", type=click.Path(dir_okay=False, exists=True), help="UNet-328 ONNX (default: a seeded full-size test model, built once into the cache).")
+@click.option("--int8-model", type=click.Path(dir_okay=False, exists=True), help="The int8 model NAME:int8 backends run (from `avatar quantize`).")
 @click.option("--tiny", is_flag=True, help="Use tiny seeded test models (smoke tests; not representative).")
 @click.option("--avatar", type=click.Path(file_okay=False, exists=True),
               help="Avatar package or SyncTalk_2D folder (default: the real sanders data if present, else a synthetic avatar).")
@@ -56,6 +57,7 @@ def bench(
     cell_seconds: float,
     seconds: float,
     model: str | None,
+    int8_model: str | None,
     tiny: bool,
     avatar: str | None,
     avatar_frames: int,
@@ -88,6 +90,7 @@ def bench(
         cell_seconds=cell_seconds,
         seconds=seconds,
         model=Path(model) if model else None,
+        int8_model=Path(int8_model) if int8_model else None,
         tiny=tiny,
         avatar=Path(avatar) if avatar else None,
         avatar_frames=avatar_frames,

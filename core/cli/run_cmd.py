@@ -47,10 +47,12 @@ def _coerce(v: str) -> Any:
 @click.option("--feature-opt", multiple=True, help="Extra feature-source option KEY=VALUE (e.g. for a plugin's source); repeatable.")
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt, or a plugin's.")
 @click.option("--device-id", default=0, show_default=True, help="GPU index for GPU backends.")
-@click.option("--fp16", is_flag=True, help="Half precision on GPU backends.")
+@click.option("--fp16", is_flag=True, help="Half precision on GPU backends (same as --precision fp16).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "auto"]),
+              help="Inference precision (bf16, int8, auto: openvino; reduced precisions are accuracy-gated).")
 @click.option("--batch", "batch_size", default=8, show_default=True, help="Frames per inference call.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads of each ONNX Runtime session (the model, the ave encoder).")
-@click.option("--backend-opt", multiple=True, help="Backend-specific option KEY=VALUE (e.g. cudnn_conv_algo_search=HEURISTIC, or a plugin backend's); repeatable.")
+@click.option("--backend-opt", multiple=True, help="Backend option KEY=VALUE (e.g. cudnn_conv_algo_search=HEURISTIC, device=GPU, streams=2, allow_failed_gate=1, or a plugin backend's); repeatable.")
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
 @click.option("--rtmp-url", envvar="AVATAR_RTMP_URL", show_envvar=True, help="rtmp://host/app/KEY for the rtmp sink (the key is never printed; a command line is visible in `ps`: prefer the environment variable or --rtmp-url-file).")
@@ -77,6 +79,7 @@ def run(
     backend: str,
     device_id: int,
     fp16: bool,
+    precision: str | None,
     batch_size: int,
     threads: int | None,
     backend_opt: tuple[str, ...],
@@ -151,9 +154,11 @@ def run(
             raise ConfigError("the callback sink is for the Python API (avatar.render); use file or rtmp here")
         sinks.append((name, opts))
 
+    if fp16 and precision not in (None, "fp16"):
+        raise ConfigError(f"--fp16 and --precision {precision} contradict each other; give one")
     bopts = BackendOptions(
-        device_id=device_id, precision="fp16" if fp16 else "fp32", max_batch=max(batch_size, 1), threads=threads,
-        extra=_kv(backend_opt, "--backend-opt"),
+        device_id=device_id, precision=precision or ("fp16" if fp16 else "fp32"), max_batch=max(batch_size, 1),
+        threads=threads, extra=_kv(backend_opt, "--backend-opt"),
     )
     try:
         report = render(

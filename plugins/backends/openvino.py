@@ -1,0 +1,357 @@
+"""OpenVINO backend: ``openvino`` (CPU, Intel GPU, NPU, AUTO) with fp32, bf16, fp16 and int8.
+
+The fast CPU path. OpenVINO runs an ONNX model (or an OpenVINO IR: the int8
+model ``avatar quantize`` writes carries FakeQuantize layers) and lowers its
+float layers to the precision asked for (``INFERENCE_PRECISION_HINT``). Compiled
+models are cached (OpenVINO's ``CACHE_DIR``), so a second start skips the
+compilation.
+
+Reduced precision is gated (see :mod:`._gates`): bf16, fp16 and int8 load only
+with a passing record for *this* model file, precision and device, or with a
+warning naming the command that measures it when none exists; a failing record
+refuses the load unless ``allow_failed_gate`` is set.
+
+``precision="auto"`` picks the fastest precision with a passing record: int8
+for a quantized model, else bf16 where the CPU has native bf16, else fp32. When
+``auto`` chooses among backends (:meth:`open_auto`) and only fp32 would be
+left, it declines: OpenVINO fp32 is no faster than ONNX Runtime's ``cpu``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError
+from avatar.hookspecs import hookimpl
+from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
+
+from . import _gates
+from ._common import cache_dir, check_extra, check_feeds
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("CPU", "GPU", "NPU", "AUTO")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
+#: OpenVINO inference precision hint per precision (int8: see OpenVinoBackend._compute_precision)
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_OV_HINT_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+#: OPTIMIZATION_CAPABILITIES a device must list for a precision
+_CAPS = {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+
+_EXTRA = {
+    "device": "CPU (default), GPU, GPU.N, NPU or AUTO",
+    "streams": "parallel inference streams (NUM_STREAMS; default: OpenVINO's choice for the hint)",
+    "performance_hint": "LATENCY (default), THROUGHPUT or CUMULATIVE_THROUGHPUT",
+    "cache_dir": "where compiled models are cached (default: the avatar-sdk cache)",
+    "cache": "cache compiled models so a second start is fast (default True)",
+    "allow_failed_gate": "load a reduced precision whose recorded accuracy gate failed (default False)",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _core():  # type: ignore[no-untyped-def]
+    import openvino
+
+    return openvino.Core()
+
+
+@functools.lru_cache(maxsize=1)
+def _status() -> Availability:
+    if importlib.util.find_spec("openvino") is None:
+        return Availability.missing("openvino", "openvino")
+    try:
+        devices = list(_core().available_devices)
+    except Exception as exc:  # a broken install says why instead of failing the listing
+        return Availability(False, f"OpenVINO is installed but cannot start: {exc}", "pip install -U 'avatar-sdk[openvino]'")
+    if not devices:
+        return Availability(False, "OpenVINO found no device it can run on")
+    return Availability(True, f"devices: {', '.join(devices)}")
+
+
+def available_devices() -> list[str]:
+    return list(_core().available_devices) if _status().usable else []
+
+
+def device_capabilities(device: str) -> list[str]:
+    """``OPTIMIZATION_CAPABILITIES`` of a device (``[]`` when it cannot say, e.g. ``AUTO``)."""
+    try:
+        return [str(c) for c in _core().get_property(device, "OPTIMIZATION_CAPABILITIES")]
+    except Exception:
+        return []
+
+
+def _tensor_infos(ports: Sequence[Any]) -> list[TensorInfo]:
+    out = []
+    for p in ports:
+        try:
+            dtype = np.dtype(p.get_element_type().to_dtype())
+        except Exception as exc:
+            raise ModelError(f"tensor '{p.get_any_name()}' has type {p.get_element_type()}, which avatar backends do not support") from exc
+        shape = tuple(d.get_length() if d.is_static else None for d in p.get_partial_shape())
+        out.append(TensorInfo(p.get_any_name(), shape, dtype))
+    return out
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether an OpenVINO model carries int8 quantization (FakeQuantize, from ONNX Q/DQ pairs or NNCF)."""
+    return any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO on CPU (or an Intel GPU/NPU): fp32, bf16, fp16 and int8, accuracy-gated."""
+
+    name = "openvino"
+    description = "OpenVINO (Intel/AMD CPU, Intel GPU, NPU): fp32, bf16, fp16, int8; gated on a trained model"
+    #: ``auto`` tries backends by priority (onnx-cuda 100, cpu 10): OpenVINO before ONNX Runtime on a CPU
+    priority: ClassVar[int | None] = 50
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return _status()
+
+    @classmethod
+    def open_auto(cls, model_path: str | Path, options: BackendOptions) -> "OpenVinoBackend":
+        """Load for ``--backend auto``: the fastest gated precision, or decline when that would be fp32."""
+        if options.precision == "fp32":  # the default: nobody asked for fp32 on this backend
+            from dataclasses import replace
+
+            options = replace(options, precision="auto")
+        try:
+            be = cls(model_path, options)
+        except ConfigError as exc:  # e.g. fp16 asked on a CPU without it: let auto try the next backend
+            raise BackendUnavailable(f"openvino: {exc}") from exc
+        if be.precision == "fp32" and options.precision == "auto":
+            be.close()
+            raise BackendUnavailable(f"openvino: {be.choice}; ONNX Runtime fp32 (cpu) is as fast, so auto does not use it")
+        return be
+
+    def __init__(self, model_path: str | Path, options: BackendOptions | None = None) -> None:
+        super().__init__(model_path, options)
+        a = self.availability()
+        if not a.usable:
+            fix = f"; install it with `{a.install}`" if a.install else ""
+            raise BackendUnavailable(f"openvino is unavailable: {a.reason}{fix}")
+        opts = self.options
+        check_extra(opts.extra, _EXTRA, self.name)
+        if opts.precision not in PRECISIONS:
+            raise ConfigError(f"openvino: precision must be one of {', '.join(PRECISIONS)}, not {opts.precision!r}")
+        if not self.model_path.is_file():
+            raise ModelError(f"model file not found: {self.model_path}")
+        start = time.perf_counter()
+        self.device = self._device()
+        try:
+            self._model = _core().read_model(str(self.model_path))
+        except Exception as exc:
+            raise ModelError(f"openvino cannot read {self.model_path}: {exc}") from exc
+        self.quantized = is_quantized(self._model)
+        self._sha = _gates.model_sha256(self.model_path)
+        #: the gate record the precision was loaded under (None for fp32 or when never measured)
+        self.gate: _gates.GateRecord | None = None
+        self.precision, self.choice = self._choose_precision(opts.precision)
+        if self.precision != "fp32":
+            self._enforce_gate()
+        self._inputs = _tensor_infos(self._model.inputs)
+        self._outputs = _tensor_infos(self._model.outputs)
+        config = self._config()
+        try:
+            self._compiled = _core().compile_model(self._model, self.device, config)
+        except Exception as exc:
+            raise BackendError(f"openvino: cannot compile {self.model_path} for {self.device}: {exc}") from exc
+        self._check_compiled()
+        self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()  # one infer request: one run at a time
+        self.stats.load_s = time.perf_counter() - start
+        log.info("openvino: %s on %s (%s)%s", self.model_path.name, self.device, self.choice,
+                 " from the compiled-model cache" if self.loaded_from_cache else "")  # fmt: skip
+
+    # ------------------------------------------------------------------ options
+
+    def _device(self) -> str:
+        dev = str(self.options.extra.get("device", "CPU")).upper()
+        base = dev.split(".", 1)[0].split(":", 1)[0]
+        if base not in DEVICES:
+            raise ConfigError(f"openvino: device must be one of {', '.join(DEVICES)} (GPU.N for a GPU index), not {dev!r}")
+        if base == "GPU" and dev == "GPU" and int(self.options.device_id) > 0:
+            dev = f"GPU.{int(self.options.device_id)}"
+        present = available_devices()
+        if base != "AUTO" and dev not in present and not any(p.startswith(dev + ".") for p in present):
+            raise BackendUnavailable(f"openvino: device {dev} is not present here (OpenVINO sees: {', '.join(present) or 'none'})")
+        return dev
+
+    def _choose_precision(self, asked: str) -> tuple[str, str]:
+        """(precision, why) for ``asked``; ``auto`` goes by the gate records."""
+        caps = device_capabilities(self.device)
+        if asked != "auto":
+            if asked == "int8" and not self.quantized:
+                raise ConfigError(
+                    f"openvino: precision int8 needs a quantized model and {self.model_path.name} has no int8 layers; "
+                    f"make one with `avatar quantize {self.model_path} --avatar AVATAR_PKG -o MODEL.int8.xml`"
+                )
+            if self.quantized and asked != "int8":
+                raise ConfigError(f"openvino: {self.model_path.name} is a quantized (int8) model; load it with precision int8")
+            need = _CAPS.get(asked)
+            if need and caps and need not in caps:
+                raise ConfigError(
+                    f"openvino: device {self.device} has no native {asked} (its capabilities: {', '.join(caps)}); use fp32"
+                )
+            return asked, f"precision {asked} as asked"
+        if self.quantized:
+            rec = _gates.find_record(self.model_path, "int8", self._gate_device(), self._sha)
+            if rec is None or not rec.passed:
+                state = "has no gate record" if rec is None else "failed its gate"
+                raise BackendUnavailable(f"openvino: auto will not run the quantized model {self.model_path.name}: it {state}")
+            return "int8", f"int8: a quantized model whose gate passed ({rec.psnr_vs_fp32:.1f} dB vs fp32, {rec.loss_db:+.2f} dB lost)"
+        reasons = []
+        if "BF16" in caps:
+            rec = _gates.find_record(self.model_path, "bf16", self._gate_device(), self._sha)
+            if rec is not None and rec.passed:
+                return "bf16", (
+                    f"bf16: {self.device} has native bf16 and this model passed the bf16 gate "
+                    f"({rec.psnr_vs_fp32:.1f} dB vs fp32, {rec.loss_db:+.2f} dB lost against the real frames)"
+                )
+            reasons.append("bf16 " + ("has no gate record" if rec is None else "failed its gate"))
+        else:
+            reasons.append(f"{self.device} has no native bf16")
+        return "fp32", "fp32: " + "; ".join(reasons)
+
+    def _gate_device(self) -> str:
+        return self.device.split(".", 1)[0]
+
+    def _enforce_gate(self) -> None:
+        device = self._gate_device()
+        rec = _gates.find_record(self.model_path, self.precision, device, self._sha)
+        cmd = _gates.measure_command(self.model_path, self.precision, self.name, device)
+        if rec is None:
+            log.warning(
+                "openvino: %s on %s has no accuracy gate record for %s; its output may be wrong. Measure it: %s",
+                self.precision, device, self.model_path.name, cmd,
+            )  # fmt: skip
+            return
+        self.gate = rec
+        if rec.passed:
+            log.info("openvino: gate %s", rec.summary())
+            return
+        if self.options.extra.get("allow_failed_gate"):
+            log.warning("openvino: loading despite a failed accuracy gate (allow_failed_gate): %s", rec.summary())
+            return
+        raise BackendError(
+            f"openvino: refusing {self.precision} for {self.model_path.name}: its accuracy gate {rec.summary()}. "
+            "Use fp32, re-measure with `" + cmd + "`, or insist with allow_failed_gate=True (--backend-opt allow_failed_gate=1)"
+        )
+
+    def _config(self) -> dict[str, Any]:
+        opts, extra = self.options, self.options.extra
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINTS[self._compute_precision()]}
+        hint = str(extra.get("performance_hint", "LATENCY")).upper()
+        if hint not in PERFORMANCE_HINTS:
+            raise ConfigError(f"openvino: performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}, not {hint!r}")
+        config["PERFORMANCE_HINT"] = hint
+        if opts.threads is not None:
+            if int(opts.threads) < 1:
+                raise ConfigError(f"threads must be at least 1, not {opts.threads}")
+            config["INFERENCE_NUM_THREADS"] = int(opts.threads)
+        if extra.get("streams") is not None:
+            if int(extra["streams"]) < 1:
+                raise ConfigError(f"openvino: streams must be at least 1, not {extra['streams']}")
+            config["NUM_STREAMS"] = int(extra["streams"])
+        if _truthy(extra.get("cache", True)):
+            d = cache_dir(extra.get("cache_dir"), "openvino")
+            d.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(d)
+        if self.device.startswith("AUTO"):  # AUTO passes only the hints it knows to the device it picks
+            config = {k: v for k, v in config.items() if k in ("PERFORMANCE_HINT", "CACHE_DIR", "INFERENCE_PRECISION_HINT")}
+        return config
+
+    def _compute_precision(self) -> str:
+        """The float precision the layers run in: an int8 model's float layers run in bf16 where it is native.
+
+        (Faster, and on the trained sanders model as accurate: the int8 gate is measured this way.)
+        """
+        if self.precision != "int8":
+            return self.precision
+        return "bf16" if "BF16" in device_capabilities(self.device) else "fp32"
+
+    def _check_compiled(self) -> None:
+        """A device that silently lowers the precision asked for is an error, not a surprise."""
+        if self.device.startswith("AUTO"):
+            return
+        try:
+            hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        except Exception:
+            return
+        got = _OV_HINT_NAMES.get(hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint).lower())
+        want = self._compute_precision()
+        if got is not None and got != want:
+            raise ConfigError(f"openvino: {self.device} runs {got} when asked for {want}; use {got} or fp32")
+
+    # ------------------------------------------------------------------ run
+
+    @property
+    def loaded_from_cache(self) -> bool:
+        try:
+            return bool(self._compiled.get_property("LOADED_FROM_CACHE"))
+        except Exception:
+            return False
+
+    def compiled_property(self, name: str) -> Any:
+        """A property of the compiled model (``NUM_STREAMS``, ``INFERENCE_NUM_THREADS``, ...)."""
+        return self._compiled.get_property(name)
+
+    @property
+    def inputs(self) -> Sequence[TensorInfo]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> Sequence[TensorInfo]:
+        return list(self._outputs)
+
+    @property
+    def providers(self) -> list[str]:
+        """What really runs the model: the devices and the inference precision."""
+        try:
+            devs = list(self._compiled.get_property("EXECUTION_DEVICES"))
+        except Exception:
+            devs = [self.device]
+        rest = f" (float layers {self._compute_precision()})" if self.precision == "int8" else ""
+        return [f"OpenVINO {d} {self.precision}{rest}" for d in devs]
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._request is None:
+            raise BackendError(f"{self.name}: the backend is closed")
+        check_feeds(feeds, self._inputs, backend=self.name)
+        with self._lock:
+            try:
+                res = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_outputs=False)
+            except Exception as exc:
+                raise BackendError(f"{self.name}: inference failed: {exc}") from exc
+        return {t.name: np.asarray(res[i]) for i, t in enumerate(self._outputs)}
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+
+def _truthy(v: Any) -> bool:
+    return v not in (False, 0, "0", "false", "False", "no", "off", None)
+
+
+@hookimpl
+def register_backends(register) -> None:  # type: ignore[no-untyped-def]
+    register(OpenVinoBackend)
+
+
+@hookimpl
+def register_commands(cli) -> None:  # type: ignore[no-untyped-def]
+    from ._ov_commands import gate, quantize
+
+    cli.add_command(gate)
+    cli.add_command(quantize)
