@@ -26,7 +26,6 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-import numpy as np
 
 from avatar.bench import _test_models, bench_cache, environment, hardware_label, load_average, BenchConfig
 from avatar.bench_e2e import load_bench_audio, prepare_avatar, run_render
@@ -135,7 +134,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# OpenVINO precisions against ONNX Runtime fp32 (interleaved rounds)", "",
         f"**Hardware:** {doc['hardware']}  ",
-        f"**Libraries:** " + ", ".join(f"{k} {v}" for k, v in doc["machine"]["libraries"].items() if v) + f", openvino {_v('openvino')}, nncf {_v('nncf')}  ",
+        "**Libraries:** " + ", ".join(f"{k} {v}" for k, v in doc["machine"]["libraries"].items() if v) + f", openvino {_v('openvino')}, nncf {_v('nncf')}  ",
         f"**Measured:** {doc['machine'].get('load_avg_1m_at_start')} 1-minute load at start; per round {min(loads)}–{max(loads)} "
         f"(a shared 2-core machine: every backend runs once per round, ratios are medians of per-round ratios)  ",
         f"**Model:** {doc['settings']['model']} (the trained sanders UNet-328); int8: {doc['settings']['int8_model']}", "",
