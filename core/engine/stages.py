@@ -38,10 +38,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .contract import ModelContract, check_feature_match, read_contract
-from .errors import AvatarError, ConfigError
-from .interfaces import Backend, BackendOptions, FeatureSource, Sink, SinkReport, StreamInfo, VideoFrame
-from .windows import WindowAssembler
+from ..contract import ModelContract, check_feature_match, read_contract
+from ..errors import AvatarError, ConfigError
+from ..interfaces import Backend, BackendOptions, FeatureSource, Sink, SinkReport, StreamInfo, VideoFrame
+from ..windows import WindowAssembler
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def _stage(name: str, stop: threading.Event, out: _Channel | None, fn: Callable[
 def _pcm_chunks(audio: Any, sample_rate: int, chunk_s: float = 0.64) -> tuple[Iterator[np.ndarray], np.ndarray | None]:
     """(chunk iterator, whole signal if known) for a path, an array or an iterable of chunks."""
     if isinstance(audio, (str, Path)):
-        from .audio import load_audio
+        from ..audio import load_audio
 
         audio = load_audio(audio, sample_rate=sample_rate)
     if isinstance(audio, np.ndarray):
@@ -208,7 +208,7 @@ def _pcm_chunks(audio: Any, sample_rate: int, chunk_s: float = 0.64) -> tuple[It
 def _finite(pcm: np.ndarray) -> np.ndarray:
     """Refuse NaN/Inf samples: one of them poisons features and the audio encoder."""
     if not np.isfinite(pcm).all():
-        from .errors import AudioError
+        from ..errors import AudioError
 
         bad = int((~np.isfinite(pcm)).sum())
         raise AudioError(f"the audio has {bad} NaN or infinite sample(s); clean the signal before rendering")
@@ -394,7 +394,7 @@ class Renderer:
         out.put(_END)
 
     def _avatar_index(self, i: int) -> int:
-        from .schedule import pingpong
+        from ..schedule import pingpong
 
         n = self.package.frame_count
         ratio = Fraction(self.package.fps) / self.source.fps
@@ -406,7 +406,7 @@ class Renderer:
         # the backend may have converted the model (e.g. uint8_visual): ask it, not the file
         vis_info = next((t for t in self.backend.inputs if t.name == vis_name), self.contract.visual)
         uint8 = np.dtype(vis_info.dtype) == np.uint8
-        from .vision import normalize
+        from ..vision import normalize
 
         fixed = self.contract.fixed_batch
         done = False
@@ -450,7 +450,7 @@ class Renderer:
         out.put(_END)
 
     def _composite(self, inp: _Channel, out: _Channel) -> None:
-        from .vision import composite, output_to_uint8
+        from ..vision import composite, output_to_uint8
 
         while True:
             item = inp.get()
@@ -598,7 +598,7 @@ class Renderer:
         if interrupted is not None:
             raise RenderInterrupted(report, int(interrupted))
         if frames == 0:
-            from .errors import AudioError
+            from ..errors import AudioError
 
             raise AudioError("no frames were rendered: the audio is empty or too short for one frame")
         return report
