@@ -209,7 +209,6 @@ class _TorchNet:
     """The PyTorch reference UNet-328 with the seeded test weights (eager, no_grad)."""
 
     def __init__(self, mode: str, seed: int, threads: int | None) -> None:
-        import importlib
 
         import torch
 

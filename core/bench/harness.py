@@ -294,8 +294,8 @@ def _test_models(cfg: BenchConfig, cache: Path) -> tuple[Path, Path, bool]:
 
 
 def _check_inputs(model: Path, path: Path, seed: int) -> dict[str, np.ndarray]:
-    from .model import make_feeds
     from ..contract import read_io
+    from .model import make_feeds
 
     inputs, _, _ = read_io(model)
     feeds = make_feeds(inputs, CHECK_FRAMES, seed + 9999)
