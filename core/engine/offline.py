@@ -151,10 +151,13 @@ class Renderer:
                 # interrupted: it is a daemon and is not waited for.
                 if scheduler is not None:
                     scheduler.close()
-                try:
-                    self.backend.close()
-                finally:
-                    self.source.close()
+                for part in (self.backend, self.source):  # each is closed even if another fails
+                    try:
+                        part.close()
+                    except Exception as exc:
+                        log.warning("closing %s failed: %s", getattr(part, "name", part), exc)
+                        if error is None:
+                            error = exc
         wall = time.perf_counter() - start
         if error is not None:
             raise error

@@ -59,6 +59,8 @@ class SchedulerStats:
     items: int = 0
     skipped: int = 0
     run_s: float = 0.0
+    #: calls whose batch held frames of more than one session
+    shared_calls: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -67,6 +69,7 @@ class SchedulerStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "items": self.items, "skipped": self.skipped, "run_s": self.run_s,
+                "shared_calls": self.shared_calls,
                 "mean_batch": self.mean_batch, "batch_sizes": dict(sorted(self.batch_sizes.items()))}
 
 
@@ -235,20 +238,23 @@ class InferenceScheduler:
                     feed_visual = np.concatenate([feed_visual, np.repeat(feed_visual[-1:], fixed - n, axis=0)])
                     audio = np.concatenate([audio, np.repeat(audio[-1:], fixed - n, axis=0)])
                 t1 = time.perf_counter()
+                c1 = self.clock.now()
                 result = self.backend.run({vis_name: feed_visual, aud_name: audio})
                 faces = result[out_name][:n]
                 t2 = time.perf_counter()
+                c2 = self.clock.now()  # estimates are in the sessions' clock (it may run scaled)
             except BaseException as exc:  # the sessions in this batch end; the others go on
                 log.debug("inference failed", exc_info=True)
                 for c in clients or {id(it.client): it.client for it in batch}.values():
                     _safe(c.on_failure, exc)
                 continue
-            self._measure(n, t2 - t1)
+            self._measure(n, c2 - c1)
             st = self.stats
             st.calls += 1
             st.items += n
             st.run_s += t2 - t1
             st.batch_sizes[n] = st.batch_sizes.get(n, 0) + 1
+            st.shared_calls += int(len(clients) > 1)
             for c in clients:
                 ks = groups[id(c)]
                 share = len(ks) / n
