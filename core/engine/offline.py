@@ -105,6 +105,7 @@ class Renderer:
         session: Session | None = None
         scheduler: InferenceScheduler | None = None
         intake: threading.Thread | None = None
+        first: list[float] = []
         signals = _InterruptSignals()
         try:
             chunks, whole = _pcm_chunks(audio, rate)
@@ -129,7 +130,15 @@ class Renderer:
             intake = threading.Thread(target=_feed, args=(session, chunks, rate), name="avatar-audio", daemon=True)
             bar = _Progress(expected, enabled=opts.progress)
             intake.start()
-            session.run_output(check=signals.check, on_frame=lambda: bar.update(1) if bar else None)
+            first: list[float] = []
+
+            def on_frame() -> None:
+                if not first:
+                    first.append(time.perf_counter() - start)
+                if bar is not None:
+                    bar.update(1)
+
+            session.run_output(check=signals.check, on_frame=on_frame)
             if signals.last is not None:
                 interrupted = signals.last
         except KeyboardInterrupt:
@@ -173,7 +182,7 @@ class Renderer:
             feature_source=self.source.name,
             batch_size=opts.batch_size,
             interrupted=interrupted is not None,
-            first_frame_s=None if session.first_frame_at is None else session.first_frame_at - session.opened_at,
+            first_frame_s=first[0] if first else None,
             backend_calls=self.backend.stats.calls,
             skipped=session.skipped,
             late=session.late,
