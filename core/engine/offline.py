@@ -119,6 +119,8 @@ class Renderer:
             scheduler = InferenceScheduler(
                 self.backend, self.contract, batch_size=opts.batch_size, max_wait_s=opts.flush_s, clock=opts.clock
             )
+            if self.paced:
+                scheduler.warm()  # a real-time stream must not start on first-call costs
             session = Session(
                 self.package, self.source, scheduler, self.sinks,
                 SessionOptions(idle="none", paced=self.paced, walk_start=opts.walk_start,

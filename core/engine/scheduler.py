@@ -136,6 +136,29 @@ class InferenceScheduler:
         k = min(est, key=lambda m: abs(m - n))
         return est[k] * max(n, 1) / max(k, 1) if n > k else est[k]
 
+    def warm(self) -> None:
+        """Run the backend on zeros at the full batch, then at 1, measuring both (before any session waits).
+
+        The first call at a batch size pays for allocations; the estimates the
+        deadline rule uses should not.
+        """
+        from ..contract import FEATURE_SHAPES
+
+        vis = next((t for t in self.backend.inputs if t.name == self.contract.visual.name), self.contract.visual)
+        vshape = tuple(d if isinstance(d, int) else 320 for d in vis.shape[1:])
+        fixed = self.contract.fixed_batch
+        sizes = [fixed] if fixed is not None else [self.batch_size, self.batch_size, 1]
+        for n in sizes:
+            feeds = {self.contract.visual.name: np.zeros((n, *vshape), np.dtype(vis.dtype)),
+                     self.contract.audio.name: np.zeros((n, *FEATURE_SHAPES[self.contract.feature_type]), np.float32)}
+            t = self.clock.now()
+            self.backend.run(feeds)
+            self._run_est[n] = self.clock.now() - t
+        st = self.backend.stats
+        st.calls = st.items = 0
+        st.run_s = 0.0
+        st.call_s.clear()
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
@@ -174,15 +197,22 @@ class InferenceScheduler:
                 return None
             now = self.clock.now()
             order = sorted(self._pending, key=lambda it: self._key(it))
+            # skip (before inference) what cannot be done in time even alone; then take as many
+            # as can all be done by the earliest deadline among them
             batch: list[WorkItem] = []
             dropped: list[WorkItem] = []
+            first: float | None = None
             for it in order:
                 if len(batch) >= self.batch_size:
                     break
                 d = it.client.deadline(it)
-                if d is not None and it.skippable and d < now + self.estimate_s(len(batch) + 1):
+                if d is not None and it.skippable and d < now + self.estimate_s(1):
                     dropped.append(it)
                     continue
+                if d is not None:
+                    first = d if first is None else min(first, d)
+                if batch and first is not None and first < now + self.estimate_s(len(batch) + 1):
+                    break
                 batch.append(it)
             taken = {id(it) for it in batch} | {id(it) for it in dropped}
             self._pending = [it for it in self._pending if id(it) not in taken]

@@ -178,7 +178,7 @@ class Session:
         self.fps = Fraction(source.fps)
         self.rate = int(source.sample_rate)
         self.times = StageTimes()
-        self.thinning = Thinning()
+        self.thinning = Thinning(self.clock)
         self.lags = Percentiles()
         self.latencies: list[float] = []
         #: the look-ahead every utterance waits for: the model's future rows plus the source's own
@@ -681,6 +681,7 @@ class Session:
                 return None  # unpaced: wait for the model; or the input has not come yet
             # paced, its audio is here, and the frame is still in the model: too late to show it
             self.late += 1
+            self.thinning.missed()
             utt.skipped.add(j)
         if not paced:
             utt.audio.wait_for(j, self._stop)  # a source may yield rows before their audio
