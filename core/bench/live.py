@@ -125,7 +125,6 @@ def _pusher(session: Any, pcm: np.ndarray, cfg: LiveConfig, stop: threading.Even
 def run_point(assets: dict[str, Path], model: str, n: int, batching: bool, cfg: LiveConfig, pcm: np.ndarray) -> dict[str, Any]:
     """N sessions for cfg.seconds; the figures of this point."""
     import psutil
-    from avatar_plugins.sinks.callback import CallbackSink
 
     from ..engine import AvatarService
 
@@ -134,7 +133,8 @@ def run_point(assets: dict[str, Path], model: str, n: int, batching: bool, cfg: 
         sessions, probes = [], []
         for i in range(n):
             p = _Probe()
-            s = svc.open_session(assets["ab"[i % 2]], sinks=[CallbackSink(p.frame, with_face=True)], model=assets[model],
+            sink = ("callback", {"fn": p.frame, "with_face": True})  # through the registry, like any user
+            s = svc.open_session(assets["ab"[i % 2]], sinks=[sink], model=assets[model],
                                  feature_options={"encoder": str(assets["enc"])})
             s.subscribe(p.event)
             sessions.append(s)
