@@ -27,7 +27,6 @@ but the inference (an :class:`~.scheduler.InferenceScheduler`). Threads::
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import math
@@ -43,6 +42,7 @@ import numpy as np
 from ..errors import AudioError, AvatarError, ConfigError
 from ..interfaces import FeatureSource, Sink, SinkReport, StreamInfo, VideoFrame
 from ..windows import WindowAssembler
+from .events import EventStream, SessionEvent
 from .intake import AudioIntake
 from .pacing import REALTIME, Clock, Percentiles, Thinning, wait_until
 from .scheduler import InferenceScheduler, WorkItem
@@ -55,35 +55,6 @@ IDLE_MODES = ("avatar", "model", "none")
 
 class SessionClosed(AvatarError):
     """The session has ended (closed, or failed); it takes no more audio."""
-
-
-@dataclass(frozen=True)
-class SessionEvent:
-    """Something a subscriber hears about. ``kind`` is one of:
-
-    ``speech_started`` (``latency_s``: first push of the utterance → its first
-    frame at the sinks; ``inherent_s``: the part the model's and the feature
-    source's look-ahead make unavoidable), ``speech_ended`` and ``interrupted``
-    (``position_s``: seconds of the utterance shown), ``stats`` (periodic:
-    ``stats``), ``error`` (``error``: the message; the session has ended) and
-    ``closed``.
-    """
-
-    kind: str
-    session: str
-    frame: int
-    time: float
-    latency_s: float | None = None
-    inherent_s: float | None = None
-    position_s: float | None = None
-    #: speech_started: what the session added — from the push that completed the first frame's audio window to the frame
-    added_s: float | None = None
-    #: speech_started: the walk position of the utterance's first frame
-    walk_position: int | None = None
-    skipped: int = 0
-    lag_s: float = 0.0
-    error: str | None = None
-    stats: dict[str, Any] | None = None
 
 
 @dataclass
@@ -295,6 +266,11 @@ class Session:
         self.close()
 
     @property
+    def closed(self) -> bool:
+        """close() was called."""
+        return self._closed
+
+    @property
     def alive(self) -> bool:
         return not self._closed and self.error is None
 
@@ -380,7 +356,7 @@ class Session:
         self._subs.append(fn)
         return lambda: self._subs.remove(fn) if fn in self._subs else None
 
-    def events(self, maxsize: int = 1000) -> "EventStream":
+    def events(self, maxsize: int = 1000) -> EventStream:
         """The events as an async iterator for an asyncio server (call it on the event loop).
 
         It subscribes at once, so nothing emitted after this call is missed; it
@@ -778,43 +754,6 @@ class Session:
         idle.skipped = {p for p in idle.skipped if p >= pos}
         entry = idle.ready.pop(pos, None)
         return None if entry is None else entry[0]
-
-
-class EventStream:
-    """An async iterator over a session's events (see :meth:`Session.events`)."""
-
-    def __init__(self, session: Session, maxsize: int) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._q: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize)
-        self._done = False
-        self._unsubscribe = session.subscribe(self._put)
-        if session._closed:
-            self._done = True
-
-    def _put(self, ev: SessionEvent) -> None:
-        def add() -> None:
-            if self._q.full():
-                self._q.get_nowait()
-            self._q.put_nowait(ev)
-
-        self._loop.call_soon_threadsafe(add)
-
-    def __aiter__(self) -> "EventStream":
-        return self
-
-    async def __anext__(self) -> SessionEvent:
-        if self._done:
-            self._unsubscribe()
-            raise StopAsyncIteration
-        ev = await self._q.get()
-        if ev.kind == "closed":
-            self._done = True
-        return ev
-
-    def close(self) -> None:
-        """Stop listening."""
-        self._done = True
-        self._unsubscribe()
 
 
 def _silent_window(source: FeatureSource) -> np.ndarray:
