@@ -647,12 +647,12 @@ class Session:
             utt.p0 = self._walk
         self.state = "speaking"
         latency = utt.t0 - utt.pushed_at
-        self.latencies.append(latency)
-        if len(self.latencies) > 10_000:
-            del self.latencies[:5000]
         added = None if utt.window0_pushed is None else utt.t0 - utt.window0_pushed
-        if added is not None:
-            self.added_latencies.append(added)
+        for values, v in ((self.latencies, latency), (self.added_latencies, added)):
+            if v is not None:
+                values.append(v)
+            if len(values) > 10_000:  # bounded memory in a long session
+                del values[:5000]
         self._emit("speech_started", latency_s=latency, inherent_s=self.inherent_s, added_s=added,
                    walk_position=utt.p0)
 
