@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .contract import check_feature_match, read_contract
 from .engine import RenderOptions, RenderReport, Renderer
