@@ -27,9 +27,9 @@ from statistics import median
 from typing import Any
 
 
-from avatar.bench import _test_models, bench_cache, environment, hardware_label, load_average, BenchConfig
-from avatar.bench_e2e import load_bench_audio, prepare_avatar, run_render
-from avatar.bench_model import make_feeds
+from avatar.bench.harness import BenchConfig, _test_models, bench_cache, environment, hardware_label, load_average
+from avatar.bench.e2e import load_bench_audio, prepare_avatar, run_render
+from avatar.bench.model import make_feeds
 from avatar.interfaces import BackendOptions
 from avatar.plugins import get_plugin_manager
 

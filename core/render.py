@@ -94,6 +94,7 @@ def render(
     frame_limit: int | None = None,
     memory_budget_mb: int = 512,
     output_rounding: str = "nearest",
+    walk_start: int = 0,
 ) -> RenderReport:
     """Render a lip-synced video of ``avatar`` speaking ``audio``.
 
@@ -116,6 +117,8 @@ def render(
     :param output_rounding: how the model's [0, 1] output becomes 8-bit pixels:
         ``nearest`` (default) or ``truncate`` (the specification's
         ``(x * 255).astype(uint8)``); see :func:`avatar.vision.output_to_uint8`.
+    :param walk_start: the ping-pong walk position of output frame 0 (``1``
+        is upstream SyncTalk_2D's start, for frame-by-frame comparison with it).
     :returns: the :class:`RenderReport` (frames, timings, sink reports).
     """
     from .package import AvatarPackage
@@ -128,7 +131,8 @@ def render(
             package, audio, sinks=sinks, model=model, features=features, feature_options=feature_options,
             backend=backend, backend_options=backend_options, batch_size=batch_size,
             options=RenderOptions(
-                batch_size=batch_size, progress=progress, frame_limit=frame_limit, output_rounding=output_rounding
+                batch_size=batch_size, progress=progress, frame_limit=frame_limit, output_rounding=output_rounding,
+                walk_start=walk_start,
             ),
         )  # fmt: skip
     finally:

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from avatar.bench import BenchConfig, default_name, environment, run_bench, write_reports
-from avatar.bench_e2e import write_synthetic_synctalk
-from avatar.bench_model import compare_outputs, latency_stats, make_feeds
+from avatar.bench.e2e import write_synthetic_synctalk
+from avatar.bench.model import compare_outputs, latency_stats, make_feeds
 from avatar.cli import cli
 from avatar.errors import ConfigError
 from avatar.hookspecs import hookimpl
@@ -293,7 +293,7 @@ def test_default_batch_sizes_depend_on_the_backends() -> None:
 def test_backends_at_precisions_in_one_run(workdir: dict[str, Path]) -> None:
     """``openvino:bf16`` is a backend at a precision: its own model-only and end-to-end rows, its gate beside them."""
     pytest.importorskip("openvino")
-    from avatar.bench import _test_models, bench_cache
+    from avatar.bench.harness import _test_models, bench_cache
     from avatar_plugins.backends import _gates, openvino as ovb
     from avatar_plugins.backends._common import file_sha256
 

@@ -65,6 +65,7 @@ def _coerce(v: str) -> Any:
               help="Write the render report as JSON here (also when the run fails or is interrupted, with the error).")
 @click.option("--output-rounding", type=click.Choice(["nearest", "truncate"]), default="nearest", show_default=True,
               help="Model output to pixels: nearest level, or truncate as the specification's (x*255).astype(uint8).")
+@click.option("--walk-start", default=0, show_default=True, type=click.IntRange(min=0), help="Ping-pong walk position of the first frame (1: upstream SyncTalk_2D's start).")
 def run(
     avatar_dir: str,
     audio: str,
@@ -91,6 +92,7 @@ def run(
     memory_budget_mb: int,
     frame_limit: int | None,
     progress: bool,
+    walk_start: int,
     report_path: str | None,
     output_rounding: str,
 ) -> None:
@@ -175,6 +177,7 @@ def run(
             frame_limit=frame_limit,
             memory_budget_mb=memory_budget_mb,
             output_rounding=output_rounding,
+            walk_start=walk_start,
         )
     except BaseException as exc:
         # a run that started carries its report (interrupted, or failed: disk full, stream lost)

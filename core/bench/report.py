@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingDependency
+from ..errors import MissingDependency
 
 log = logging.getLogger(__name__)
 
