@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _outputs import bytes_written
+
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 16000
 
@@ -75,7 +77,7 @@ def test_report_of_an_interrupted_run(setup: dict[str, Path], tmp_path: Path) ->
     proc = subprocess.Popen([sys.executable, "-m", "avatar", *run_args(setup, wav, out, "--report", str(report))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 2000):
+    while time.monotonic() < deadline and bytes_written(out) < 2000:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

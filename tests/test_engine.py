@@ -15,6 +15,7 @@ import pytest
 
 from avatar import ConfigError, ModelError
 from avatar.engine import _AudioClock
+from _outputs import bytes_written
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,7 +272,7 @@ def test_cli_run_interrupted_leaves_a_playable_file(models: dict[str, Path], dem
     for sig in (signal.SIGINT, signal.SIGTERM):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
-        while time.time() < deadline and (not out.exists() or out.stat().st_size < 20000):
+        while time.time() < deadline and bytes_written(out) < 20000:
             time.sleep(0.2)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
