@@ -340,3 +340,68 @@ def test_beyond_capacity_is_503_and_a_vanished_client_ends_only_its_session(serv
     status, metrics = http("GET", server.url + "/metrics")
     assert 'avatar_sessions_refused_total{reason="capacity"} 1.0' in metrics
     assert 'avatar_sessions_ended_total{reason="client_gone"}' in metrics
+
+
+# --------------------------------------------------------------------------- a real browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def test_the_page_in_headless_chromium_plays_the_avatar_and_echoes_the_microphone(
+        server: ServeProcess, demo_dir: Path, tmp_path: Path) -> None:
+    """Debian's chromium with a fake microphone fed from a speech WAV, driven by selenium."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("chromium is not installed (apt-get install -y chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                f"--use-file-for-fake-audio-capture={demo_dir / 'speech.wav'}", "--autoplay-policy=no-user-gesture-required"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.set_script_timeout(30)
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.execute_script("return document.getElementById('avatar').options.length") > 0)
+        driver.find_element("id", "start").click()
+        wait.until(lambda d: d.execute_script(
+            "const v = document.getElementById('video'); return v.readyState >= 2 && v.currentTime > 1"),
+            message="the video element does not play")
+        presented = """
+            const done = arguments[arguments.length - 1];
+            const v = document.getElementById('video');
+            const c = document.createElement('canvas'); c.width = 64; c.height = 48;
+            const g = c.getContext('2d', {willReadFrequently: true});
+            const hashes = new Set(); let n = 0; const t0 = performance.now();
+            function tick() {
+              g.drawImage(v, 0, 0, 64, 48);
+              hashes.add(Array.from(g.getImageData(0, 0, 64, 48).data.filter((_, i) => i % 4 == 0)).join());
+              n++;
+              if (performance.now() - t0 < 2000) v.requestVideoFrameCallback(tick);
+              else done({fps: n / 2, distinct: hashes.size});
+            }
+            v.requestVideoFrameCallback(tick);"""
+        idle = driver.execute_async_script(presented)
+        assert idle["fps"] >= 10, idle
+        driver.find_element("id", "mic").click()
+        wait.until(lambda d: d.execute_script(
+            "return window.avatarState.events.some(e => e.type === 'speech_started')"),
+            message="the avatar did not start speaking the microphone's audio")
+        speaking = driver.execute_async_script(presented)
+        assert speaking["fps"] >= 10 and speaking["distinct"] >= 10, speaking
+        stats = driver.execute_script("return window.avatarState.events.filter(e => e.type === 'stats').pop()")
+        assert stats and stats["fps"] > 10, stats
+        driver.find_element("id", "stop").click()
+        wait.until(lambda d: d.execute_script("return window.avatarState.session === null"))
+    finally:
+        driver.quit()
+    deadline = time.monotonic() + 10
+    while http("GET", server.url + "/health")[1]["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert http("GET", server.url + "/health")[1]["sessions"] == 0

@@ -1,36 +1,42 @@
-"""The server's ONLY contact with the live-session engine (the Python session API).
+"""The server's ONLY contact with the live-session engine (:mod:`avatar.engine`).
 
 Everything else in :mod:`avatar.serve` (routes, tokens, limits, admission,
 metrics, the WebSocket protocol, WebRTC tracks, the page) talks to the two
 small classes here, :class:`LiveService` and :class:`LiveSession`, so a change
 of the engine's API touches this module alone. The server is a thin layer: all
-it does through here, Python can do with the session API directly.
+it does through here, Python can do with ``AvatarService`` / ``Session``
+directly (docs/live.md).
 
 Event callbacks arrive on engine threads as plain dicts::
 
     {"type": "speech_started", "latency_s": 0.08}
-    {"type": "speech_ended"}
-    {"type": "interrupted", "position_s": 1.24}
-    {"type": "ended", "reason": "..."}          # the session ended by itself
+    {"type": "speech_ended", "position_s": 2.4}
+    {"type": "ended", "reason": "..."}          # the session failed and ended by itself
+
+(``interrupted`` is answered by the server from :meth:`LiveSession.interrupt`'s
+return value, so every interrupt gets exactly one answer.)
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
+from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
-from ..interfaces import Sink
+from ..interfaces import BackendOptions, Sink
 from .config import AvatarSpec
 
 log = logging.getLogger(__name__)
 
 EventFn = Callable[[dict[str, Any]], None]
+IDLE_MODES = ("avatar", "model")
 
 
 class LiveSession:
@@ -41,7 +47,7 @@ class LiveSession:
         self.fps = fps
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> None:
-        """Mono PCM (int16 or float32) at ``sample_rate``; returns at once."""
+        """Mono PCM (int16 or float32) at ``sample_rate``; never blocks on the model."""
         self._s.push_audio(pcm, sample_rate)
 
     def flush(self) -> None:
@@ -49,44 +55,29 @@ class LiveSession:
 
     def interrupt(self) -> float:
         """Barge-in; returns the seconds of the utterance that were shown."""
-        return float(_position_s(self._s.interrupt()))
+        return float(self._s.interrupt())
 
     def stats(self) -> dict[str, Any]:
-        """state, fps, lag_s, skipped, position_s (what GET /v1/sessions/{id} shows)."""
-        st = self._s.stats() if callable(getattr(self._s, "stats", None)) else getattr(self._s, "stats", {})
-        d = st if isinstance(st, dict) else (st.to_dict() if hasattr(st, "to_dict") else vars(st))
+        """state, frames, skipped, lag_s (p95), position_s."""
+        st = self._s.stats()
         return {
-            "state": d.get("state", "live"),
-            "frames": int(d.get("frames", d.get("frames_delivered", 0)) or 0),
-            "skipped": int(d.get("skipped", d.get("frames_skipped", 0)) or 0),
-            "lag_s": float(d.get("lag_s", d.get("lag_p95_s", 0.0)) or 0.0),
-            "position_s": float(d.get("position_s", 0.0) or 0.0),
+            "state": st.state,
+            "frames": int(st.frames),
+            "speech_frames": int(st.speech_frames),
+            "skipped": int(st.skipped),
+            "lag_s": float(st.lag_p95_s),
+            "position_s": float(st.position_s),
         }
 
     def close(self) -> None:
         self._s.close()
 
 
-def _position_s(value: Any) -> float:
-    if isinstance(value, (int, float)):
-        return float(value)
-    for name in ("position_s", "shown_s", "seconds"):
-        if hasattr(value, name):
-            return float(getattr(value, name))
-    return 0.0
-
-
 class LiveService:
     """Avatars and models loaded once, one shared batched backend, sessions on top."""
 
-    def __init__(
-        self,
-        avatars: Sequence[AvatarSpec],
-        *,
-        backend: str = "auto",
-        batch: int = 8,
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, avatars: Sequence[AvatarSpec], *, backend: str = "auto", batch: int = 8,
+                 threads: int | None = None) -> None:
         if not avatars:
             raise ConfigError("no avatar to serve: give --avatar PATH (or --demo)")
         self.specs = {a.name: a for a in avatars}
@@ -98,32 +89,62 @@ class LiveService:
         self._service: Any = None
         self._fps: dict[str, Fraction] = {}
         self._lock = threading.Lock()
-        self._seen_calls = 0
+        self._seen: dict[str, tuple[dict[int, int], int, float]] = {}
         self.backend_name = backend
         self.throughput_fps = 0.0
 
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Load every avatar and model once and warm the backend at its batch sizes."""
-        from ..engine import (
-            LiveService as EngineService,  # the live-session API (issue 11)
-        )
-        from ..interfaces import BackendOptions
+        """Load every avatar, feature source and model once; warm and measure the backend."""
+        from ..engine.service import AvatarService
 
-        self._service = EngineService(
-            backend=self.backend,
-            backend_options=BackendOptions(max_batch=self.batch, threads=self.threads),
-            max_batch=self.batch,
-        )
-        for spec in self.specs.values():
-            self._service.add_avatar(
-                spec.name, spec.path, model=spec.model, features=spec.features,
-                feature_options=dict(spec.feature_options),
-            )
-            self._fps[spec.name] = Fraction(self._service.avatar_fps(spec.name))
-        self.throughput_fps = float(self._service.warm())
-        self.backend_name = str(getattr(self._service, "backend_name", self.backend))
+        self._service = AvatarService(backend=self.backend, batch_size=self.batch,
+                                      backend_options=BackendOptions(max_batch=self.batch, threads=self.threads))
+        try:
+            # a first session per avatar loads its package, feature source and (shared,
+            # warmed) backend; closing it keeps them in the service for later sessions
+            for spec in self.specs.values():
+                s = self._open(spec, [_NullSink()], None, "avatar")
+                self._fps[spec.name] = Fraction(s.fps)
+                s.close()
+            self.throughput_fps = self._measure()
+        except BaseException:
+            self.close()
+            raise
+
+    def _measure(self) -> float:
+        """Frames per second the backend makes at its best batch (timed on its own instance).
+
+        A separate instance keeps the measurement off the shared scheduler; it is
+        loaded, timed over a few calls per batch size after one warm call, and closed.
+        """
+        from ..contract import read_contract
+        from ..render import open_backend
+
+        spec = next(iter(self.specs.values()))
+        model = spec.model or _package_model(spec.path)
+        contract = read_contract(model)
+        backend, used = open_backend(self.backend, model, BackendOptions(max_batch=self.batch, threads=self.threads))
+        self.backend_name = used
+        try:
+            vis = next((t for t in backend.inputs if t.name == contract.visual.name), contract.visual)
+            vshape = tuple(d if isinstance(d, int) else 320 for d in vis.shape[1:])
+            best = 0.0
+            sizes = {contract.fixed_batch} if contract.fixed_batch else {1, max(1, self.batch // 2), self.batch}
+            for n in sorted(sizes):
+                feeds = {contract.visual.name: np.zeros((n, *vshape), np.dtype(vis.dtype)),
+                         contract.audio.name: np.zeros((n, *contract.audio_window_shape), np.float32)}
+                backend.run(feeds)
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    backend.run(feeds)
+                    times.append(time.perf_counter() - t)
+                best = max(best, n / statistics.median(times))
+            return best
+        finally:
+            backend.close()
 
     def close(self) -> None:
         if self._service is not None:
@@ -139,40 +160,79 @@ class LiveService:
     def fps(self, avatar: str) -> Fraction:
         return self._fps[avatar]
 
-    def open_session(
-        self,
-        avatar: str,
-        sinks: Sequence[Sink],
-        *,
-        features: str | None = None,
-        idle: Mapping[str, Any] | str | None = None,
-        on_event: EventFn | None = None,
-    ) -> LiveSession:
-        if avatar not in self.specs:
+    def open_session(self, avatar: str, sinks: Sequence[Sink], *, features: str | None = None,
+                     idle: str | None = None, on_event: EventFn | None = None) -> LiveSession:
+        """Open a live session (blocking: sinks connect); events go to ``on_event``."""
+        spec = self.specs.get(avatar)
+        if spec is None:
             raise ConfigError(f"unknown avatar {avatar!r}; this server has {', '.join(self.avatars)}")
-        emit = on_event or (lambda ev: None)
-        s = self._service.open_session(avatar, sinks=list(sinks), features=features, idle=idle)
-        for kind in ("speech_started", "speech_ended", "interrupted", "ended"):
-            s.on(kind, lambda ev, kind=kind: emit(_event_dict(kind, ev)))
+        idle = idle or "avatar"
+        if idle not in IDLE_MODES:
+            raise ConfigError(f"idle must be one of {', '.join(IDLE_MODES)}, not {idle!r}")
+        s = self._open(spec, list(sinks), features, idle)
+        if on_event is not None:
+            s.subscribe(lambda ev: _forward(ev, on_event))
         return LiveSession(s, self._fps[avatar])
 
+    def _open(self, spec: AvatarSpec, sinks: list[Sink], features: str | None, idle: str) -> Any:
+        name = features or spec.features
+        options = dict(spec.feature_options) if name == spec.features else {}
+        return self._service.open_session(spec.path, sinks=sinks, features=name, feature_options=options,
+                                          model=spec.model, idle=idle)
+
     def batch_records(self) -> list[tuple[int, float]]:
-        """(batch size, seconds) of each backend call since the last call of this method."""
+        """(batch size, seconds) per backend call since the last call of this method.
+
+        The engine keeps a histogram of batch sizes and the total run time per
+        shared backend; each call in an interval is given the interval's mean time.
+        """
+        if self._service is None:
+            return []
+        out: list[tuple[int, float]] = []
         with self._lock:
-            if self._service is None:
-                return []
-            calls = list(self._service.backend_calls())
-            new = calls[self._seen_calls :]
-            self._seen_calls = len(calls)
-        return [(int(n), float(s)) for n, s in new]
+            for key, st in self._service.stats()["backends"].items():
+                sizes, calls, run_s = dict(st["batch_sizes"]), int(st["calls"]), float(st["run_s"])
+                old_sizes, old_calls, old_run = self._seen.get(key, ({}, 0, 0.0))
+                self._seen[key] = (sizes, calls, run_s)
+                new_calls = calls - old_calls
+                if new_calls <= 0:
+                    continue
+                mean = (run_s - old_run) / new_calls
+                for n, count in sizes.items():
+                    out.extend([(int(n), mean)] * max(0, count - old_sizes.get(n, 0)))
+        return out
 
 
-def _event_dict(kind: str, ev: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {"type": kind, "t": time.time()}
-    if kind == "speech_started":
-        d["latency_s"] = float(getattr(ev, "latency_s", 0.0) or 0.0)
-    elif kind == "interrupted":
-        d["position_s"] = _position_s(ev)
-    elif kind == "ended":
-        d["reason"] = str(getattr(ev, "reason", "") or "")
-    return d
+class _NullSink(Sink):
+    """Takes the warm-up session's frames."""
+
+    name = "null"
+
+    def open(self, info: Any) -> None:
+        pass
+
+    def write(self, frame: Any) -> None:
+        pass
+
+    def close(self, aborted: bool = False) -> Any:
+        from ..interfaces import SinkReport
+
+        return SinkReport()
+
+
+def _package_model(path: Any) -> Any:
+    from ..package import AvatarPackage
+
+    pkg = AvatarPackage.open(path)
+    if pkg.model_path is None:
+        raise ConfigError(f"the avatar package {path} names no model; pass --model MODEL.onnx")
+    return pkg.model_path
+
+
+def _forward(ev: Any, emit: EventFn) -> None:
+    if ev.kind == "speech_started":
+        emit({"type": "speech_started", "latency_s": round(float(ev.latency_s or 0.0), 4), "t": time.time()})
+    elif ev.kind == "speech_ended":
+        emit({"type": "speech_ended", "position_s": round(float(ev.position_s or 0.0), 4), "t": time.time()})
+    elif ev.kind == "error":
+        emit({"type": "ended", "reason": f"the session failed: {ev.error}"})
