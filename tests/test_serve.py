@@ -20,7 +20,7 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("aiortc")
 
 from serve_process import ServeProcess, http, tone
-from webrtc_client import onsets, receive
+from webrtc_client import av_offsets, receive
 
 pytestmark = pytest.mark.slow
 
@@ -165,13 +165,13 @@ def test_webrtc_client_receives_av_in_sync_and_speech_differs_from_idle(server: 
                         await asyncio.sleep(1.5)
 
             speaker = asyncio.ensure_future(speak())
-            got = await receive(answer, 10.0, keep_every=1)
+            got = await receive(answer, 10.0)
             await speaker
+            _close(server, s)  # before the client-timeout ends it
             return got
 
     got = asyncio.run(main())
-    _close(server, s)
-    video = [(t, img) for t, img in got.video if img is not None]
+    video = got.video
     times = [t for t, _ in video]
     steady = [t for t in times if times[0] + 1.0 < t < times[-1] - 0.5]
     fps = (len(steady) - 1) / (steady[-1] - steady[0])
@@ -183,11 +183,11 @@ def test_webrtc_client_receives_av_in_sync_and_speech_differs_from_idle(server: 
     speech = max(residual)
     assert speech > 4 * (np.median(idle) + 1), f"speech frames look like idle ones ({speech:.1f} vs {np.median(idle):.1f})"
     threshold = (speech + np.median(idle)) / 2
-    v_on = onsets(times, [r > threshold for r in residual])
-    a_on = onsets([t for t, _, _ in got.audio], [float(np.sqrt(np.mean(p**2))) > 0.05 for _, p, _ in got.audio])
-    assert len(v_on) >= 3 and len(a_on) >= 3, (v_on, a_on)
-    offsets = [min((a - v for a in a_on), key=abs) for v in v_on[:3]]
-    assert abs(float(np.median(offsets))) < 0.040, f"A/V offsets {[round(1000 * o) for o in offsets]} ms"
+    # each utterance's first speech frame and first loud audio are sent together
+    offsets = av_offsets(got, [r > threshold for r in residual],
+                         [float(np.sqrt(np.mean(p**2))) > 0.05 for _, p, _ in got.audio])
+    assert len(offsets) >= 3, offsets
+    assert max(abs(o) for o in offsets) < 0.040, f"A/V offsets {[round(1000 * o) for o in offsets]} ms"
 
 
 @pytest.mark.rtmp
@@ -286,11 +286,15 @@ def test_bad_socket_input_gets_clear_errors_and_the_session_goes_on(server: Serv
                 await _push_realtime(ws, tone(0.5))
                 await ws.send_json({"type": "flush"})
                 await _events_until(ws, "speech_started", 10, [])
-                # a 100 MB message closes this socket with 1009, before the server reads it
-                await ws.send_bytes(b"\0" * (100 << 20))
-                msg = await ws.receive(timeout=10)
-                while msg.type.name == "TEXT":
+                # a 100 MB message: the server closes the socket with 1009 as soon as it reads
+                # the frame header; the client, still sending, may see the reset first
+                try:
+                    await ws.send_bytes(b"\0" * (100 << 20))
                     msg = await ws.receive(timeout=10)
+                    while msg.type.name == "TEXT":
+                        msg = await ws.receive(timeout=10)
+                except ConnectionError:
+                    pass
                 return errors, ws.close_code
 
     errors, code = asyncio.run(main())
@@ -298,7 +302,8 @@ def test_bad_socket_input_gets_clear_errors_and_the_session_goes_on(server: Serv
     assert "malformed JSON" in errors[1]
     assert "even number of bytes" in errors[2]
     assert "sample_rate" in errors[3]
-    assert code == 1009
+    assert code in (1009, None)  # None: the connection was reset while we were still sending
+    assert "exceeds limit" in server.log()
     status = http("GET", f"{server.url}/v1/sessions/{s['id']}", token=s["token"])[0]
     assert status == 200, "the session ended with the socket"
     _close(server, s)
@@ -327,7 +332,8 @@ def test_beyond_capacity_is_503_and_a_vanished_client_ends_only_its_session(serv
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline:
                 await _push_realtime(keep, tone(0.2))
-                if http("GET", f"{server.url}/v1/sessions/{leaver['id']}", token=leaver["token"])[0] == 404:
+                # the server's list (a request on the session's own routes would count as its client)
+                if leaver["id"] not in [x["id"] for x in http("GET", server.url + "/v1/sessions")[1]["sessions"]]:
                     break
             else:
                 raise AssertionError("the session of a vanished client is still open after 8 s")
