@@ -136,7 +136,7 @@ def _options(v: Variant, max_batch: int, device_id: int, cache_dir: str | None) 
 
 def measure(v: Variant, model: Path, args: argparse.Namespace, parity_feeds: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, Any]:
     from avatar import get_plugin_manager
-    from avatar.bench_model import compare_outputs, gpu_memory_mb, latency_stats, make_feeds
+    from avatar.bench.model import compare_outputs, gpu_memory_mb, latency_stats, make_feeds
 
     pm = get_plugin_manager()
     row: dict[str, Any] = {"variant": v.label, "backend": v.backend, "precision": v.precision, "uint8_visual": v.uint8_visual}

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from avatar.bench import BenchConfig, default_name, environment, run_bench, write_reports
-from avatar.bench_e2e import write_synthetic_synctalk
-from avatar.bench_model import compare_outputs, latency_stats, make_feeds
+from avatar.bench.e2e import write_synthetic_synctalk
+from avatar.bench.model import compare_outputs, latency_stats, make_feeds
 from avatar.cli import cli
 from avatar.errors import ConfigError
 from avatar.hookspecs import hookimpl

@@ -2,7 +2,7 @@
 
 One backend is measured per process so that its peak resident memory (and GPU
 memory) is its own and not mixed with another backend's: ``avatar bench`` runs
-``python -m avatar.bench_model SPEC.json`` once per backend and reads the
+``python -m avatar.bench.model SPEC.json`` once per backend and reads the
 result file it writes. :func:`measure_backend` is the same measurement for an
 in-process call (tests, or ``--no-isolate``).
 
@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import AvatarError, BackendError
-from .interfaces import Backend, BackendOptions, TensorInfo
+from ..errors import AvatarError, BackendError
+from ..interfaces import Backend, BackendOptions, TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def gpu_memory_mb(pid: int | None = None) -> float | None:
 
 def make_feeds(inputs: Sequence[TensorInfo], batch: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs for any UNet-like model; identical in every process for the same seed."""
-    from .compare import random_feeds
+    from ..compare import random_feeds
 
     return random_feeds(inputs, batch, seed)
 
@@ -185,7 +185,7 @@ def measure_backend(spec: Mapping[str, Any]) -> dict[str, Any]:
     optionally ``check_inputs`` (an ``.npz`` of feeds) with ``check_output``
     (where to save this backend's output on them, ``.npy``).
     """
-    from .plugins import get_plugin_manager
+    from ..plugins import get_plugin_manager
 
     name = str(spec["backend"])
     batches = sorted({int(b) for b in spec["batch_sizes"]})
@@ -254,7 +254,7 @@ def measure_in_subprocess(spec: Mapping[str, Any], workdir: Path, timeout_s: flo
     env.setdefault("PYTHONUNBUFFERED", "1")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "avatar.bench_model", str(spec_file)],
+            [sys.executable, "-m", "avatar.bench.model", str(spec_file)],
             capture_output=True, text=True, timeout=timeout_s, env=env,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
@@ -269,7 +269,7 @@ def measure_in_subprocess(spec: Mapping[str, Any], workdir: Path, timeout_s: flo
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``python -m avatar.bench_model SPEC.json``: measure, write ``result_file``."""
+    """``python -m avatar.bench.model SPEC.json``: measure, write ``result_file``."""
     logging.basicConfig(level=logging.WARNING)
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(spec["result_file"])

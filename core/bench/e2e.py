@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AvatarPackageError, ConfigError
+from ..errors import AvatarPackageError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def write_synthetic_synctalk(dst: Path, frames: int, *, width: int = 1280, heigh
     """
     import cv2
 
-    from .demo import synthetic_frames
+    from ..demo import synthetic_frames
 
     imgs, boxes = synthetic_frames(frames, width=width, height=height, seed=seed)
     (dst / "full_body_img").mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def default_sanders() -> Path | None:
     import os
 
     base = os.environ.get("AVATAR_SHARED_DATA")
-    root = Path(base) if base else Path(__file__).resolve().parents[2] / "shared" / "data"
+    root = Path(base) if base else Path(__file__).resolve().parents[3] / "shared" / "data"
     d = root / "sanders"
     return d if (d / "full_body_img").is_dir() and (d / "landmarks").is_dir() else None
 
@@ -112,8 +112,8 @@ def prepare_avatar(avatar: str | Path | None, cache: Path, *, frames: int, seed:
     SyncTalk_2D folders are imported once (first ``frames`` frames) into
     ``cache`` and reused.
     """
-    from .importers import import_synctalk
-    from .package import AvatarPackage
+    from ..importers import import_synctalk
+    from ..package import AvatarPackage
 
     if frames < 2:
         raise ConfigError(f"--avatar-frames must be at least 2, got {frames}")
@@ -149,7 +149,7 @@ def prepare_avatar(avatar: str | Path | None, cache: Path, *, frames: int, seed:
 
 def load_bench_audio(audio: str | Path | None, seconds: float, seed: int = 0) -> tuple[np.ndarray, str]:
     """``seconds`` of 16 kHz speech: the given file, the real clip beside the repo, or speech-like synthesis."""
-    from .audio import load_audio
+    from ..audio import load_audio
 
     if seconds <= 0:
         raise ConfigError(f"--seconds must be positive, got {seconds}")
@@ -160,7 +160,7 @@ def load_bench_audio(audio: str | Path | None, seconds: float, seed: int = 0) ->
             reps = int(np.ceil(seconds * SAMPLE_RATE / len(pcm)))
             pcm = np.tile(pcm, reps)
         return pcm[: int(seconds * SAMPLE_RATE)], str(path)
-    from .demo import speechlike_audio
+    from ..demo import speechlike_audio
 
     return speechlike_audio(seconds, seed=seed), "synthetic speech-like audio (avatar.demo.speechlike_audio)"
 
@@ -182,8 +182,8 @@ def run_render(
     feature_backend: str = "cpu",
 ) -> dict[str, Any]:
     """One real render to the ``file`` sink; the engine's report plus the output size."""
-    from .interfaces import BackendOptions
-    from .render import render
+    from ..interfaces import BackendOptions
+    from ..render import render
 
     report = render(
         avatar.package,
@@ -209,11 +209,10 @@ class _TorchNet:
     """The PyTorch reference UNet-328 with the seeded test weights (eager, no_grad)."""
 
     def __init__(self, mode: str, seed: int, threads: int | None) -> None:
-        import importlib
 
         import torch
 
-        from .models.synthetic import unet_state_dict
+        from ..models.synthetic import unet_state_dict
 
         # The reference network is the torch-reference plugin's; the benchmark
         # uses it only as the upstream-style baseline and falls back when absent.
@@ -262,8 +261,8 @@ def _reference_networks() -> Any:
     """
     import importlib
 
-    from .errors import PluginError
-    from .plugins import get_plugin_manager
+    from ..errors import PluginError
+    from ..plugins import get_plugin_manager
 
     plugin = get_plugin_manager().pm.get_plugin("torch-reference")
     if plugin is None:
@@ -319,9 +318,9 @@ def run_baseline(
     """The synchronous, one-frame-at-a-time loop of the upstream inference script."""
     import cv2
 
-    from .package import AvatarPackage
-    from .plugins import get_plugin_manager
-    from .schedule import schedule
+    from ..package import AvatarPackage
+    from ..plugins import get_plugin_manager
+    from ..schedule import schedule
 
     t0 = time.perf_counter()
     source = get_plugin_manager().feature_source("ave", encoder=str(encoder), threads=threads)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _f(v: Any, digits: int = 1) -> str:

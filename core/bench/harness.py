@@ -2,18 +2,18 @@
 
 Three measurements, all in one run on one machine (nothing is projected):
 
-* **model only** (:mod:`avatar.bench_model`): per backend and batch size,
+* **model only** (:mod:`avatar.bench.model`): per backend and batch size,
   call latency percentiles, frames/s, peak memory, and the cold start (model
   load + first inference); each backend in a fresh process by default;
 * **correctness cross-check**: every backend's output on the same seeded
   inputs against the ``cpu`` backend (max |difference|, PSNR);
-* **end to end** (:mod:`avatar.bench_e2e`): a real render of real speech to an
+* **end to end** (:mod:`avatar.bench.e2e`): a real render of real speech to an
   H.264 + AAC file with per-stage times, and the upstream-style synchronous
   per-frame loop as the baseline the SDK is compared with.
 
 :func:`run_bench` returns the result document (plain JSON data);
 :func:`write_reports` writes it as JSON, Markdown and a PNG chart
-(:mod:`avatar.bench_report`).
+(:mod:`avatar.bench.report`).
 
 Example::
 
@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import AvatarError, ConfigError
+from ..errors import AvatarError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def bench_cache(explicit: Path | None) -> Path:
 
 def usable_backends() -> list[str]:
     """Registered backends whose availability check passes, ``cpu`` first."""
-    from .plugins import get_plugin_manager
+    from ..plugins import get_plugin_manager
 
     regs = get_plugin_manager().components["backend"]
     names = [n for n, r in regs.items() if r.availability().usable]
@@ -266,7 +266,7 @@ def _generator_version() -> str:
     """
     import hashlib
 
-    from .models import onnx_builder, synthetic
+    from ..models import onnx_builder, synthetic
 
     h = hashlib.sha256()
     for mod in (synthetic, onnx_builder):
@@ -276,7 +276,7 @@ def _generator_version() -> str:
 
 def _test_models(cfg: BenchConfig, cache: Path) -> tuple[Path, Path, bool]:
     """(unet, audio encoder, whether the unet is the harness's seeded model)."""
-    from .models.synthetic import make_audio_encoder, make_unet
+    from ..models.synthetic import make_audio_encoder, make_unet
 
     suffix = f"seed{cfg.seed}{'-tiny' if cfg.tiny else ''}-{_generator_version()}"
     enc = cache / f"ave-encoder-{suffix}.onnx"
@@ -294,8 +294,8 @@ def _test_models(cfg: BenchConfig, cache: Path) -> tuple[Path, Path, bool]:
 
 
 def _check_inputs(model: Path, path: Path, seed: int) -> dict[str, np.ndarray]:
-    from .bench_model import make_feeds
-    from .contract import read_io
+    from ..contract import read_io
+    from .model import make_feeds
 
     inputs, _, _ = read_io(model)
     feeds = make_feeds(inputs, CHECK_FRAMES, seed + 9999)
@@ -311,7 +311,7 @@ def run_bench(config: BenchConfig | None = None, *, progress: Any = None) -> dic
 
     ``progress`` (optional) is called with one-line status messages.
     """
-    from .contract import read_contract
+    from ..contract import read_contract
 
     cfg = config or BenchConfig()
     cfg.check()
@@ -376,7 +376,7 @@ def _model_only(
     cfg: BenchConfig, result: dict[str, Any], backends: list[str], batches: list[int], model: Path, tmp: Path,
     check: dict[str, np.ndarray],
 ) -> np.ndarray | None:  # fmt: skip
-    from . import bench_model
+    from . import model as bench_model
 
     outputs: dict[str, np.ndarray] = {}
     for name in backends:
@@ -415,15 +415,15 @@ def _model_only(
 
 
 def _reference_output(model: Path, check: dict[str, np.ndarray], threads: int | None) -> np.ndarray:
-    from .interfaces import BackendOptions
-    from .plugins import get_plugin_manager
+    from ..interfaces import BackendOptions
+    from ..plugins import get_plugin_manager
 
     with get_plugin_manager().backend_class(REFERENCE_BACKEND)(model, BackendOptions(max_batch=CHECK_FRAMES, threads=threads)) as be:
         return next(iter(be.run(check).values()))
 
 
 def _compare(reference: np.ndarray, out: np.ndarray) -> dict[str, Any]:
-    from .bench_model import compare_outputs
+    from .model import compare_outputs
 
     return compare_outputs(reference, out)
 
@@ -433,7 +433,7 @@ def _end_to_end(
     seeded: bool, cache: Path, tmp: Path, model_fps: dict[tuple[str, int], float], check: dict[str, np.ndarray],
     reference: np.ndarray | None, say: Any,
 ) -> None:  # fmt: skip
-    from . import bench_e2e
+    from . import e2e as bench_e2e
 
     say("preparing the avatar and audio")
     avatar = bench_e2e.prepare_avatar(cfg.avatar, cache, frames=cfg.avatar_frames, seed=cfg.seed)
@@ -506,6 +506,6 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 def write_reports(result: dict[str, Any], out_dir: str | Path, name: str | None = None) -> dict[str, Path]:
     """Write ``NAME.json``, ``NAME.md`` and ``NAME.png`` into ``out_dir``; return their paths."""
-    from .bench_report import write_all
+    from .report import write_all
 
     return write_all(result, Path(out_dir), name or default_name(result.get("machine")))

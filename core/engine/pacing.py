@@ -1,0 +1,111 @@
+"""Real-time pacing: the clock a session runs on, lag statistics, and the thinning rule.
+
+A paced session delivers output frame ``k`` at ``origin + k / fps`` on its
+clock. When generation cannot keep up, frames are skipped *before* inference,
+spread evenly (a steady lower frame rate rather than bursts of motion and
+freezes): :class:`Thinning` keeps a fraction of the frames, lowered when the
+scheduler has to drop a frame that would miss its due time and raised again
+while frames arrive in time (additive increase, multiplicative decrease).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from array import array
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Clock:
+    """A monotonic clock and its sleep; ``scaled(k)`` runs ``k`` times faster (simulations, tests)."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def scaled(cls, speed: float) -> "Clock":
+        """A clock on which ``speed`` seconds pass per real second (sleeps are shortened alike)."""
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        base = time.monotonic()
+        return cls(now=lambda: base + (time.monotonic() - base) * speed, sleep=lambda s: time.sleep(max(0.0, s) / speed))
+
+
+REALTIME = Clock()
+
+
+def wait_until(clock: Clock, due: float, stop: threading.Event, step: float = 0.005) -> bool:
+    """Sleep until ``due`` on ``clock``; False if ``stop`` was set first."""
+    while not stop.is_set():
+        left = due - clock.now()
+        if left <= 0:
+            return True
+        clock.sleep(min(step, left))
+    return False
+
+
+class Percentiles:
+    """Values kept for percentiles (bounded memory: the newest ``cap`` are kept)."""
+
+    def __init__(self, cap: int = 100_000) -> None:
+        self._v = array("d")
+        self.cap = cap
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self.count += 1
+            if len(self._v) >= self.cap:
+                del self._v[: self.cap // 2]
+            self._v.append(value)
+
+    def percentile(self, q: float) -> float:
+        with self._lock:
+            s = sorted(self._v)
+        if not s:
+            return 0.0
+        return s[min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))]
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_p{q}": self.percentile(q) for q in (50, 95, 99)}
+
+
+class Thinning:
+    """Which frames go to inference when the session cannot keep up.
+
+    ``keep`` is the fraction of frames rendered (1.0: all). Frame ``j`` is kept
+    when ``floor((j + 1) * keep) > floor(j * keep)``, which spreads the kept
+    frames evenly. The first frame of an utterance is always kept.
+    """
+
+    def __init__(self, floor: float = 0.05, increase: float = 0.02, decrease: float = 0.8) -> None:
+        self.keep = 1.0
+        self.floor = floor
+        self.increase = increase
+        self.decrease = decrease
+        self._acc = 0.0
+        self._lock = threading.Lock()
+
+    def take(self, j: int) -> bool:
+        with self._lock:
+            if j == 0:
+                self._acc = 0.0
+                return True
+            self._acc += self.keep
+            if self._acc >= 1.0 - 1e-9:
+                self._acc -= 1.0
+                return True
+            return False
+
+    def missed(self) -> None:
+        """A frame had to be dropped at the scheduler: render fewer."""
+        with self._lock:
+            self.keep = max(self.floor, self.keep * self.decrease)
+
+    def in_time(self) -> None:
+        """A rendered frame arrived in time: try a little more."""
+        with self._lock:
+            self.keep = min(1.0, self.keep + self.increase * self.keep)

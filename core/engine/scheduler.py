@@ -1,0 +1,267 @@
+"""Shared inference: ready windows from every session, one backend call per batch.
+
+One :class:`InferenceScheduler` (and one thread) per loaded backend. Sessions
+submit :class:`WorkItem` s (a frame's audio window); the scheduler orders the
+pending items by deadline (earliest first; items without a deadline — unpaced
+offline renders — in submission order), takes up to ``batch_size`` of them,
+waits at most ``max_wait_s`` for more to fill the batch (never past the
+earliest deadline), drops the items that would be done too late (skipping
+*before* inference), builds the visual inputs of each item from its own
+session's avatar, and runs one call. Results go back to each session.
+
+A failing backend call fails the sessions whose frames were in it; the
+scheduler goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from ..contract import ModelContract
+from ..interfaces import Backend
+from .pacing import REALTIME, Clock
+
+log = logging.getLogger(__name__)
+
+
+class Client(Protocol):
+    """What the scheduler needs from a session."""
+
+    def deadline(self, item: "WorkItem") -> float | None: ...
+    def avatar_index(self, item: "WorkItem") -> int: ...
+    def visual_inputs(self, indices: Sequence[int]) -> np.ndarray: ...
+    def on_faces(self, items: list["WorkItem"], av_idx: list[int], faces: np.ndarray, seconds: tuple[float, float]) -> None: ...
+    def on_skipped(self, item: "WorkItem") -> None: ...
+    def on_failure(self, exc: BaseException) -> None: ...
+
+
+@dataclass
+class WorkItem:
+    client: Any
+    index: int  # frame index within its utterance
+    window: np.ndarray
+    generation: int  # the session's utterance generation (stale items are discarded)
+    last: bool = False
+    seq: int = 0
+    skippable: bool = True
+    utterance: Any = None
+
+
+@dataclass
+class SchedulerStats:
+    calls: int = 0
+    items: int = 0
+    skipped: int = 0
+    run_s: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.items / self.calls if self.calls else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "items": self.items, "skipped": self.skipped, "run_s": self.run_s,
+                "mean_batch": self.mean_batch, "batch_sizes": dict(sorted(self.batch_sizes.items()))}
+
+
+class InferenceScheduler:
+    """Earliest-deadline-first batching over one backend, on one thread."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        contract: ModelContract,
+        *,
+        batch_size: int = 8,
+        max_wait_s: float = 0.005,
+        clock: Clock = REALTIME,
+        name: str = "inference",
+    ) -> None:
+        self.backend = backend
+        self.contract = contract
+        self.batch_size = max(1, int(batch_size))
+        self.max_wait_s = max(0.0, float(max_wait_s))
+        self.clock = clock
+        self.stats = SchedulerStats()
+        self._pending: list[WorkItem] = []
+        self._cv = threading.Condition()
+        self._seq = 0
+        self._closed = False
+        self._run_est: dict[int, float] = {}
+        vis = contract.visual.name
+        # the backend may have converted the model (e.g. uint8_visual): ask it, not the file
+        vis_info = next((t for t in backend.inputs if t.name == vis), contract.visual)
+        self._uint8 = np.dtype(vis_info.dtype) == np.uint8
+        self._thread = threading.Thread(target=self._loop, name=f"avatar-{name}", daemon=True)
+        self._thread.start()
+
+    # -- sessions' side ----------------------------------------------------------
+
+    def submit(self, item: WorkItem) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            self._seq += 1
+            item.seq = self._seq
+            self._pending.append(item)
+            self._cv.notify_all()
+
+    def cancel(self, client: Any, below_generation: int | None = None) -> int:
+        """Drop ``client``'s pending items (those of older generations only, if given)."""
+        with self._cv:
+            keep = [
+                it for it in self._pending
+                if it.client is not client or (below_generation is not None and it.generation >= below_generation)
+            ]
+            dropped = len(self._pending) - len(keep)
+            self._pending = keep
+            return dropped
+
+    def estimate_s(self, n: int = 1) -> float:
+        """Expected seconds of one call of ``n`` items (0 before anything was measured)."""
+        est = self._run_est
+        if n in est:
+            return est[n]
+        if not est:
+            return 0.0
+        k = min(est, key=lambda m: abs(m - n))
+        return est[k] * max(n, 1) / max(k, 1) if n > k else est[k]
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._pending.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout=10.0)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _pick(self) -> list[WorkItem] | None:
+        """Wait for a batch; None when closed."""
+        with self._cv:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._cv.wait(0.1)
+            # a partial batch waits for more while items keep coming, bounded by
+            # max_wait_s per gap and by the earliest deadline
+            last_count = len(self._pending)
+            last_change = self.clock.now()
+            while len(self._pending) < self.batch_size and not self._closed:
+                now = self.clock.now()
+                if len(self._pending) != last_count:
+                    last_count, last_change = len(self._pending), now
+                if now - last_change >= self.max_wait_s:
+                    break
+                soonest = self._soonest(now)
+                if soonest is not None and soonest - self.estimate_s(self.batch_size) <= now:
+                    break
+                self._cv.wait(min(self.max_wait_s, 0.002) or 0.001)
+            if self._closed:
+                return None
+            now = self.clock.now()
+            order = sorted(self._pending, key=lambda it: self._key(it))
+            batch: list[WorkItem] = []
+            dropped: list[WorkItem] = []
+            for it in order:
+                if len(batch) >= self.batch_size:
+                    break
+                d = it.client.deadline(it)
+                if d is not None and it.skippable and d < now + self.estimate_s(len(batch) + 1):
+                    dropped.append(it)
+                    continue
+                batch.append(it)
+            taken = {id(it) for it in batch} | {id(it) for it in dropped}
+            self._pending = [it for it in self._pending if id(it) not in taken]
+        self.stats.skipped += len(dropped)
+        for it in dropped:
+            _safe(it.client.on_skipped, it)
+        return batch
+
+    def _key(self, it: WorkItem) -> tuple[float, int]:
+        d = it.client.deadline(it)
+        return (float("inf") if d is None else d, it.seq)
+
+    def _soonest(self, now: float) -> float | None:
+        ds = [d for d in (it.client.deadline(it) for it in self._pending) if d is not None]
+        return min(ds) if ds else None
+
+    def _loop(self) -> None:
+        from ..vision import normalize
+
+        fixed = self.contract.fixed_batch
+        vis_name, aud_name, out_name = self.contract.visual.name, self.contract.audio.name, self.contract.output.name
+        while True:
+            batch = self._pick()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            clients: list[Any] = []
+            try:
+                t0 = time.perf_counter()
+                # each session binds its frames to its own avatar walk and package
+                groups: dict[int, list[int]] = {}
+                av_idx: list[int] = []
+                for k, it in enumerate(batch):
+                    if it.client not in clients:
+                        clients.append(it.client)
+                    groups.setdefault(id(it.client), []).append(k)
+                    av_idx.append(it.client.avatar_index(it))
+                visual: np.ndarray | None = None
+                for ks in groups.values():
+                    v = batch[ks[0]].client.visual_inputs([av_idx[k] for k in ks])
+                    if len(groups) == 1:
+                        visual = v
+                        break
+                    if visual is None:
+                        visual = np.empty((len(batch), *v.shape[1:]), v.dtype)
+                    visual[ks] = v
+                assert visual is not None
+                feed_visual = visual if self._uint8 else normalize(visual)
+                audio = np.stack([it.window for it in batch]).astype(np.float32, copy=False)
+                n = len(batch)
+                if fixed is not None and n < fixed:  # a fixed-batch model: pad, then drop the padding
+                    feed_visual = np.concatenate([feed_visual, np.repeat(feed_visual[-1:], fixed - n, axis=0)])
+                    audio = np.concatenate([audio, np.repeat(audio[-1:], fixed - n, axis=0)])
+                t1 = time.perf_counter()
+                result = self.backend.run({vis_name: feed_visual, aud_name: audio})
+                faces = result[out_name][:n]
+                t2 = time.perf_counter()
+            except BaseException as exc:  # the sessions in this batch end; the others go on
+                log.debug("inference failed", exc_info=True)
+                for c in clients or {id(it.client): it.client for it in batch}.values():
+                    _safe(c.on_failure, exc)
+                continue
+            self._measure(n, t2 - t1)
+            st = self.stats
+            st.calls += 1
+            st.items += n
+            st.run_s += t2 - t1
+            st.batch_sizes[n] = st.batch_sizes.get(n, 0) + 1
+            for c in clients:
+                ks = groups[id(c)]
+                share = len(ks) / n
+                _safe(c.on_faces, [batch[k] for k in ks], [av_idx[k] for k in ks], faces[ks],
+                      ((t1 - t0) * share, (t2 - t1) * share))
+
+    def _measure(self, n: int, seconds: float) -> None:
+        old = self._run_est.get(n)
+        self._run_est[n] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+
+def _safe(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # a session's own failure must not stop the scheduler
+        log.warning("a session callback failed", exc_info=True)

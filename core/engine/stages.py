@@ -1,0 +1,260 @@
+"""The stage logic every stream runs, offline or live (one copy).
+
+Stages (threads of a :class:`~avatar.engine.session.Session`; the inference
+runs on the shared :class:`~avatar.engine.scheduler.InferenceScheduler`)::
+
+    features ─► batch + inference (shared) ─► compositing ─► sinks
+
+* **features** (:func:`assemble_windows`): PCM chunks go through the feature
+  source's :class:`RowStream` and :class:`~avatar.windows.WindowAssembler`;
+  each frame's audio window leaves as soon as it is final (streaming first: an
+  offline render is a stream whose audio arrives at once).
+* **batch + inference**: windows are grouped into batches; the cached uint8
+  visual inputs of the scheduled avatar frames (ping-pong) are normalised (or
+  passed as uint8 to a model that normalises on the device) and the backend
+  runs ONE call per batch (see :mod:`.scheduler`).
+* **compositing** (:func:`composite_faces`): each 320 face is pasted into its
+  full avatar frame.
+* **sinks**: frames, each with its share of the audio (:class:`_AudioClock`),
+  go to every sink in order.
+
+Memory is bounded by the avatar frame store's budget, the memory-mapped face
+cache and the look-ahead in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..interfaces import RowStream, SinkReport
+from ..windows import WindowAssembler
+
+log = logging.getLogger(__name__)
+
+STAGES = ("features", "visual", "inference", "decode", "composite", "sink")
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class StageTimes:
+    """Busy time per stage (seconds) and how many items each handled."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    items: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STAGES})
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, stage: str, seconds: float, items: int = 1) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            self.items[stage] = self.items.get(stage, 0) + items
+
+    def per_frame_ms(self, frames: int) -> dict[str, float]:
+        return {s: 1000.0 * v / frames for s, v in self.seconds.items()} if frames else {}
+
+
+@dataclass
+class RenderReport:
+    """What a render did and how long each part took."""
+
+    frames: int
+    fps: Fraction
+    audio_s: float
+    wall_s: float
+    stages: StageTimes
+    sinks: dict[str, SinkReport]
+    backend: str
+    feature_source: str
+    batch_size: int
+    interrupted: bool = False
+    first_frame_s: float | None = None
+    #: model calls the backend made (one per batch)
+    backend_calls: int = 0
+    #: frames skipped before inference to keep a real-time sink in time (their audio was kept)
+    skipped: int = 0
+    #: frames rendered too late for a real-time sink (their audio went out with the previous image)
+    late: int = 0
+
+    @property
+    def video_s(self) -> float:
+        return self.frames / float(self.fps)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def realtime_factor(self) -> float:
+        """Seconds of video made per second of wall time (> 1 is faster than real time)."""
+        return self.video_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames,
+            "fps": float(self.fps),
+            "audio_s": self.audio_s,
+            "video_s": self.video_s,
+            "wall_s": self.wall_s,
+            "frames_per_s": self.frames_per_s,
+            "realtime_factor": self.realtime_factor,
+            "first_frame_s": self.first_frame_s,
+            "backend": self.backend,
+            "feature_source": self.feature_source,
+            "batch_size": self.batch_size,
+            "backend_calls": self.backend_calls,
+            "interrupted": self.interrupted,
+            "skipped": self.skipped,
+            "late": self.late,
+            "stage_s": dict(self.stages.seconds),
+            "stage_ms_per_frame": self.stages.per_frame_ms(self.frames),
+            "sinks": {k: vars(v) for k, v in self.sinks.items()},
+        }
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class _Stop(Exception):
+    """Raised inside a stage when the stream is being torn down."""
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def _pcm_chunks(audio: Any, sample_rate: int, chunk_s: float = 0.64) -> tuple[Iterator[np.ndarray], np.ndarray | None]:
+    """(chunk iterator, whole signal if known) for a path, an array or an iterable of chunks."""
+    if isinstance(audio, (str, Path)):
+        from ..audio import load_audio
+
+        audio = load_audio(audio, sample_rate=sample_rate)
+    if isinstance(audio, np.ndarray):
+        pcm = _finite(np.ascontiguousarray(audio, dtype=np.float32).reshape(-1))
+        step = max(1, int(chunk_s * sample_rate))
+        return (pcm[i : i + step] for i in range(0, len(pcm), step)), pcm
+    return (_finite(np.asarray(c, dtype=np.float32).reshape(-1)) for c in audio), None
+
+
+def _finite(pcm: np.ndarray) -> np.ndarray:
+    """Refuse NaN/Inf samples: one of them poisons features and the audio encoder."""
+    if not np.isfinite(pcm).all():
+        from ..errors import AudioError
+
+        bad = int((~np.isfinite(pcm)).sum())
+        raise AudioError(f"the audio has {bad} NaN or infinite sample(s); clean the signal before rendering")
+    return pcm
+
+
+class _AudioClock:
+    """PCM kept until each frame has taken its share (``sample_rate / fps`` samples).
+
+    Audio is added by its own intake stage as it arrives, independently of
+    feature extraction, so a frame never leaves before its audio (a source like
+    precomputed features emits rows before the audio they belong to).
+    """
+
+    def __init__(self, sample_rate: int, fps: Fraction) -> None:
+        self.rate = sample_rate
+        self.fps = fps
+        self._buf: list[np.ndarray] = []
+        self._base = 0  # absolute sample index of the first kept sample
+        self._total = 0
+        self.closed = False
+        self._lock = threading.Condition()
+
+    def add(self, chunk: np.ndarray) -> None:
+        with self._lock:
+            self._buf.append(chunk)
+            self._total += len(chunk)
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self._lock.notify_all()
+
+    def wait_for(self, index: int, stop: threading.Event | None = None) -> None:
+        """Block until frame ``index``'s share has arrived or the audio has ended."""
+        _, end = self.bounds(index)
+        with self._lock:
+            while self._total < end and not self.closed:
+                if stop is not None and stop.is_set():
+                    raise _Stop()
+                self._lock.wait(0.1)
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        per = Fraction(self.rate) / self.fps
+        return int(round(index * per)), int(round((index + 1) * per))
+
+    def take(self, index: int, last: bool) -> np.ndarray:
+        """Frame ``index``'s share; the last frame also takes any remainder.
+
+        Shares are taken in index order; consumed chunks are dropped.
+        """
+        start, end = self.bounds(index)
+        with self._lock:
+            if last:
+                # the last frame carries the rounding remainder (less than a share);
+                # audio far beyond the last frame (features shorter than the audio) is cut
+                end = max(end, min(self._total, 2 * end - start))
+            # drop whole chunks before ``start``
+            while self._buf and self._base + len(self._buf[0]) <= start:
+                self._base += len(self._buf[0])
+                self._buf.pop(0)
+            parts: list[np.ndarray] = []
+            pos = self._base
+            for chunk in self._buf:
+                if pos >= end:
+                    break
+                lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
+                if hi > lo:
+                    parts.append(chunk[lo:hi])
+                pos += len(chunk)
+        piece = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        if len(piece) < end - start and not last:
+            piece = np.concatenate([piece, np.zeros(end - start - len(piece), np.float32)])
+        return piece.astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- stage bodies
+
+
+def assemble_windows(stream: RowStream, assembler: WindowAssembler, chunk: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
+    """Feed one PCM chunk (``None``: the end of the audio); the ``(frame, window)`` pairs now final."""
+    if chunk is None:
+        rows = stream.finish()
+        return list(assembler.push(rows)) + list(assembler.finish())
+    rows = stream.push(chunk)
+    return list(assembler.push(rows)) if len(rows) else []
+
+
+def composite_faces(
+    package: Any, av_idx: Sequence[int], faces: np.ndarray, times: StageTimes, keep_face: bool = False
+) -> list[tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int]]]:
+    """Model outputs ``[n, 3, 320, 320]`` pasted into their avatar frames: (image, face or None, box) each."""
+    from ..vision import composite, output_to_uint8
+
+    faces_u8 = output_to_uint8(faces)
+    out = []
+    for a, face in zip(av_idx, faces_u8):
+        t = time.perf_counter()
+        frame = package.frame(a)
+        t1 = time.perf_counter()
+        box = tuple(int(v) for v in package.boxes[a])
+        image = composite(frame, box, face)
+        times.add("decode", t1 - t)
+        times.add("composite", time.perf_counter() - t1)
+        out.append((image, face if keep_face else None, box))
+    return out
