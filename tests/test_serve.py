@@ -114,6 +114,19 @@ def test_websocket_speech_events_and_session_stats(server: ServeProcess) -> None
             await _events_until(ws, "speech_started", 10, seen)
             await _events_until(ws, "speech_ended", 10, seen)
             await _events_until(ws, "stats", 5, seen)
+            # barge-in: a long utterance is cut; the answer says how much was shown
+            await _push_realtime(ws, tone(1.0))
+            await _events_until(ws, "speech_started", 10, seen)
+            await asyncio.sleep(0.3)
+            await ws.send_json({"type": "interrupt"})
+            cut = await _events_until(ws, "interrupted", 5, seen)
+            assert 0.0 < cut["position_s"] < 1.0, cut
+            # idle again: no more speech frames are shown
+            await asyncio.sleep(0.1)
+            before = http("GET", f"{server.url}/v1/sessions/{s['id']}", token=s["token"])[1]
+            await asyncio.sleep(0.4)
+            after = http("GET", f"{server.url}/v1/sessions/{s['id']}", token=s["token"])[1]
+            assert after["speech_frames"] == before["speech_frames"] and after["frames"] > before["frames"]
         return seen
 
     seen = asyncio.run(main())

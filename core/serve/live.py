@@ -66,6 +66,10 @@ class LiveSession:
             "speech_frames": int(st.speech_frames),
             "skipped": int(st.skipped),
             "lag_s": float(st.lag_p95_s),
+            "lag_p50_s": float(st.lag_p50_s),
+            "lag_p95_s": float(st.lag_p95_s),
+            "lag_p99_s": float(st.lag_p99_s),
+            "latency_s": [float(x) for x in st.latency_s],
             "position_s": float(st.position_s),
         }
 

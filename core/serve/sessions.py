@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .admission import Admission
 from .config import Limits
@@ -80,8 +80,13 @@ class ServerSession:
             "fps": m["fps"],
             "target_fps": float(self.live.fps),
             "frames": m["frames"],
+            "speech_frames": st.get("speech_frames", 0),
             "lag_s": max(m["lag_s"], st.get("lag_s", 0.0)),
             "skipped": st.get("skipped", 0),
+            "lag_p50_s": st.get("lag_p50_s", 0.0),
+            "lag_p95_s": st.get("lag_p95_s", 0.0),
+            "lag_p99_s": st.get("lag_p99_s", 0.0),
+            "latency_s": st.get("latency_s", []),
             "position_s": st.get("position_s", 0.0),
             "clients": len(self.clients),
             "age_s": round(time.monotonic() - self.created, 2),
@@ -232,5 +237,3 @@ def _reason_label(reason: str) -> str:
             return label
     return "error"
 
-
-Subscriber = Callable[[dict[str, Any]], None]
