@@ -424,3 +424,37 @@ def test_the_page_in_headless_chromium_plays_the_avatar_and_echoes_the_microphon
     while http("GET", server.url + "/health")[1]["sessions"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert http("GET", server.url + "/health")[1]["sessions"] == 0
+
+
+def test_server_token_lifetime_limit_and_ice_servers(demo_dir: Path) -> None:
+    """A second server with --token, --max-session-s, --ice-server and a measured capacity."""
+    import aiohttp
+
+    token = "server-token-0123456789"
+    p = ServeProcess(demo_dir, "--demo", "--tiny", "--backend", "cpu", "--token", token,
+                     "--max-session-s", "3", "--ice-server", "stun:stun.example.org:3478").wait_ready()
+    try:
+        status, health = http("GET", p.url + "/health")  # open: load balancers probe it
+        cap = health["capacity"]
+        assert status == 200 and cap["source"] == "measured" and cap["throughput_fps"] > 0
+        assert cap["sessions"] == max(1, int(cap["throughput_fps"] * 0.75 // 25))
+        status, body = http("POST", p.url + "/v1/sessions", {"avatar": "demo"})
+        assert status == 401 and "bearer token" in body["error"]["message"]
+        assert http("POST", p.url + "/v1/sessions", {"avatar": "demo"}, token="x" * 22)[0] == 401
+        assert http("GET", p.url + "/metrics")[0] == 401 and http("GET", p.url + "/v1/sessions")[0] == 401
+        assert "avatar_sessions" in http("GET", p.url + "/metrics", token=token)[1]
+        status, s = http("POST", p.url + "/v1/sessions", {"avatar": "demo"}, token=token)
+        assert status == 201 and s["ice_servers"] == [{"urls": "stun:stun.example.org:3478"}]
+        # the server token is not a session token
+        assert http("GET", f"{p.url}/v1/sessions/{s['id']}", token=token)[0] == 401
+
+        async def until_ended() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as c, c.ws_connect(_ws_url(p, s)) as ws:
+                return await _events_until(ws, "ended", 10, [])
+
+        ended = asyncio.run(until_ended())
+        assert "lifetime" in ended["reason"]
+        assert http("GET", f"{p.url}/v1/sessions/{s['id']}", token=s["token"])[0] == 404
+        assert token not in p.log() and s["token"] not in p.log()
+    finally:
+        assert p.stop() == 0, p.log()

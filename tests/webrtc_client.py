@@ -17,7 +17,6 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-
 CLOCK = {"video": 90000, "audio": 48000}
 
 

@@ -240,7 +240,7 @@ class _Api:
         from .ws import audio_socket
 
         s = self._session(request)
-        return await audio_socket(request, s, self.manager, self.config.limits)
+        return await audio_socket(request, s, self.config.limits)
 
     async def speak(self, request: Any) -> Any:
         from aiohttp import web

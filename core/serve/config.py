@@ -42,8 +42,9 @@ class Limits:
     client_timeout_s: float = 5.0
     #: a session that never gets a client ends after this long, seconds
     attach_timeout_s: float = 30.0
-    #: WebSocket ping interval; a peer that misses a pong is gone
-    heartbeat_s: float = 2.0
+    #: WebSocket ping interval; a peer whose pong is not back within half of it is gone
+    #: (3 s: a busy client on a loaded machine still answers; a cut network is noticed in 4.5 s)
+    heartbeat_s: float = 3.0
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,12 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from .config import Limits
-    from .sessions import ServerSession, SessionManager
+    from .sessions import ServerSession
 
 log = logging.getLogger(__name__)
 
 
-async def audio_socket(request: "web.Request", s: "ServerSession", manager: "SessionManager", limits: "Limits") -> Any:
+async def audio_socket(request: "web.Request", s: "ServerSession", limits: "Limits") -> Any:
     from aiohttp import WSMsgType, web
 
     ws = web.WebSocketResponse(heartbeat=limits.heartbeat_s, max_msg_size=limits.max_message_bytes)
