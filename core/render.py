@@ -79,6 +79,7 @@ def render(
     progress: bool = False,
     frame_limit: int | None = None,
     memory_budget_mb: int = 512,
+    walk_start: int = 0,
 ) -> RenderReport:
     """Render a lip-synced video of ``avatar`` speaking ``audio``.
 
@@ -96,6 +97,8 @@ def render(
         ``onnx-cuda``, ``tensorrt`` or a plugin's.
     :param memory_budget_mb: how much decoded avatar video may be held in
         memory; a longer avatar is decoded in keyframe chunks on demand.
+    :param walk_start: the ping-pong walk position of output frame 0 (``1``
+        is upstream SyncTalk_2D's start, for frame-by-frame comparison with it).
     :returns: the :class:`RenderReport` (frames, timings, sink reports).
     """
     from .package import AvatarPackage
@@ -140,7 +143,7 @@ def render(
             contract,
             source,
             sink_objs,
-            RenderOptions(batch_size=batch_size, progress=progress, frame_limit=frame_limit),
+            RenderOptions(batch_size=batch_size, progress=progress, frame_limit=frame_limit, walk_start=walk_start),
             backend_name=used,
         )
     except BaseException:

@@ -4,7 +4,7 @@ When the speech is longer than the avatar video, the avatar frames are walked
 forward then backward (0, 1, ..., n-1, n-2, ..., 1, 0, 1, ...) so the motion
 never jumps. The turning frames are shown once, not twice: a repeated frame
 reads as a stall. (Upstream SyncTalk_2D starts its walk at frame 1; here output
-frame 0 shows avatar frame 0.)
+frame 0 shows avatar frame 0 unless a render is given ``walk_start=1``.)
 """
 
 from __future__ import annotations

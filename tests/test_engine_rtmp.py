@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rtmp_server import NginxRtmp, nginx_rtmp_available
 
 pytestmark = [
@@ -73,3 +72,43 @@ def test_live_render_of_real_speech_is_recorded_in_sync(assets: dict[str, Path])
     assert abs((v_end - v_start) - SECONDS) <= 1 / 25
     assert abs((a_end - a_start) - SECONDS) <= 1 / 25
     assert abs(a_start - v_start) <= 0.040 and abs(a_end - v_end) <= 0.040
+
+
+@pytest.mark.slow
+def test_a_machine_slower_than_real_time_streams_video_for_the_whole_duration(assets: dict[str, Path], tmp_path: Path) -> None:
+    """The full UNet-328 on this machine's CPU runs below real time; with the default options
+    (on_lag=drop) frames are skipped before inference, so the stream still carries video throughout."""
+    import av
+    import numpy as np
+    from avatar.models.synthetic import make_unet
+
+    full = make_unet(tmp_path / "unet_full.onnx", seed=2)
+    server = NginxRtmp().start()
+    try:
+        cmd = [
+            sys.executable, "-m", "avatar.cli", "run", "--avatar", str(assets["pkg"]), "--audio", str(assets["wav"]),
+            "--model", str(full), "--ave-encoder", str(assets["enc"]), "--backend", "cpu",
+            "--sink", "rtmp", "--rtmp-url", server.url(KEY), "--no-progress", "--report", str(tmp_path / "r.json"),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        server.wait_recordings_closed()
+        (rec,) = server.recordings(KEY)
+        times, images = [], []
+        with av.open(str(rec)) as c:
+            for frame in c.decode(video=0):
+                times.append(float(frame.pts * frame.time_base))
+                images.append(frame.to_ndarray(format="gray"))
+    finally:
+        server.close()
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    print({k: report[k] for k in ("skipped", "late", "frames", "realtime_factor", "stage_ms_per_frame")}, report["sinks"])
+    assert times and times[-1] - times[0] >= SECONDS - 2 / 25  # video from the first to the last second
+    assert len(times) >= int(SECONDS * 25) - 1
+    gaps = np.diff(times)
+    assert gaps.max() <= 0.1  # no hole in the picture
+    distinct = sum(1 for a, b in zip(images, images[1:]) if not np.array_equal(a, b))
+    assert distinct > 0  # the picture moves
+    print("skipped", report["skipped"], "late", report["late"], "distinct", distinct, "realtime", report["realtime_factor"])

@@ -55,6 +55,7 @@ def _coerce(v: str) -> Any:
 @click.option("--memory-budget", "memory_budget_mb", default=512, show_default=True, help="MB of decoded avatar frames kept in memory.")
 @click.option("--frames", "frame_limit", type=click.IntRange(min=1), help="Stop after this many frames.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
+@click.option("--walk-start", default=0, show_default=True, type=click.IntRange(min=0), help="Ping-pong walk position of the first frame (1: upstream SyncTalk_2D's start).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the render report as JSON here.")
 def run(
     avatar_dir: str,
@@ -78,6 +79,7 @@ def run(
     memory_budget_mb: int,
     frame_limit: int | None,
     progress: bool,
+    walk_start: int,
     report_path: str | None,
 ) -> None:
     """Render AUDIO spoken by an avatar to one or more sinks.
@@ -153,6 +155,7 @@ def run(
             progress=progress,
             frame_limit=frame_limit,
             memory_budget_mb=memory_budget_mb,
+            walk_start=walk_start,
         )
     except RenderInterrupted as exc:
         if report_path:

@@ -105,6 +105,7 @@ class Renderer:
         session: Session | None = None
         scheduler: InferenceScheduler | None = None
         intake: threading.Thread | None = None
+        first: list[float] = []
         signals = _InterruptSignals()
         try:
             chunks, whole = _pcm_chunks(audio, rate)
@@ -118,6 +119,8 @@ class Renderer:
             scheduler = InferenceScheduler(
                 self.backend, self.contract, batch_size=opts.batch_size, max_wait_s=opts.flush_s, clock=opts.clock
             )
+            if self.paced:
+                scheduler.warm()  # a real-time stream must not start on first-call costs
             session = Session(
                 self.package, self.source, scheduler, self.sinks,
                 SessionOptions(idle="none", paced=self.paced, walk_start=opts.walk_start,
@@ -129,7 +132,15 @@ class Renderer:
             intake = threading.Thread(target=_feed, args=(session, chunks, rate), name="avatar-audio", daemon=True)
             bar = _Progress(expected, enabled=opts.progress)
             intake.start()
-            session.run_output(check=signals.check, on_frame=lambda: bar.update(1) if bar else None)
+            first: list[float] = []
+
+            def on_frame() -> None:
+                if not first:
+                    first.append(time.perf_counter() - start)
+                if bar is not None:
+                    bar.update(1)
+
+            session.run_output(check=signals.check, on_frame=on_frame)
             if signals.last is not None:
                 interrupted = signals.last
         except KeyboardInterrupt:
@@ -151,10 +162,13 @@ class Renderer:
                 # interrupted: it is a daemon and is not waited for.
                 if scheduler is not None:
                     scheduler.close()
-                try:
-                    self.backend.close()
-                finally:
-                    self.source.close()
+                for part in (self.backend, self.source):  # each is closed even if another fails
+                    try:
+                        part.close()
+                    except Exception as exc:
+                        log.warning("closing %s failed: %s", getattr(part, "name", part), exc)
+                        if error is None:
+                            error = exc
         wall = time.perf_counter() - start
         if error is not None:
             raise error
@@ -170,7 +184,7 @@ class Renderer:
             feature_source=self.source.name,
             batch_size=opts.batch_size,
             interrupted=interrupted is not None,
-            first_frame_s=None if session.first_frame_at is None else session.first_frame_at - session.opened_at,
+            first_frame_s=first[0] if first else None,
             backend_calls=self.backend.stats.calls,
             skipped=session.skipped,
             late=session.late,

@@ -77,16 +77,23 @@ class Thinning:
     """Which frames go to inference when the session cannot keep up.
 
     ``keep`` is the fraction of frames rendered (1.0: all). Frame ``j`` is kept
-    when ``floor((j + 1) * keep) > floor(j * keep)``, which spreads the kept
-    frames evenly. The first frame of an utterance is always kept.
+    when the running sum of ``keep`` crosses a whole number, which spreads the
+    kept frames evenly. The first frame of an utterance is always kept. A miss
+    (a frame the scheduler had to drop, or one that came back too late) lowers
+    ``keep`` by ``decrease``, at most once per ``cooldown_s`` (one backlog is
+    one miss); each frame shown in time raises it by ``increase``.
     """
 
-    def __init__(self, floor: float = 0.05, increase: float = 0.02, decrease: float = 0.8) -> None:
+    def __init__(self, clock: Clock = REALTIME, floor: float = 0.05, increase: float = 0.02,
+                 decrease: float = 0.85, cooldown_s: float = 0.25) -> None:
+        self.clock = clock
         self.keep = 1.0
         self.floor = floor
         self.increase = increase
         self.decrease = decrease
+        self.cooldown_s = cooldown_s
         self._acc = 0.0
+        self._last_miss = float("-inf")
         self._lock = threading.Lock()
 
     def take(self, j: int) -> bool:
@@ -101,11 +108,15 @@ class Thinning:
             return False
 
     def missed(self) -> None:
-        """A frame had to be dropped at the scheduler: render fewer."""
+        """A frame was dropped at the scheduler or came back too late: render fewer."""
+        now = self.clock.now()
         with self._lock:
+            if now - self._last_miss < self.cooldown_s:
+                return
+            self._last_miss = now
             self.keep = max(self.floor, self.keep * self.decrease)
 
     def in_time(self) -> None:
-        """A rendered frame arrived in time: try a little more."""
+        """A rendered frame was shown in time: try a little more."""
         with self._lock:
-            self.keep = min(1.0, self.keep + self.increase * self.keep)
+            self.keep = min(1.0, self.keep + self.increase)

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
 from ..contract import ModelContract, check_feature_match, read_contract
 from ..errors import ConfigError
 from ..interfaces import Backend, BackendOptions, FeatureSource
@@ -205,13 +203,18 @@ class AvatarService:
         contract = read_contract(model)
         backend, used = open_backend(o.backend, model, bopts)
         try:
-            if o.warmup:
-                _warm(backend, contract, o.batch_size)
             scheduler = InferenceScheduler(backend, contract, batch_size=o.batch_size, max_wait_s=o.max_wait_s,
                                            clock=o.clock, name=f"inference-{used}")
         except BaseException:
             backend.close()
             raise
+        if o.warmup:
+            try:
+                scheduler.warm()
+            except BaseException:
+                scheduler.close()
+                backend.close()
+                raise
         shared = self._shared[key] = _Shared(backend, used, contract, scheduler)
         return shared
 
@@ -230,21 +233,6 @@ class AvatarService:
     def _drop(shared: _Shared) -> None:
         shared.scheduler.close()
         shared.backend.close()
-
-
-def _warm(backend: Backend, contract: ModelContract, batch_size: int) -> None:
-    """One call at batch 1 and at the full batch: first-call costs are paid before anyone waits."""
-    sizes = sorted({1, batch_size} if contract.fixed_batch is None else {contract.fixed_batch})
-    vis = next((t for t in backend.inputs if t.name == contract.visual.name), contract.visual)
-    vshape = tuple(d if isinstance(d, int) else 320 for d in vis.shape[1:])
-    for n in sizes:
-        vshape_n = (n, *vshape)
-        ashape = (n, *contract.audio_window_shape)
-        backend.run({contract.visual.name: np.zeros(vshape_n, np.dtype(vis.dtype)),
-                     contract.audio.name: np.zeros(ashape, np.float32)})
-    backend.stats.calls = backend.stats.items = 0
-    backend.stats.run_s = 0.0
-    backend.stats.call_s.clear()
 
 
 __all__ = ["AvatarService", "ServiceOptions", "Session", "SessionOptions"]

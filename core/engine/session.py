@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -76,6 +76,8 @@ class SessionEvent:
     latency_s: float | None = None
     inherent_s: float | None = None
     position_s: float | None = None
+    #: speech_started: the walk position of the utterance's first frame
+    walk_position: int | None = None
     skipped: int = 0
     lag_s: float = 0.0
     error: str | None = None
@@ -176,7 +178,7 @@ class Session:
         self.fps = Fraction(source.fps)
         self.rate = int(source.sample_rate)
         self.times = StageTimes()
-        self.thinning = Thinning()
+        self.thinning = Thinning(self.clock)
         self.lags = Percentiles()
         self.latencies: list[float] = []
         #: the look-ahead every utterance waits for: the model's future rows plus the source's own
@@ -371,30 +373,14 @@ class Session:
         self._subs.append(fn)
         return lambda: self._subs.remove(fn) if fn in self._subs else None
 
-    async def events(self, maxsize: int = 1000) -> AsyncIterator[SessionEvent]:
-        """The events as an async iterator, for an asyncio server; ends after ``closed``."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize)
+    def events(self, maxsize: int = 1000) -> "EventStream":
+        """The events as an async iterator for an asyncio server (call it on the event loop).
 
-        def put(ev: SessionEvent) -> None:
-            def add() -> None:
-                if q.full():  # a slow consumer loses the oldest, never blocks the stream
-                    q.get_nowait()
-                q.put_nowait(ev)
-
-            loop.call_soon_threadsafe(add)
-
-        unsubscribe = self.subscribe(put)
-        try:
-            if self._closed:
-                return
-            while True:
-                ev = await q.get()
-                yield ev
-                if ev.kind == "closed":
-                    return
-        finally:
-            unsubscribe()
+        It subscribes at once, so nothing emitted after this call is missed; it
+        ends after ``closed``. A consumer that falls ``maxsize`` events behind
+        loses the oldest, never blocks the stream.
+        """
+        return EventStream(self, maxsize)
 
     def stats(self) -> SessionStats:
         now = self.clock.now()
@@ -676,7 +662,7 @@ class Session:
         self.latencies.append(latency)
         if len(self.latencies) > 10_000:
             del self.latencies[:5000]
-        self._emit("speech_started", latency_s=latency, inherent_s=self.inherent_s)
+        self._emit("speech_started", latency_s=latency, inherent_s=self.inherent_s, walk_position=utt.p0)
 
     def _finish(self, utt: _Utterance) -> None:
         self._utts.popleft()
@@ -695,6 +681,7 @@ class Session:
                 return None  # unpaced: wait for the model; or the input has not come yet
             # paced, its audio is here, and the frame is still in the model: too late to show it
             self.late += 1
+            self.thinning.missed()
             utt.skipped.add(j)
         if not paced:
             utt.audio.wait_for(j, self._stop)  # a source may yield rows before their audio
@@ -757,8 +744,9 @@ class Session:
             idle.started = True
             idle.emitted = pos
             self._silent_window = _silent_window(self.source)
-        # keep idle_lead positions in flight ahead of the walk
-        while idle.emitted <= pos + self.options.idle_lead:
+        # keep enough positions in flight ahead of the walk for one batch to come back in time
+        lead = max(self.options.idle_lead, math.ceil(self.scheduler.estimate_s(self.scheduler.batch_size) * float(self.fps)) + 2)
+        while idle.emitted <= pos + lead:
             p = idle.emitted
             idle.emitted += 1
             if p < pos:
@@ -769,6 +757,43 @@ class Session:
         idle.skipped = {p for p in idle.skipped if p >= pos}
         entry = idle.ready.pop(pos, None)
         return None if entry is None else entry[0]
+
+
+class EventStream:
+    """An async iterator over a session's events (see :meth:`Session.events`)."""
+
+    def __init__(self, session: Session, maxsize: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._q: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize)
+        self._done = False
+        self._unsubscribe = session.subscribe(self._put)
+        if session._closed:
+            self._done = True
+
+    def _put(self, ev: SessionEvent) -> None:
+        def add() -> None:
+            if self._q.full():
+                self._q.get_nowait()
+            self._q.put_nowait(ev)
+
+        self._loop.call_soon_threadsafe(add)
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> SessionEvent:
+        if self._done:
+            self._unsubscribe()
+            raise StopAsyncIteration
+        ev = await self._q.get()
+        if ev.kind == "closed":
+            self._done = True
+        return ev
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._done = True
+        self._unsubscribe()
 
 
 def _silent_window(source: FeatureSource) -> np.ndarray:
