@@ -359,6 +359,12 @@ def test_beyond_capacity_is_503_and_a_vanished_client_ends_only_its_session(serv
     status, metrics = http("GET", server.url + "/metrics")
     assert 'avatar_sessions_refused_total{reason="capacity"} 1.0' in metrics
     assert 'avatar_sessions_ended_total{reason="client_gone"}' in metrics
+    # the engine's calls reached the histograms: batch sizes and inference time, one observation per call
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith(("avatar_batch_size_count", "avatar_inference_seconds_count", "avatar_batch_size_sum"))}
+    assert counts["avatar_batch_size_count"] > 0
+    assert counts["avatar_inference_seconds_count"] == counts["avatar_batch_size_count"]
+    assert counts["avatar_batch_size_sum"] >= counts["avatar_batch_size_count"]
 
 
 # --------------------------------------------------------------------------- a real browser

@@ -69,7 +69,7 @@ class LiveSession:
             "lag_p50_s": float(st.lag_p50_s),
             "lag_p95_s": float(st.lag_p95_s),
             "lag_p99_s": float(st.lag_p99_s),
-            "latency_s": [float(x) for x in st.latency_s],
+            "latency_s": [round(float(x), 4) for x in st.latency_s[-20:]],  # the last utterances
             "position_s": float(st.position_s),
         }
 
