@@ -23,6 +23,8 @@ class Clock:
 
     now: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    #: clock seconds per real second
+    speed: float = 1.0
 
     @classmethod
     def scaled(cls, speed: float) -> "Clock":
@@ -30,7 +32,8 @@ class Clock:
         if speed <= 0:
             raise ValueError("speed must be positive")
         base = time.monotonic()
-        return cls(now=lambda: base + (time.monotonic() - base) * speed, sleep=lambda s: time.sleep(max(0.0, s) / speed))
+        return cls(now=lambda: base + (time.monotonic() - base) * speed, sleep=lambda s: time.sleep(max(0.0, s) / speed),
+                   speed=speed)
 
 
 REALTIME = Clock()

@@ -51,6 +51,7 @@ class WorkItem:
     seq: int = 0
     skippable: bool = True
     utterance: Any = None
+    submitted: float = 0.0
 
 
 @dataclass
@@ -112,6 +113,7 @@ class InferenceScheduler:
                 return
             self._seq += 1
             item.seq = self._seq
+            item.submitted = self.clock.now()
             self._pending.append(item)
             self._cv.notify_all()
 
@@ -133,8 +135,11 @@ class InferenceScheduler:
             return est[n]
         if not est:
             return 0.0
-        k = min(est, key=lambda m: abs(m - n))
-        return est[k] * max(n, 1) / max(k, 1) if n > k else est[k]
+        sizes = sorted(est)
+        top = sizes[-1]
+        if n > top:  # beyond what was measured: the largest batch's cost per item
+            return est[top] * n / top
+        return float(np.interp(n, sizes, [est[k] for k in sizes]))
 
     def warm(self) -> None:
         """Run the backend on zeros at the full batch, then at 1, measuring both (before any session waits).
@@ -179,20 +184,27 @@ class InferenceScheduler:
                 if self._closed:
                     return None
                 self._cv.wait(0.1)
-            # a partial batch waits for more while items keep coming, bounded by
-            # max_wait_s per gap and by the earliest deadline
-            last_count = len(self._pending)
+            # A partial batch waits for more. Paced items (with deadlines): at most
+            # max_wait_s after the oldest arrived, and never so long that the batch
+            # would miss the earliest deadline. Unpaced items (offline): while they
+            # keep coming, max_wait_s per gap.
+            last_count = -1
             last_change = self.clock.now()
             while len(self._pending) < self.batch_size and not self._closed:
                 now = self.clock.now()
                 if len(self._pending) != last_count:
                     last_count, last_change = len(self._pending), now
-                if now - last_change >= self.max_wait_s:
+                    soonest = self._soonest(now)
+                    oldest = min(it.submitted for it in self._pending)
+                if soonest is None:
+                    left = self.max_wait_s - (now - last_change)
+                else:
+                    # never so long that the batch would miss the earliest deadline
+                    left = min(self.max_wait_s - (now - oldest),
+                               soonest - self.estimate_s(len(self._pending) + 1) - 0.002 - now)
+                if left <= 0:
                     break
-                soonest = self._soonest(now)
-                if soonest is not None and soonest - self.estimate_s(self.batch_size) <= now:
-                    break
-                self._cv.wait(min(self.max_wait_s, 0.002) or 0.001)
+                self._cv.wait(max(0.0005, left / self.clock.speed))  # a submit wakes it sooner
             if self._closed:
                 return None
             now = self.clock.now()

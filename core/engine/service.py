@@ -34,7 +34,7 @@ class ServiceOptions:
     #: the most frames one backend call takes (the backend's best batch)
     batch_size: int = 8
     #: how long a partial batch waits for more frames (never past the earliest deadline)
-    max_wait_s: float = 0.005
+    max_wait_s: float = 0.002
     #: False: one backend per session (no cross-session batching; for comparison)
     batching: bool = True
     #: run each batch size once at load so the first utterance does not pay for it

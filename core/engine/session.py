@@ -76,6 +76,8 @@ class SessionEvent:
     latency_s: float | None = None
     inherent_s: float | None = None
     position_s: float | None = None
+    #: speech_started: what the session added — from the push that completed the first frame's audio window to the frame
+    added_s: float | None = None
     #: speech_started: the walk position of the utterance's first frame
     walk_position: int | None = None
     skipped: int = 0
@@ -101,7 +103,9 @@ class SessionOptions:
     clock: Clock = REALTIME
     stats_interval_s: float = 1.0
     #: a paced utterance starts this long after its first frame is ready (slack for the frames after it)
-    start_margin_s: float = 0.04
+    start_margin_s: float = 0.02
+    #: how long a paced tick may wait past its due time for a frame still in the model
+    grace_s: float = 0.01
     #: frames of look-ahead that idle frames through the model are submitted ahead of their tick
     idle_lead: int = 4
 
@@ -147,9 +151,11 @@ class _Utterance:
         self.skipped: set[int] = set()
         self.cut = False  # the frame limit ended it (its audio remainder is not rendered)
         self.ready0_at: float | None = None  # when frame 0 became ready
+        self.window0_pushed: float | None = None  # when the audio that completed frame 0's window was pushed
 
 
 _FLUSH = object()
+_WAIT = object()
 _END = object()
 
 
@@ -181,6 +187,7 @@ class Session:
         self.thinning = Thinning(self.clock)
         self.lags = Percentiles()
         self.latencies: list[float] = []
+        self.added_latencies: list[float] = []
         #: the look-ahead every utterance waits for: the model's future rows plus the source's own
         self.inherent_s = (source.window_rows - source.window_before) / float(self.fps) + float(source.lookahead_s)
         self._frame_count = frame_count
@@ -318,7 +325,7 @@ class Session:
                 utt = _Utterance(self._gen, self.rate, self.fps, self.clock.now())
                 self._utts.append(utt)
             utt.audio.add(mono)
-        self._in.put((utt, mono))
+        self._in.put((utt, mono, self.clock.now()))
 
     def flush(self) -> None:
         """The utterance ended: render its tail now instead of waiting for more audio."""
@@ -332,7 +339,7 @@ class Session:
                     return
                 utt.flushed = True
                 utt.audio.close()
-            self._in.put((utt, _FLUSH))
+            self._in.put((utt, _FLUSH, self.clock.now()))
 
     def end_input(self) -> None:
         """No more audio will come (offline): the stream ends after the last utterance."""
@@ -440,7 +447,7 @@ class Session:
             if isinstance(msg, tuple) and msg[0] == "interrupt":
                 stream = assembler = cur = None
                 continue
-            utt, data = msg
+            utt, data, pushed = msg
             if utt.gen != self._gen:
                 continue
             if utt.total is not None:  # cut by the frame limit: the rest is not rendered
@@ -456,6 +463,8 @@ class Session:
                 beyond = any(j >= limit for j, _ in pairs)
                 pairs = [(j, w) for j, w in pairs if j < limit]
             for j, w in pairs:
+                if j == 0:
+                    utt.window0_pushed = pushed  # the push that made frame 0's window final
                 self._submit(utt, j, w)
             cut = limit is not None and utt.emitted >= limit and (beyond or not final)
             if final or cut:
@@ -491,7 +500,7 @@ class Session:
             return float("-inf")
         frame_s = 1.0 / float(self.fps)
         if utt.t0 is not None:
-            return utt.t0 + item.index * frame_s - 0.5 * frame_s
+            return utt.t0 + item.index * frame_s - 0.25 * frame_s  # a quarter frame for compositing
         base = utt.first_submit if utt.first_submit is not None else self.clock.now()
         return base + self.scheduler.estimate_s(self.scheduler.batch_size) + (item.index + 1) * frame_s
 
@@ -577,7 +586,7 @@ class Session:
             if paced:
                 if not wait_until(self.clock, origin + float(k * frame_s), self._stop):
                     break
-            got = self._next_frame(k)
+            got = self._next_frame(k, origin + float(k * frame_s))
             if got is None:
                 break
             vf, speech, slip = got
@@ -601,7 +610,7 @@ class Session:
                 next_stats = now + self.options.stats_interval_s
                 self._emit("stats", stats=vars(self.stats()))
 
-    def _next_frame(self, k: int) -> tuple[VideoFrame, bool, float] | None:
+    def _next_frame(self, k: int, due: float) -> tuple[VideoFrame, bool, float] | None:
         """The frame for output tick ``k``: (frame, is speech, clock slip); None at the end of an offline stream.
 
         The slip is how long an offline stream (``idle="none"``) waited for its
@@ -628,7 +637,10 @@ class Session:
                 elif not utt.started and live:
                     return self._idle_frame(k, pts, hold_before=utt.p0), False, 0.0
                 if utt is not None and utt.started:
-                    got = self._speech_frame(utt, k, pts)
+                    got = self._speech_frame(utt, k, pts, due + slip)
+                    if got is _WAIT:
+                        self._cv.wait(0.002 / self.clock.speed)
+                        continue
                     if got is not None:
                         return got[0], got[1], slip
                     if live:
@@ -662,7 +674,11 @@ class Session:
         self.latencies.append(latency)
         if len(self.latencies) > 10_000:
             del self.latencies[:5000]
-        self._emit("speech_started", latency_s=latency, inherent_s=self.inherent_s, walk_position=utt.p0)
+        added = None if utt.window0_pushed is None else utt.t0 - utt.window0_pushed
+        if added is not None:
+            self.added_latencies.append(added)
+        self._emit("speech_started", latency_s=latency, inherent_s=self.inherent_s, added_s=added,
+                   walk_position=utt.p0)
 
     def _finish(self, utt: _Utterance) -> None:
         self._utts.popleft()
@@ -673,12 +689,14 @@ class Session:
         if utt.total:
             self._emit("speech_ended", position_s=utt.next_j / float(self.fps))
 
-    def _speech_frame(self, utt: _Utterance, k: int, pts: Fraction) -> tuple[VideoFrame, bool] | None:
+    def _speech_frame(self, utt: _Utterance, k: int, pts: Fraction, due: float) -> Any:
         j = utt.next_j
         paced = self.options.paced
         if j not in utt.ready and j not in utt.skipped:
             if not paced or j >= utt.emitted or not self._audio_arrived(utt, j):
                 return None  # unpaced: wait for the model; or the input has not come yet
+            if self.clock.now() < due + self.options.grace_s:
+                return _WAIT  # in the model, nearly done: worth a few ms of lag
             # paced, its audio is here, and the frame is still in the model: too late to show it
             self.late += 1
             self.thinning.missed()
