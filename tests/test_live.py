@@ -399,3 +399,21 @@ def test_session_options_are_checked() -> None:
         SessionOptions(idle="sleep")
     with pytest.raises(ConfigError, match="walk_start"):
         SessionOptions(walk_start=-1)
+
+
+def test_live_benchmark_point_reports_both_modes(tmp_path: Path) -> None:
+    """The benchmark's figures are all there (values are measured, not checked here)."""
+    from avatar.bench.live import LiveConfig, _assets, markdown, run_point
+
+    cfg = LiveConfig(models=("tiny",), seconds=1.5, utterance_s=0.6, pause_s=0.2)
+    assets = _assets(tmp_path)
+    pcm = speech(3.0)
+    points = [run_point(assets, "tiny", 2, batching, cfg, pcm) for batching in (True, False)]
+    for p in points:
+        assert {"sustained", "speech_fps_mean", "lag_p95_s", "added_latency_p50_s", "mean_batch", "backend_calls_per_s",
+                "cpu_percent"} <= set(p)
+        assert len(p["sessions_detail"]) == 2 and p["backend_calls_per_s"] > 0
+    result = {"environment": {"cpu_model": "x", "cpu_cores": 2}, "config": vars(cfg), "points": points,
+              "summary": {"tiny": {"sustained_batched": 1, "sustained_separate": 1, "ratio": 1.0}}}
+    text = markdown(result)
+    assert "| tiny | 2 | batched |" in text and "| tiny | 2 | per session |" in text

@@ -50,9 +50,9 @@ def wait_until(clock: Clock, due: float, stop: threading.Event, step: float = 0.
 
 
 class Percentiles:
-    """Values kept for percentiles (bounded memory: the newest ``cap`` are kept)."""
+    """Values kept for percentiles (bounded memory and time: about the newest ``cap`` are kept)."""
 
-    def __init__(self, cap: int = 100_000) -> None:
+    def __init__(self, cap: int = 10_000) -> None:
         self._v = array("d")
         self.cap = cap
         self.count = 0
@@ -65,15 +65,19 @@ class Percentiles:
                 del self._v[: self.cap // 2]
             self._v.append(value)
 
-    def percentile(self, q: float) -> float:
+    def percentiles(self, *qs: float) -> list[float]:
         with self._lock:
             s = sorted(self._v)
         if not s:
-            return 0.0
-        return s[min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))]
+            return [0.0 for _ in qs]
+        return [s[min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))] for q in qs]
+
+    def percentile(self, q: float) -> float:
+        return self.percentiles(q)[0]
 
     def summary(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_p{q}": self.percentile(q) for q in (50, 95, 99)}
+        qs = (50, 95, 99)
+        return {f"{prefix}_p{q}": v for q, v in zip(qs, self.percentiles(*qs))}
 
 
 class Thinning:

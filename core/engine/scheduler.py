@@ -109,13 +109,17 @@ class InferenceScheduler:
 
     def submit(self, item: WorkItem) -> None:
         with self._cv:
-            if self._closed:
-                return
-            self._seq += 1
-            item.seq = self._seq
-            item.submitted = self.clock.now()
-            self._pending.append(item)
-            self._cv.notify_all()
+            closed = self._closed
+            if not closed:
+                self._seq += 1
+                item.seq = self._seq
+                item.submitted = self.clock.now()
+                self._pending.append(item)
+                self._cv.notify_all()
+        if closed:  # (sessions are closed before their scheduler: only a failed scheduler gets here)
+            from ..errors import BackendError
+
+            _safe(item.client.on_failure, BackendError("the shared inference has stopped"))
 
     def cancel(self, client: Any, below_generation: int | None = None) -> int:
         """Drop ``client``'s pending items (those of older generations only, if given)."""
@@ -190,7 +194,7 @@ class InferenceScheduler:
             # keep coming, max_wait_s per gap.
             last_count = -1
             last_change = self.clock.now()
-            while len(self._pending) < self.batch_size and not self._closed:
+            while 0 < len(self._pending) < self.batch_size and not self._closed:
                 now = self.clock.now()
                 if len(self._pending) != last_count:
                     last_count, last_change = len(self._pending), now
@@ -242,6 +246,17 @@ class InferenceScheduler:
         return min(ds) if ds else None
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug here must not leave sessions waiting forever
+            log.exception("the inference scheduler failed")
+            with self._cv:
+                self._closed = True
+                pending, self._pending = self._pending, []
+            for c in {id(it.client): it.client for it in pending}.values():
+                _safe(c.on_failure, exc)
+
+    def _serve(self) -> None:
         from ..vision import normalize
 
         fixed = self.contract.fixed_batch

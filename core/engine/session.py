@@ -27,7 +27,6 @@ but the inference (an :class:`~.scheduler.InferenceScheduler`). Threads::
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import math
@@ -43,6 +42,7 @@ import numpy as np
 from ..errors import AudioError, AvatarError, ConfigError
 from ..interfaces import FeatureSource, Sink, SinkReport, StreamInfo, VideoFrame
 from ..windows import WindowAssembler
+from .events import EventStream, SessionEvent
 from .intake import AudioIntake
 from .pacing import REALTIME, Clock, Percentiles, Thinning, wait_until
 from .scheduler import InferenceScheduler, WorkItem
@@ -55,35 +55,6 @@ IDLE_MODES = ("avatar", "model", "none")
 
 class SessionClosed(AvatarError):
     """The session has ended (closed, or failed); it takes no more audio."""
-
-
-@dataclass(frozen=True)
-class SessionEvent:
-    """Something a subscriber hears about. ``kind`` is one of:
-
-    ``speech_started`` (``latency_s``: first push of the utterance → its first
-    frame at the sinks; ``inherent_s``: the part the model's and the feature
-    source's look-ahead make unavoidable), ``speech_ended`` and ``interrupted``
-    (``position_s``: seconds of the utterance shown), ``stats`` (periodic:
-    ``stats``), ``error`` (``error``: the message; the session has ended) and
-    ``closed``.
-    """
-
-    kind: str
-    session: str
-    frame: int
-    time: float
-    latency_s: float | None = None
-    inherent_s: float | None = None
-    position_s: float | None = None
-    #: speech_started: what the session added — from the push that completed the first frame's audio window to the frame
-    added_s: float | None = None
-    #: speech_started: the walk position of the utterance's first frame
-    walk_position: int | None = None
-    skipped: int = 0
-    lag_s: float = 0.0
-    error: str | None = None
-    stats: dict[str, Any] | None = None
 
 
 @dataclass
@@ -295,6 +266,11 @@ class Session:
         self.close()
 
     @property
+    def closed(self) -> bool:
+        """close() was called."""
+        return self._closed
+
+    @property
     def alive(self) -> bool:
         return not self._closed and self.error is None
 
@@ -380,7 +356,7 @@ class Session:
         self._subs.append(fn)
         return lambda: self._subs.remove(fn) if fn in self._subs else None
 
-    def events(self, maxsize: int = 1000) -> "EventStream":
+    def events(self, maxsize: int = 1000) -> EventStream:
         """The events as an async iterator for an asyncio server (call it on the event loop).
 
         It subscribes at once, so nothing emitted after this call is missed; it
@@ -671,12 +647,12 @@ class Session:
             utt.p0 = self._walk
         self.state = "speaking"
         latency = utt.t0 - utt.pushed_at
-        self.latencies.append(latency)
-        if len(self.latencies) > 10_000:
-            del self.latencies[:5000]
         added = None if utt.window0_pushed is None else utt.t0 - utt.window0_pushed
-        if added is not None:
-            self.added_latencies.append(added)
+        for values, v in ((self.latencies, latency), (self.added_latencies, added)):
+            if v is not None:
+                values.append(v)
+            if len(values) > 10_000:  # bounded memory in a long session
+                del values[:5000]
         self._emit("speech_started", latency_s=latency, inherent_s=self.inherent_s, added_s=added,
                    walk_position=utt.p0)
 
@@ -713,7 +689,10 @@ class Session:
         image, face, box, a = entry
         self._last = (image, a)
         self.speech_frames += 1
-        self._window_rendered.append(self.clock.now())
+        now = self.clock.now()
+        self._window_rendered.append(now)
+        while self._window_rendered[0] < now - self.options.stats_interval_s:
+            self._window_rendered.popleft()
         self.thinning.in_time()
         return VideoFrame(index=k, pts=pts, image=image, audio=share, avatar_index=a, face=face, box=box), True
 
@@ -775,43 +754,6 @@ class Session:
         idle.skipped = {p for p in idle.skipped if p >= pos}
         entry = idle.ready.pop(pos, None)
         return None if entry is None else entry[0]
-
-
-class EventStream:
-    """An async iterator over a session's events (see :meth:`Session.events`)."""
-
-    def __init__(self, session: Session, maxsize: int) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._q: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize)
-        self._done = False
-        self._unsubscribe = session.subscribe(self._put)
-        if session._closed:
-            self._done = True
-
-    def _put(self, ev: SessionEvent) -> None:
-        def add() -> None:
-            if self._q.full():
-                self._q.get_nowait()
-            self._q.put_nowait(ev)
-
-        self._loop.call_soon_threadsafe(add)
-
-    def __aiter__(self) -> "EventStream":
-        return self
-
-    async def __anext__(self) -> SessionEvent:
-        if self._done:
-            self._unsubscribe()
-            raise StopAsyncIteration
-        ev = await self._q.get()
-        if ev.kind == "closed":
-            self._done = True
-        return ev
-
-    def close(self) -> None:
-        """Stop listening."""
-        self._done = True
-        self._unsubscribe()
 
 
 def _silent_window(source: FeatureSource) -> np.ndarray:
