@@ -437,7 +437,7 @@ def test_server_token_lifetime_limit_and_ice_servers(demo_dir: Path) -> None:
     import aiohttp
 
     token = "server-token-0123456789"
-    p = ServeProcess(demo_dir, "--demo", "--tiny", "--backend", "cpu", "--token", token,
+    p = ServeProcess(demo_dir, "--demo", "--tiny", "--backend", "cpu", "--token", token, "--batch", "2",
                      "--max-session-s", "3", "--ice-server", "stun:stun.example.org:3478").wait_ready()
     try:
         status, health = http("GET", p.url + "/health")  # open: load balancers probe it
@@ -456,10 +456,18 @@ def test_server_token_lifetime_limit_and_ice_servers(demo_dir: Path) -> None:
 
         async def until_ended() -> dict[str, Any]:
             async with aiohttp.ClientSession() as c, c.ws_connect(_ws_url(p, s)) as ws:
+                await ws.send_json({"type": "format", "sample_rate": 16000})
+                await _push_realtime(ws, tone(0.6))
+                await ws.send_json({"type": "flush"})
                 return await _events_until(ws, "ended", 10, [])
 
         ended = asyncio.run(until_ended())
         assert "lifetime" in ended["reason"]
+        # --batch 2: no backend call took more than 2 frames
+        metrics = http("GET", p.url + "/metrics", token=token)[1]
+        count = next(float(x.split()[1]) for x in metrics.splitlines() if x.startswith("avatar_batch_size_count"))
+        le2 = next(float(x.split()[1]) for x in metrics.splitlines() if x.startswith('avatar_batch_size_bucket{le="2.0"}'))
+        assert count > 0 and le2 == count
         assert http("GET", f"{p.url}/v1/sessions/{s['id']}", token=s["token"])[0] == 404
         assert token not in p.log() and s["token"] not in p.log()
     finally:

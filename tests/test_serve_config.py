@@ -77,3 +77,14 @@ def test_meter_sink_measures_delivery_and_feeds_the_metrics() -> None:
     text = m.render()[0].decode()
     assert "avatar_frames_delivered_total 5.0" in text
     assert "avatar_frame_lag_seconds_count 5.0" in text
+
+
+def test_avatar_option_names_and_checks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from avatar.cli.serve_cmd import _spec
+
+    (tmp_path / "anna").mkdir()
+    assert _spec(str(tmp_path / "anna"), None, "ave", None).name == "anna"
+    spec = _spec(f"bob={tmp_path / 'anna'}", str(tmp_path / "m.onnx"), "hubert", "enc.onnx")
+    assert (spec.name, spec.path, spec.features, spec.feature_options) == ("bob", tmp_path / "anna", "hubert", {"encoder": "enc.onnx"})
+    with pytest.raises(ConfigError, match="not an avatar package folder"):
+        _spec(str(tmp_path / "nope"), None, "ave", None)
