@@ -169,8 +169,10 @@ def test_interrupt_mid_utterance_is_idle_within_two_frames(assets: dict[str, Pat
         rec.wait(lambda r: s.speech_frames >= 20)
         at = s.frames
         shown = s.interrupt()
+        state = s.stats().state
         rec.wait(lambda r: len(r.frames) >= at + 10)
         s.close()
+    assert state == "idle"
     assert 20 / 25 <= shown < 4.0
     (ev,) = rec.kinds("interrupted")
     assert ev.position_s == shown

@@ -33,6 +33,7 @@ CORE_COMMANDS = [
     ("demo_cmd", "demo"),
     ("convert_cmd", "convert"),
     ("bench_cmd", "bench"),
+    ("serve_cmd", "serve"),
 ]
 
 

@@ -343,6 +343,8 @@ class Session:
                 had = bool(self._utts)
                 self._utts.clear()
                 self._gen += 1
+                if self.state == "speaking":  # the output is idle from the next tick
+                    self.state = "idle"
                 self._cv.notify_all()
             self.scheduler.cancel(self)
             self._in.put(("interrupt", self._gen))
