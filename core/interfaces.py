@@ -188,6 +188,8 @@ class BackendOptions:
     max_batch: int = 16
     threads: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: the user chose ``precision`` (``--precision``/``--fp16``): ``auto`` may change only a default
+    precision_explicit: bool = False
 
 
 class Backend(Component):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,8 +43,12 @@ def open_backend(name: str, model: str | Path, options: BackendOptions | None = 
             continue
         try:
             # a backend may make its own choice of options under auto, or decline (openvino: no passing gate)
-            opener = getattr(reg.obj, "open_auto", reg.obj)
-            backend = opener(model, options)
+            opener, opts = getattr(reg.obj, "open_auto", None), options
+            if opener is None:
+                opener = reg.obj
+                if options.precision == "auto":  # a backend without a choice of its own runs auto as fp32
+                    opts = replace(options, precision="fp32")
+            backend = opener(model, opts)
         except BackendUnavailable as exc:
             skipped.append(f"{reg.name} (priority {prio}): {exc}")
             continue
@@ -110,7 +115,7 @@ def render(
         ``encoder`` option. The package's recorded window padding
         (``model.padding``) is the default ``padding`` option; an explicit
         ``feature_options["padding"]`` wins.
-    :param backend: ``auto`` (the usable backend of highest ``priority``: onnx-cuda, else cpu), ``cpu``,
+    :param backend: ``auto`` (the usable backend of highest ``priority``: onnx-cuda, else openvino with a gated reduced precision, else cpu), ``cpu``,
         ``onnx-cuda``, ``tensorrt`` or a plugin's.
     :param memory_budget_mb: how much decoded avatar video may be held in
         memory; a longer avatar is decoded in keyframe chunks on demand.

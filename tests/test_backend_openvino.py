@@ -440,3 +440,23 @@ def test_int8_by_avatar_quantize_passes_the_gate_on_the_trained_model(trained: P
     assert rec.reference_sha256 == file_sha256(trained)
     with _open(out, "auto") as be:  # auto takes the passing int8
         assert be.precision == "int8" and "gate passed" in be.choice
+
+
+def test_backend_auto_keeps_an_explicit_precision(unet: Path):
+    """`--precision fp32` under `--backend auto` is fp32 even where a gated bf16 exists;
+    `--precision auto` falls back to ONNX Runtime fp32 when openvino declines."""
+    from avatar.render import open_backend
+
+    # no gate record: openvino declines auto, and cpu runs `auto` as fp32 instead of refusing it
+    be, used = open_backend("auto", unet, BackendOptions(max_batch=2, precision="auto", precision_explicit=True))
+    with be:
+        assert used == "cpu"
+    if not _has_bf16():
+        return
+    _record(unet, "bf16", passed=True)
+    be, used = open_backend("auto", unet, BackendOptions(max_batch=2, precision="fp32", precision_explicit=True))
+    with be:
+        assert used == "cpu"  # asked for fp32: not silently bf16 on openvino
+    be, used = open_backend("auto", unet, BackendOptions(max_batch=2, precision="auto", precision_explicit=True))
+    with be:
+        assert used == "openvino" and be.precision == "bf16"  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ import click
 @click.option("--audio", type=click.Path(dir_okay=False, exists=True), help="Your own speech instead of the synthetic audio.")
 @click.option("--seconds", default=6.0, show_default=True, type=click.FloatRange(min=0.2, max=600), help="Length of the synthetic audio.")
 @click.option("--tiny", is_flag=True, help="A tiny test model instead of the full-size UNet-328 (much faster, less realistic cost).")
-@click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt.")
+@click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, openvino, tensorrt, or a plugin's.")
 @click.option("--batch", "batch_size", default=8, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
 def demo(output: str, workdir: str, audio: str | None, seconds: float, tiny: bool, backend: str, batch_size: int, progress: bool) -> None:

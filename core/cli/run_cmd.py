@@ -45,7 +45,7 @@ def _coerce(v: str) -> Any:
 @click.option("--wenet-model", type=click.Path(dir_okay=False), help="WeNet encoder ONNX for --features wenet.")
 @click.option("--padding", type=click.Choice(["replicate", "zero"]), help="Audio window edge padding (default: the source's).")
 @click.option("--feature-opt", multiple=True, help="Extra feature-source option KEY=VALUE (e.g. for a plugin's source); repeatable.")
-@click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt, or a plugin's.")
+@click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, openvino, tensorrt, or a plugin's.")
 @click.option("--device-id", default=0, show_default=True, help="GPU index for GPU backends.")
 @click.option("--fp16", is_flag=True, help="Half precision on GPU backends (same as --precision fp16).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "auto"]),
@@ -160,7 +160,7 @@ def run(
         raise ConfigError(f"--fp16 and --precision {precision} contradict each other; give one")
     bopts = BackendOptions(
         device_id=device_id, precision=precision or ("fp16" if fp16 else "fp32"), max_batch=max(batch_size, 1),
-        threads=threads, extra=_kv(backend_opt, "--backend-opt"),
+        threads=threads, extra=_kv(backend_opt, "--backend-opt"), precision_explicit=precision is not None or fp16,
     )
     try:
         report = render(

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; anything but loopback needs --token.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--token", envvar="AVATAR_SERVE_TOKEN", help="Bearer token for the server routes (env AVATAR_SERVE_TOKEN).")
-@click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, tensorrt.")
+@click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, openvino, tensorrt, or a plugin's.")
 @click.option("--batch", default=8, show_default=True, type=int, help="Largest batch the shared backend runs.")
 @click.option("--threads", type=int, help="CPU threads for the backend.")
 @click.option("--max-sessions", type=int, help="Admit at most this many sessions (default: measured from the backend).")

@@ -101,13 +101,15 @@ class AvatarService:
         model_path = Path(model) if model is not None else getattr(package, "model_path", None)
         if model_path is None:
             raise ConfigError("no model given and the avatar package names none; pass model=MODEL.onnx")
-        source = self._source(features, feature_options, package)
         opts = options or SessionOptions(idle=idle, walk_start=walk_start, clock=self.options.clock)
         with self._lock:
             self._count += 1
             sid = name or f"s{self._count}"
             shared = self._backend(Path(model_path), sid)
-            check_feature_match(shared.contract, source.name, tuple(source.window_shape))
+        # the package's recorded padding is the default, as in render(): the model was trained with it
+        source = self._source(features, feature_options, package, shared.contract.feature_type)
+        check_feature_match(shared.contract, source.name, tuple(source.window_shape))
+        with self._lock:
             shared.users += 1
         try:
             session = Session(package, source, shared.scheduler, make_sinks(sinks), opts, name=sid,
@@ -173,12 +175,18 @@ class AvatarService:
                 self._packages[key] = AvatarPackage.open(avatar)
             return self._packages[key]
 
-    def _source(self, features: str | FeatureSource, options: Mapping[str, Any] | None, package: Any) -> FeatureSource:
+    def _source(
+        self, features: str | FeatureSource, options: Mapping[str, Any] | None, package: Any, feature_type: str
+    ) -> FeatureSource:
         if isinstance(features, FeatureSource):
             return features
-        from ..render import make_feature_source
+        from ..render import make_feature_source, package_padding
 
         opts = dict(options or {})
+        if not opts.get("padding"):
+            padding = package_padding(package, feature_type)
+            if padding:
+                opts["padding"] = padding
         if features == "ave" and not opts.get("encoder"):
             enc = getattr(package, "audio_encoder_path", None)
             if enc is None:
@@ -203,7 +211,9 @@ class AvatarService:
         contract = read_contract(model)
         backend, used = open_backend(o.backend, model, bopts)
         try:
-            scheduler = InferenceScheduler(backend, contract, batch_size=o.batch_size, max_wait_s=o.max_wait_s,
+            # a fixed-batch model (upstream exports: 1) runs at its batch; partial batches are padded
+            batch = contract.fixed_batch or o.batch_size
+            scheduler = InferenceScheduler(backend, contract, batch_size=batch, max_wait_s=o.max_wait_s,
                                            clock=o.clock, name=f"inference-{used}")
         except BaseException:
             backend.close()

@@ -208,7 +208,18 @@ class Session:
             frame_count=self._frame_count, title=str(getattr(self.package, "name", "")),
         )
         for s in self.sinks:
-            s.open(info)
+            try:
+                s.open(info)
+            except BaseException:
+                # the sinks already open are closed now: a file sink's lock and partial file,
+                # an RTMP worker process must not outlive a session that never started
+                for o in reversed(self._opened):
+                    try:
+                        o.close(aborted=True)
+                    except Exception as exc:
+                        log.warning("closing sink %s after a failed open failed: %s", o.name, exc)
+                self._opened.clear()
+                raise
             self._opened.append(s)
         self.opened_at = self.clock.now()
         self.state = "idle"

@@ -227,10 +227,10 @@ class _NullSink(Sink):
 def _package_model(path: Any) -> Any:
     from ..package import AvatarPackage
 
-    pkg = AvatarPackage.open(path)
-    if pkg.model_path is None:
-        raise ConfigError(f"the avatar package {path} names no model; pass --model MODEL.onnx")
-    return pkg.model_path
+    with AvatarPackage.open(path) as pkg:
+        if pkg.model_path is None:
+            raise ConfigError(f"the avatar package {path} names no model; pass --model MODEL.onnx")
+        return pkg.model_path
 
 
 def _forward(ev: Any, emit: EventFn) -> None:

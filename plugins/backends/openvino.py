@@ -121,10 +121,12 @@ class OpenVinoBackend(Backend):
     @classmethod
     def open_auto(cls, model_path: str | Path, options: BackendOptions) -> "OpenVinoBackend":
         """Load for ``--backend auto``: the fastest gated precision, or decline when that would be fp32."""
-        if options.precision == "fp32":  # the default: nobody asked for fp32 on this backend
+        if options.precision == "fp32":
+            if options.precision_explicit:  # fp32 asked for: ONNX Runtime's is as fast, and no model is read here
+                raise BackendUnavailable("openvino: fp32 was asked for; ONNX Runtime fp32 (cpu) is as fast, so auto does not use it")
             from dataclasses import replace
 
-            options = replace(options, precision="auto")
+            options = replace(options, precision="auto")  # the default: pick the fastest gated precision
         try:
             be = cls(model_path, options)
         except ConfigError as exc:  # e.g. fp16 asked on a CPU without it: let auto try the next backend
