@@ -20,7 +20,7 @@ import numpy as np
 
 from avatar.errors import BackendError, ConfigError, ModelError
 from avatar.compare import psnr, random_feeds  # noqa: F401  (re-exported for the backends)
-from avatar.interfaces import TensorInfo
+from avatar.interfaces import Backend, TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -251,3 +251,17 @@ def fp16_gate(backend: str, model: Path, measured: float, limit: float) -> None:
             f"against fp32, need {limit:.0f} dB); use precision fp32"
         )
 
+
+class ListedTensorsBackend(Backend):
+    """A backend whose input and output metadata are lists it fills at load (``_inputs``, ``_outputs``)."""
+
+    _inputs: list[TensorInfo]
+    _outputs: list[TensorInfo]
+
+    @property
+    def inputs(self) -> Sequence[TensorInfo]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> Sequence[TensorInfo]:
+        return list(self._outputs)

@@ -31,10 +31,10 @@ import numpy as np
 
 from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError
 from avatar.hookspecs import hookimpl
-from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
+from avatar.interfaces import Availability, BackendOptions, TensorInfo
 
 from . import _gates
-from ._common import cache_dir, check_extra, check_feeds
+from ._common import ListedTensorsBackend, cache_dir, check_extra, check_feeds
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def is_quantized(model: Any) -> bool:
     return any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
 
 
-class OpenVinoBackend(Backend):
+class OpenVinoBackend(ListedTensorsBackend):
     """OpenVINO on CPU (or an Intel GPU/NPU): fp32, bf16, fp16 and int8, accuracy-gated."""
 
     name = "openvino"
@@ -307,14 +307,6 @@ class OpenVinoBackend(Backend):
     def compiled_property(self, name: str) -> Any:
         """A property of the compiled model (``NUM_STREAMS``, ``INFERENCE_NUM_THREADS``, ...)."""
         return self._compiled.get_property(name)
-
-    @property
-    def inputs(self) -> Sequence[TensorInfo]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> Sequence[TensorInfo]:
-        return list(self._outputs)
 
     @property
     def providers(self) -> list[str]:

@@ -29,10 +29,11 @@ import numpy as np
 
 from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError
 from avatar.hookspecs import hookimpl
-from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
+from avatar.interfaces import Availability, BackendOptions, TensorInfo
 
 from . import _ort_placement as placement
 from ._common import (
+    ListedTensorsBackend,
     check_extra,
     check_feeds,
     cuda_driver_status,
@@ -125,7 +126,7 @@ def session_options(options: BackendOptions):  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------- base
 
 
-class _OrtBackend(Backend):
+class _OrtBackend(ListedTensorsBackend):
     """Shared lifecycle of the ONNX Runtime backends."""
 
     provider: ClassVar[str]
@@ -195,14 +196,6 @@ class _OrtBackend(Backend):
         self.fp16_psnr = output_psnr(want, got)
         log.info("%s: fp16 model PSNR against fp32: %.1f dB", self.name, self.fp16_psnr)
         fp16_gate(self.name, self.model_path, self.fp16_psnr, limit)
-
-    @property
-    def inputs(self) -> Sequence[TensorInfo]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> Sequence[TensorInfo]:
-        return list(self._outputs)
 
     @property
     def providers(self) -> list[str]:

@@ -45,16 +45,17 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import click
 import numpy as np
 
 from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError
 from avatar.hookspecs import hookimpl
-from avatar.interfaces import Availability, Backend, BackendOptions, TensorInfo
+from avatar.interfaces import Availability, BackendOptions, TensorInfo
 
 from ._common import (
+    ListedTensorsBackend,
     cache_dir,
     check_extra,
     check_feeds,
@@ -304,7 +305,7 @@ def build_options_from(options: BackendOptions) -> BuildOptions:
 # --------------------------------------------------------------------------- backend
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(ListedTensorsBackend):
     """Runs a cached TensorRT engine with page-locked host and fixed device buffers."""
 
     name = "tensorrt"
@@ -417,14 +418,6 @@ class TensorRTBackend(Backend):
                 f"tensorrt: the engine rejected shape {tuple(shape)} for input '{name}' "
                 f"(optimisation profile 0 accepts {lo} to {hi}); run with -vv for the TensorRT log"
             )
-
-    @property
-    def inputs(self) -> Sequence[TensorInfo]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> Sequence[TensorInfo]:
-        return list(self._outputs)
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import pycuda.driver as cuda
