@@ -5,47 +5,71 @@ A console script imports its entry point before calling it. Were that
 NumPy, ONNX and the plugin system) would print a ``KeyboardInterrupt``
 traceback, or worse an ``ImportError``: an interrupt that lands inside a C
 extension's initialisation comes out as a failed import. This module imports
-only the standard library, holds a Ctrl-C back while the real command line is
-imported (a second one interrupts at once), and turns an interrupt into one
-line and the shell's exit status for SIGINT, 130.
+only the standard library, holds a Ctrl-C (or a SIGTERM) back while the real
+command line is imported (a second one interrupts at once), and turns it into
+one line and the shell's exit status for the signal (130 for SIGINT, 143 for
+SIGTERM).
+
+The holding handler is installed as this module is imported, before anything
+else loads (``typing`` alone takes milliseconds), so a signal between the
+console script's import of this module and its call of :func:`main` is held
+too. What remains is the interpreter's own start-up, before any of our code
+runs, which no Python program can cover.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing here would widen the unguarded start
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_pending: list[int] = []
 
 
-def _interrupted() -> NoReturn:
+def _hold(signum: int, frame: Any) -> None:
+    if _pending:  # a second signal: the user means it
+        raise KeyboardInterrupt
+    _pending.append(signum)
+
+
+def _install() -> dict[int, Any]:
+    return {sig: signal.signal(sig, _hold) for sig in _SIGNALS}
+
+
+# installed on import: the console script imports this module, then calls main()
+_previous = _install()
+
+
+def _interrupted(signum: int | None = None) -> NoReturn:
     sys.stderr.write("interrupted\n")
-    sys.exit(130)
+    sys.exit(128 + int(signum or (_pending[0] if _pending else signal.SIGINT)))
 
 
 def main() -> None:
     """Console-script entry point (``avatar``)."""
-    pending: list[int] = []
-
-    def hold(signum: int, frame: Any) -> None:
-        if pending:  # a second Ctrl-C: the user means it
-            raise KeyboardInterrupt
-        pending.append(signum)
-
-    previous = signal.signal(signal.SIGINT, hold)
+    global _previous
+    if signal.getsignal(signal.SIGINT) is not _hold:  # main() called again in one process (tests, embedding)
+        _pending.clear()
+        _previous = _install()
     try:
         from avatar.cli import main as cli_main
     except BaseException:
-        if pending:
+        if _pending:
             _interrupted()
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending:
+        for sig, previous in _previous.items():
+            signal.signal(sig, previous)
+    if _pending:
         _interrupted()
     try:
         cli_main()
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as exc:  # a command's SIGTERM comes as a KeyboardInterrupt that names its signal
+        _interrupted(getattr(exc, "signum", None))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -176,6 +176,18 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130() -> None:
         assert (p.returncode, err) == (130, "interrupted\n"), err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_between_the_launchers_import_and_main_is_one_line(sig: int) -> None:
+    """The console script imports the launcher, then calls main(): a signal from the import on is held.
+
+    The reliability probe's repeat saw a Ctrl-C 35 ms in (while the launcher imported ``typing``) print a
+    traceback, and a SIGTERM in the first half second kill the command silently (-15).
+    """
+    code = f"import os, avatar_launcher; os.kill(os.getpid(), {int(sig)}); avatar_launcher.main()"
+    r = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (128 + sig, "interrupted\n"), r.stderr
+
+
 def test_the_console_script_enters_through_a_stdlib_only_module() -> None:
     """Nothing heavy may load before the launcher's Ctrl-C handling is in place."""
     tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")

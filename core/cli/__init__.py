@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -76,9 +77,10 @@ class AvatarCLI(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("interrupted", err=True)
-            ctx.exit(130)
+            # 128 + the signal, the shell's convention: 130 for Ctrl-C, 143 for SIGTERM (a command's Terminated)
+            ctx.exit(128 + int(getattr(exc, "signum", signal.SIGINT)))
 
 
 def _debug(ctx: click.Context) -> bool:
