@@ -123,6 +123,11 @@ def main() -> None:
         cli_main()
     except KeyboardInterrupt as exc:  # a command's SIGTERM comes as a KeyboardInterrupt that names its signal
         _interrupted(getattr(exc, "signum", None))
+    finally:
+        # The command is over, its outputs written or removed: a signal now (threads being joined, atexit)
+        # would only turn its exit status into a kill or a traceback while the interpreter shuts down.
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -232,6 +232,29 @@ def test_a_signal_during_an_import_is_raised_after_it(sig: int, tmp_path: Path) 
     assert (r.returncode, r.stdout, r.stderr) == (128 + sig, "imported\n", "interrupted\n"), r.stderr
 
 
+AFTER_THE_COMMAND = """
+import atexit, os, sys, time, avatar_launcher, avatar.cli
+
+def main():
+    def late():  # the interpreter shutting down (threads joined, atexit) when the signal comes
+        os.kill(os.getpid(), int(sys.argv[1]))
+        time.sleep(0.2)
+    atexit.register(late)
+    print("done", flush=True)
+
+avatar.cli.main = main
+avatar_launcher.main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_command_finished_leaves_its_exit_status(sig: int) -> None:
+    """The probe: Ctrl-C just after a complete render turned its exit 0 into a kill (-2)."""
+    r = subprocess.run([sys.executable, "-c", AFTER_THE_COMMAND, str(int(sig))], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "done\n", ""), r.stderr
+
+
 INTERRUPTED_IMPORT_COMMAND = """
 import sys
 from avatar.cli import cli
