@@ -19,7 +19,10 @@ Usage::
         [--out benchmarks/results/probe-reliability.md] [--seed 15]
 
 Ctrl-C is sent to the run's process group (what a terminal does); SIGTERM to
-the process only (``kill PID``, Docker's stop). Exits 1 when a case fails.
+the process only (``kill PID``, Docker's stop). A signal that ends the process
+while the interpreter itself is still starting (before any avatar code runs:
+CPython's initialisation, ``site`` and ``.pth`` files) is listed as n/a: no
+Python program can handle it. Exits 1 when a case fails.
 """
 
 from __future__ import annotations
@@ -156,6 +159,19 @@ def stderr_problems(r: Run, *, expect_rc: set[int] | None = None) -> list[str]:
             if any(not ln.startswith("  - ") for ln in lines[1:]):
                 probs.append(f"{len(lines)} stderr lines")
     return probs
+
+
+STARTUP_NOTE = "interpreter start-up, before any avatar code runs"
+
+
+def in_interpreter_startup(r: Run, sig: int, delay: float) -> bool:
+    """A signal that ended the process before our launcher ran (CPython initialising, site and .pth files).
+
+    Once the launcher is imported a signal is never a bare kill: it is held, raised or ignored.
+    """
+    if "Fatal Python error" in r.stderr and ("init_import_site" in r.stderr or "init_sys_streams" in r.stderr):
+        return True
+    return r.rc == -sig and not r.stderr.strip() and delay < 0.15
 
 
 def first_line(r: Run) -> str:
@@ -305,8 +321,9 @@ def probe_render_signals(a: dict[str, Path], work: Path, rng: random.Random, n_i
         if left:
             probs.append(f"leftovers {left}")
         sink = "file+rtmp" if rtmp else "file"
+        note = STARTUP_NOTE if probs and not oprobs and in_interpreter_startup(r, sig, delay) else ""
         record("render signals", f"{name} at {delay:.2f} s ({sink})",
-               f"exit {r.rc}, '{first_line(r)}', {what}", probs)
+               f"exit {r.rc}, '{first_line(r)[:200]}', {what}", [] if note else probs, note=note)
 
 
 def probe_import_signals(a: dict[str, Path], work: Path, rng: random.Random) -> None:
@@ -354,8 +371,10 @@ def probe_import_signals(a: dict[str, Path], work: Path, rng: random.Random) -> 
         if left:
             probs.append(f"leftovers {left}")
         name = signal.Signals(sig).name
+        note = STARTUP_NOTE if probs and state in ("no package", "earlier package intact") and not left \
+            and in_interpreter_startup(r, sig, delay) else ""
         record("import signals", f"{name} at {delay:.2f} s{' --force over a package' if force else ''}",
-               f"exit {r.rc}, '{first_line(r)}', {state}", probs)
+               f"exit {r.rc}, '{first_line(r)[:200]}', {state}", [] if note else probs, note=note)
 
 
 def probe_startup(rng: random.Random, work: Path, n: int = 16) -> None:
@@ -375,11 +394,10 @@ def probe_startup(rng: random.Random, work: Path, n: int = 16) -> None:
         name = signal.Signals(sig).name
         probs = stderr_problems(r, expect_rc={0, 128 + sig})
         # before any of our code runs (CPython initialising, site and .pth files) no program can catch a signal
-        in_python = "Fatal Python error" in r.stderr or (r.rc == -sig and delay < bare and not r.stderr)
-        if probs and in_python:
+        if probs and in_interpreter_startup(r, sig, min(delay, bare)):
             outside += 1
             record("start-up window", f"{name} at {delay * 1000:.0f} ms", f"exit {r.rc}, '{first_line(r)[:90]}'", [],
-                   note="interpreter start-up, before any avatar code runs")
+                   note=STARTUP_NOTE)
             continue
         record("start-up window", f"{name} at {delay * 1000:.0f} ms", f"exit {r.rc}, '{first_line(r)[:90]}'", probs)
     print(f"({outside} of {n} signals landed in the interpreter's own start-up)", flush=True)
@@ -842,6 +860,7 @@ def main() -> int:
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the nginx it started is stopped on the way out
     rng = random.Random(args.seed)
     t0 = time.monotonic()
     load0 = os.getloadavg()
