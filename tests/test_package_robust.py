@@ -102,6 +102,15 @@ def test_a_bad_manifest_is_one_clear_error(pkg_dir: Path, tmp_path: Path, change
     assert words in one_error_line(run_cli(p, tmp_path).output)
 
 
+@pytest.mark.parametrize("text", ["{fps: 25", "\udcff"], ids=["not JSON", "not UTF-8"])
+def test_an_unreadable_manifest_says_what_to_do(pkg_dir: Path, tmp_path: Path, text: str) -> None:
+    """The reliability probe: `avatar.json` that is not JSON said only the parser's complaint."""
+    p = copy_pkg(pkg_dir, tmp_path / "p")
+    (p / "avatar.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    line = one_error_line(run_cli(p, tmp_path).output)
+    assert "avatar.json" in line and line.endswith("; fix the manifest or re-import the avatar"), line
+
+
 # --------------------------------------------------------------------------- paths stay inside (15.7)
 
 
