@@ -22,8 +22,10 @@ runs, which no Python program can cover.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import time
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing here would widen the unguarded start
 if TYPE_CHECKING:
@@ -65,9 +67,6 @@ def _importing(frame: Any) -> bool:
 
 
 def _send_again(signum: int) -> None:
-    import os
-    import time
-
     time.sleep(0.02)
     _redelivery.clear()
     os.kill(os.getpid(), signum)
