@@ -14,6 +14,24 @@ class AvatarError(Exception):
     exit_code = 1
 
 
+def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM raised like it) that caused ``exc``, if one did.
+
+    A signal that lands while a C extension initialises comes out of the import
+    as ``ImportError: initialization failed`` (pybind11: onnxruntime, ...), with
+    the interrupt as its cause. Code that catches a failed import (an optional
+    plugin) must re-raise the interrupt, not swallow it as a broken plugin.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class ConfigError(AvatarError):
     """An option or argument is invalid or options contradict each other."""
 

@@ -220,5 +220,5 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         data = json.loads(f.read_text())
     except (OSError, ValueError) as exc:
-        raise AvatarPackageError(f"cannot read {f}: {exc}") from None
+        raise AvatarPackageError(f"cannot read {f}: {exc}; fix the manifest or re-import the avatar") from None
     return Manifest.from_dict(data, f)

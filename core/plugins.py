@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigError, MissingDependency, PluginError
+from .errors import ConfigError, MissingDependency, PluginError, interrupt_behind
 from .interfaces import Availability, Backend, Component, FeatureSource, Sink
 
 ENTRY_POINT_GROUP = "avatar.plugins"
@@ -47,7 +47,15 @@ class Registration:
         try:
             return self.obj.availability()
         except Exception as exc:  # a broken check must not break listing
+            _reraise_interrupt(exc)
             return Availability(False, f"availability check failed: {exc}")
+
+
+def _reraise_interrupt(exc: Exception) -> None:
+    """A plugin "failing" because Ctrl-C/SIGTERM landed in its imports is an interrupt, not a broken plugin."""
+    interrupt = interrupt_behind(exc)
+    if interrupt is not None:
+        raise interrupt
 
 
 @dataclass
@@ -166,6 +174,7 @@ class PluginManager:
                 if strict:
                     raise
             except Exception as exc:
+                _reraise_interrupt(exc)
                 rec.status, rec.error = "failed", f"{exc.__class__.__name__}: {exc}"
                 if strict:
                     raise PluginError(f"plugin '{ep.name}' ({ep.value}) failed to load: {rec.error}") from exc
@@ -277,6 +286,7 @@ class PluginManager:
                 if rec is not None:
                     rec.commands.extend(sorted(probe.commands))
             except Exception as exc:
+                _reraise_interrupt(exc)
                 rec = self.records.get(name)
                 if rec is not None:
                     rec.status = "failed"

@@ -176,6 +176,107 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130() -> None:
         assert (p.returncode, err) == (130, "interrupted\n"), err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_between_the_launchers_import_and_main_is_one_line(sig: int) -> None:
+    """The console script imports the launcher, then calls main(): a signal from the import on is held.
+
+    The reliability probe's repeat saw a Ctrl-C 35 ms in (while the launcher imported ``typing``) print a
+    traceback, and a SIGTERM in the first half second kill the command silently (-15).
+    """
+    code = f"import os, avatar_launcher; os.kill(os.getpid(), {int(sig)}); avatar_launcher.main()"
+    r = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (128 + sig, "interrupted\n"), r.stderr
+
+
+SIGTERM_IN_THE_COMMAND = """
+import os, signal, avatar_launcher, avatar.cli
+
+def main():  # the command line has loaded; no command has installed its own SIGTERM handling yet
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("not reached")
+
+avatar.cli.main = main
+avatar_launcher.main()
+"""
+
+
+def test_sigterm_before_a_command_handles_it_is_one_line_and_exit_143() -> None:
+    """The probe: SIGTERM 0.2-0.35 s into `avatar run` (commands loading) killed it silently, -15."""
+    r = subprocess.run([sys.executable, "-c", SIGTERM_IN_THE_COMMAND], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (143, "", "interrupted\n"), r.stderr
+
+
+SIGNAL_DURING_AN_IMPORT = """
+import os, sys, time, avatar_launcher, avatar.cli
+
+def main():  # a command importing a module lazily, with the signal arriving while that module initialises
+    sys.path.insert(0, sys.argv[1])
+    import initialises_slowly
+    print("imported", flush=True)
+    time.sleep(10)  # the signal, sent again after the import, ends the command here
+    print("not reached")
+
+avatar.cli.main = main
+avatar_launcher.main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_an_import_is_raised_after_it(sig: int, tmp_path: Path) -> None:
+    """Raised inside a C extension's initialisation, an interrupt crashed `import onnx` (SIGABRT, SIGSEGV) and
+    made ONNX Runtime's an ImportError traceback (the reliability probe, 0.29-0.4 s into `avatar run`)."""
+    (tmp_path / "initialises_slowly.py").write_text(
+        f"import os\nos.kill(os.getpid(), {int(sig)})\nfor _ in range(200000):\n    pass\nDONE = True\n")
+    r = subprocess.run([sys.executable, "-c", SIGNAL_DURING_AN_IMPORT, str(tmp_path)], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (128 + sig, "imported\n", "interrupted\n"), r.stderr
+
+
+AFTER_THE_COMMAND = """
+import atexit, os, sys, time, avatar_launcher, avatar.cli
+
+def main():
+    def late():  # the interpreter shutting down (threads joined, atexit) when the signal comes
+        os.kill(os.getpid(), int(sys.argv[1]))
+        time.sleep(0.2)
+    atexit.register(late)
+    print("done", flush=True)
+
+avatar.cli.main = main
+avatar_launcher.main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_command_finished_leaves_its_exit_status(sig: int) -> None:
+    """The probe: Ctrl-C just after a complete render turned its exit 0 into a kill (-2)."""
+    r = subprocess.run([sys.executable, "-c", AFTER_THE_COMMAND, str(int(sig))], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "done\n", ""), r.stderr
+
+
+INTERRUPTED_IMPORT_COMMAND = """
+import sys
+from avatar.cli import cli
+
+@cli.command("load")
+def load():
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as exc:  # what pybind11 makes of a Ctrl-C inside an extension's initialisation
+        raise ImportError("initialization failed") from exc
+
+cli.main(sys.argv[1:], prog_name="avatar")
+"""
+
+
+def test_an_import_failed_by_ctrl_c_is_an_interrupt_not_a_traceback() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "AVATAR_DEBUG"}
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT_COMMAND, "load"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert (r.returncode, r.stderr) == (130, "interrupted\n"), r.stderr
+
+
 def test_the_console_script_enters_through_a_stdlib_only_module() -> None:
     """Nothing heavy may load before the launcher's Ctrl-C handling is in place."""
     tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")

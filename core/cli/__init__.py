@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any
 
 import click
 
-from ..errors import AvatarError
+from ..errors import AvatarError, interrupt_behind
 
 # (module, command attribute) of the core's own commands; imported lazily so
 # `avatar --help` stays fast and heavy packages load only for the command used.
@@ -76,9 +77,20 @@ class AvatarCLI(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            _interrupted(ctx, exc)
+        except Exception as exc:
+            # a signal inside a C extension's initialisation: "ImportError: initialization failed"
+            interrupt = interrupt_behind(exc)
+            if interrupt is None or _debug(ctx):
+                raise
+            _interrupted(ctx, interrupt)
+
+
+def _interrupted(ctx: click.Context, exc: KeyboardInterrupt) -> None:
+    click.echo("interrupted", err=True)
+    # 128 + the signal, the shell's convention: 130 for Ctrl-C, 143 for SIGTERM (a command's Terminated)
+    ctx.exit(128 + int(getattr(exc, "signum", signal.SIGINT)))
 
 
 def _debug(ctx: click.Context) -> bool:

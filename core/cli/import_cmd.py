@@ -70,6 +70,8 @@ def _summary(dst: Path) -> None:
 class Terminated(KeyboardInterrupt):
     """SIGTERM (systemd, Docker, Kubernetes) handled like Ctrl-C: partial files are removed on the way out."""
 
+    signum = signal.SIGTERM  # the exit status is the shell's for it, 143, as a render's
+
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError
+from avatar.errors import BackendError, BackendUnavailable, ConfigError, ModelError, interrupt_behind
 from avatar.hookspecs import hookimpl
 from avatar.interfaces import Availability, BackendOptions, TensorInfo
 
@@ -71,6 +71,9 @@ def _status() -> Availability:
     try:
         devices = list(_core().available_devices)
     except Exception as exc:  # a broken install says why instead of failing the listing
+        interrupt = interrupt_behind(exc)  # Ctrl-C/SIGTERM during its import: not a broken install
+        if interrupt is not None:
+            raise interrupt from None
         return Availability(False, f"OpenVINO is installed but cannot start: {exc}", "pip install -U 'avatar-sdk[openvino]'")
     if not devices:
         return Availability(False, "OpenVINO found no device it can run on")
