@@ -8,6 +8,14 @@ Everything the library raises for a condition a user can cause derives from
 from __future__ import annotations
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised once it is safe to; ``signum`` gives the exit status 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = int(signum)
+
+
 class AvatarError(Exception):
     """Base class of every error a user can cause or fix."""
 

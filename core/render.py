@@ -5,16 +5,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .contract import check_feature_match, read_contract
 from .engine import RenderOptions, RenderReport, Renderer
-from .errors import BackendUnavailable, ConfigError
+from .errors import BackendUnavailable, ConfigError, Interrupted
 from .interfaces import Backend, BackendOptions, FeatureSource, Sink
 from .plugins import get_plugin_manager
 
@@ -192,19 +195,60 @@ def _render(
         source = make_feature_source(features, opts)
     be: Backend | None = None
     try:
-        # cheap checks before the backend loads the model (a TensorRT build takes minutes)
-        check_feature_match(contract, source.name, tuple(source.window_shape))
-        audio = _whole_audio(audio, source)
-        sink_objs = make_sinks(sinks)
-        bopts = backend_options or BackendOptions(max_batch=max(batch_size, 1))
-        be, used = open_backend(backend, model_path, bopts)
-        renderer = Renderer(package, be, contract, source, sink_objs, options, backend_name=used)
+        # A signal while the audio decodes or the model loads is held and acted on after the
+        # step: raised inside a C extension (PyAV's Cython, ONNX Runtime) it can be dropped.
+        with _signals_held() as held:
+            # cheap checks before the backend loads the model (a TensorRT build takes minutes)
+            check_feature_match(contract, source.name, tuple(source.window_shape))
+            audio = _whole_audio(audio, source)
+            held.check()
+            sink_objs = make_sinks(sinks)
+            bopts = backend_options or BackendOptions(max_batch=max(batch_size, 1))
+            be, used = open_backend(backend, model_path, bopts)
+            renderer = Renderer(package, be, contract, source, sink_objs, options, backend_name=used)
+            held.check()
     except BaseException:
         if be is not None:
             be.close()
         source.close()
         raise
     return renderer.run(audio)
+
+
+class _Held:
+    """Signals that arrived while held (SIGINT, SIGTERM), raised by :meth:`check`."""
+
+    def __init__(self) -> None:
+        self.signums: list[int] = []
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signums.append(signum)
+
+    def check(self) -> None:
+        if self.signums:
+            raise Interrupted(self.signums[0])
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[_Held]:
+    """Hold SIGINT/SIGTERM (main thread only) for a block that may sit in C code; raise after it."""
+    held = _Held()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is signal.SIG_IGN:  # an inherited "ignore" (a background job) stays
+                continue
+            try:
+                previous[sig] = signal.signal(sig, held)
+            except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+                pass
+    try:
+        yield held
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    held.check()
 
 
 def _whole_audio(audio: Any, source: FeatureSource) -> Any:

@@ -363,3 +363,46 @@ def test_bench_without_matplotlib_measures_and_skips_the_chart(tmp_path: Path) -
     assert "png:" not in r.stdout and "json:" in r.stdout
     notes = [line for line in r.stderr.splitlines() if "chart" in line]
     assert len(notes) == 1 and "pip install 'avatar-sdk[bench]'" in notes[0], r.stderr
+
+
+# --------------------------------------------------------------------------- a signal while the render sets up
+
+
+def test_a_signal_while_the_render_sets_up_is_not_lost(setup: dict[str, Path], tmp_path: Path) -> None:
+    """SIGTERM that lands while the audio decodes or the model loads stops the render.
+
+    C extensions (PyAV's Cython, ONNX Runtime) can drop an exception a Python signal
+    handler raises inside them; the probe saw a SIGTERM 0.2 s into `avatar run` ignored
+    and the render finish with exit 0. Here a feature source drops it the same way.
+    """
+    from avatar.errors import Interrupted
+    from avatar.render import render
+    from avatar_plugins.features.ave import AveSource
+
+    class DropsTheSignal(AveSource):
+        sent = False
+
+        @property
+        def window_shape(self) -> tuple[int, ...]:  # type: ignore[override]
+            if not DropsTheSignal.sent:
+                DropsTheSignal.sent = True
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.2)
+                except KeyboardInterrupt:
+                    pass  # what C code that checks for errors late does with it
+            return (32, 16, 16)
+
+    def like_the_launcher(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt()
+
+    previous = signal.signal(signal.SIGTERM, like_the_launcher)
+    out = tmp_path / "out.mp4"
+    try:
+        with pytest.raises(Interrupted) as info:
+            render(setup["avatar"], setup["wav"], sinks=[("file", {"path": str(out)})], model=setup["unet"],
+                   features=DropsTheSignal(encoder=str(setup["encoder"])), backend="cpu")  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.signum == signal.SIGTERM
+    assert not out.exists() and not list(tmp_path.iterdir())
