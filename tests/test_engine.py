@@ -148,7 +148,10 @@ def test_batch_size_does_not_change_frames(models: dict[str, Path], demo_avatar:
     assert len(a) == len(b) == 20
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
     assert ra.stages.items["inference"] == rb.stages.items["inference"] == 20
-    assert (ra.backend_calls, rb.backend_calls) == (20, 3)  # one model call per batch
+    # one model call per batch: 20 at batch 1; at batch 7, 3 full-or-final batches, plus at most one
+    # partial batch where the features stage did not fill a batch within the scheduler's bounded
+    # wait (by design, so live input is never held back; a busy machine sees it)
+    assert ra.backend_calls == 20 and 3 <= rb.backend_calls <= 4, (ra.backend_calls, rb.backend_calls)
 
 
 def test_pingpong_schedule_when_audio_outlasts_video(models: dict[str, Path], demo_avatar: Path) -> None:

@@ -278,16 +278,14 @@ class InferenceScheduler:
                         clients.append(it.client)
                     groups.setdefault(id(it.client), []).append(k)
                     av_idx.append(it.client.avatar_index(it))
-                visual: np.ndarray | None = None
-                for ks in groups.values():
-                    v = batch[ks[0]].client.visual_inputs([av_idx[k] for k in ks])
-                    if len(groups) == 1:
-                        visual = v
-                        break
-                    if visual is None:
-                        visual = np.empty((len(batch), *v.shape[1:]), v.dtype)
-                    visual[ks] = v
-                assert visual is not None
+                # each session's avatar gives its rows; one session's rows are the batch as they are
+                parts = [(ks, batch[ks[0]].client.visual_inputs([av_idx[k] for k in ks])) for ks in groups.values()]
+                if len(parts) == 1:
+                    visual = parts[0][1]
+                else:
+                    visual = np.empty((len(batch), *parts[0][1].shape[1:]), parts[0][1].dtype)
+                    for ks, v in parts:
+                        visual[ks] = v
                 feed_visual = visual if self._uint8 else normalize(visual)
                 audio = np.stack([it.window for it in batch]).astype(np.float32, copy=False)
                 n = len(batch)

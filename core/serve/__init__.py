@@ -10,8 +10,9 @@ routes, :mod:`.ws` the audio socket, :mod:`.sessions` lifetimes and events,
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
+
+import click
 
 from ..errors import MissingDependency
 from .admission import Capacity, measured_capacity
@@ -65,7 +66,7 @@ def serve(config: ServeConfig, *, ready: Any = None) -> None:
     async def announce(app: Any) -> None:
         msg = (f"avatar serve: listening on {url} (avatars: {', '.join(service.avatars)}; backend "
                f"{service.backend_name}; capacity {capacity.sessions} session(s), {capacity.source})")
-        print(msg, file=sys.stderr, flush=True)
+        click.echo(msg, err=True)  # the one line an operator waits for, whatever the log level
         if ready is not None:
             ready(url)
 

@@ -58,7 +58,8 @@ class LeasedBuffers:
         """An array over the same memory as ``array`` that keeps the buffers alive while it (or a view) lives."""
         lease = _Lease(array)
         out = np.asarray(lease)
-        assert out.base is lease  # what keeps the memory alive
+        if out.base is not lease:  # the lease must be what keeps the memory alive, or close() could free it under a view
+            raise RuntimeError("numpy did not keep the lease as the lent array's base")
         with self._lock:
             self._live += 1
         weakref.finalize(lease, self._returned)
