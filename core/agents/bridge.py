@@ -104,6 +104,8 @@ class SegmentStarted:
     latency_s: float
     inherent_s: float
     added_s: float | None
+    #: when the session showed the segment's first frame (its clock: ``time.monotonic`` for live sessions)
+    at: float = 0.0
 
 
 @dataclass
@@ -354,7 +356,7 @@ class AgentAvatar:
         with self._lock:
             if ev.kind == "speech_started":
                 self._speaking = True
-                item = SegmentStarted(float(ev.latency_s or 0.0), float(ev.inherent_s or 0.0), ev.added_s)
+                item = SegmentStarted(float(ev.latency_s or 0.0), float(ev.inherent_s or 0.0), ev.added_s, float(ev.time))
             elif ev.kind == "speech_ended":
                 if not self._speaking:
                     return  # an interrupt already ended it
