@@ -339,6 +339,8 @@ class AgentAvatar:
     # ------------------------------------------------------------------ from the session's output thread
 
     def _on_frame(self, vf: VideoFrame) -> None:
+        if self._retimer is None:
+            return  # the session's first frames, before open_session returned (the size is not known yet)
         image = _convert(vf.image, self.size, self.options.pixel_format)
         audio = np.clip(np.asarray(vf.audio, np.float32) * 32768.0, -32768, 32767).astype(np.int16)
         with self._lock:

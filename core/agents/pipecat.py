@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..engine import SessionClosed
 from ..errors import MissingDependency
 from .bridge import AgentAvatar, AvatarFrame, AvatarOptions, SegmentEnd, SegmentStarted
 
@@ -90,7 +91,11 @@ class AvatarVideoService(FrameProcessor):
         elif isinstance(frame, TTSAudioRawFrame) and direction == FrameDirection.DOWNSTREAM:
             if self.avatar is not None:
                 pcm = np.frombuffer(frame.audio, np.int16).reshape(-1, frame.num_channels)
-                self.avatar.push_audio(pcm, frame.sample_rate)
+                try:
+                    self.avatar.push_audio(pcm, frame.sample_rate)
+                except SessionClosed as exc:  # the avatar's session failed: one fatal error, not one per chunk
+                    self.avatar = None
+                    await self.push_error(error_msg=f"the avatar has stopped: {exc}", exception=exc, fatal=True)
         elif isinstance(frame, TTSStartedFrame):
             pass  # re-emitted when the avatar starts speaking
         elif isinstance(frame, TTSStoppedFrame):

@@ -1,0 +1,99 @@
+"""The adapter core without a framework: options, re-timing, the bounded stream, early frames."""
+
+from __future__ import annotations
+
+import asyncio
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from avatar.agents import AgentAvatar, AvatarFrame, AvatarOptions, SegmentEnd
+from avatar.agents.bridge import _BridgeSink, _Retimer
+from avatar.engine import AvatarService
+from avatar.errors import ConfigError
+from avatar.interfaces import VideoFrame
+
+from agents_kit import idle_images, is_idle
+
+
+def _options(kit: dict[str, Path], **kw: Any) -> AvatarOptions:
+    return AvatarOptions(kit["pkg"], model=kit["unet"], feature_options={"encoder": str(kit["enc"])}, **kw)
+
+
+@pytest.mark.parametrize("bad", [{"size": (81, 64)}, {"size": (0, 64)}, {"fps": 0}, {"fps": 500}, {"idle": "none"},
+                                 {"pixel_format": "yuv"}, {"queue_s": 0}])
+def test_bad_options_are_one_clear_error(tiny_job: dict[str, Path], bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        _options(tiny_job, **bad)
+
+
+@pytest.mark.parametrize("fps_out", [Fraction(25), Fraction(30), Fraction(24), Fraction(30000, 1001)])
+def test_retiming_keeps_every_sample_and_shows_the_picture_of_each_frames_first_sample(fps_out: Fraction) -> None:
+    """25 fps source frames (640 samples each, numbered audio) re-cut at another rate lose and shift nothing."""
+    rt = _Retimer(16000, fps_out)
+    out: list[Any] = []
+    for j in range(100):
+        audio = np.arange(j * 640, (j + 1) * 640, dtype=np.int64).astype(np.int16)
+        out += rt.add_frame(np.full((2, 2, 3), j, np.uint8), audio, j >= 50)
+        if j == 74:
+            out += rt.add_event(SegmentEnd(1.0, False))
+    frames = [f for f in out if isinstance(f, AvatarFrame)]
+    got = np.concatenate([f.audio for f in frames])
+    assert np.array_equal(got, np.arange(len(got), dtype=np.int64).astype(np.int16))  # continuous, in order
+    assert len(got) > 64000 - 16000 / float(fps_out) - 1
+    for f in frames:
+        first = int(round(f.index * 16000 / fps_out))
+        assert f.image[0, 0, 0] == first // 640 and f.speaking == (first // 640 >= 50)
+        assert f.pts == pytest.approx(f.index / float(fps_out))
+    end = next(i for i, x in enumerate(out) if isinstance(x, SegmentEnd))
+    before = [f for f in out[:end] if isinstance(f, AvatarFrame)]
+    assert int(round(len(before) * 16000 / fps_out)) >= 75 * 640 > int(round((len(before) - 1) * 16000 / fps_out))
+
+
+def test_a_frame_before_the_session_is_known_is_dropped(tiny_job: dict[str, Path]) -> None:
+    """The session's output may start before open_session returns: that frame must not end it."""
+    avatar = AgentAvatar(_options(tiny_job))
+    frame = VideoFrame(index=0, pts=Fraction(0), image=np.zeros((128, 160, 3), np.uint8), audio=np.zeros(640, np.float32))
+    _BridgeSink(avatar).write(frame)  # before start(): no size yet
+    assert not avatar._items
+
+
+def test_idle_model_renders_idle_frames_through_the_model(tiny_job: dict[str, Path]) -> None:
+    async def frames(svc: AvatarService, idle: str) -> list[AvatarFrame]:
+        async with AgentAvatar(_options(tiny_job, idle=idle), service=svc) as avatar:
+            got: list[AvatarFrame] = []
+            async for item in avatar:
+                if isinstance(item, AvatarFrame):
+                    got.append(item)
+                if len(got) >= 40:
+                    return got
+        return got
+
+    ref = idle_images(tiny_job, (160, 128), "rgb")
+    with AvatarService(backend="cpu") as svc:
+        own = asyncio.run(frames(svc, "avatar"))
+        model = asyncio.run(frames(svc, "model"))
+    assert all(is_idle(f.image, ref) and not f.audio.any() and not f.speaking for f in own)
+    assert sum(not is_idle(f.image, ref) for f in model) >= 5  # the model's mouth (once its frames are ready)
+
+
+def test_a_consumer_that_stops_reading_loses_the_oldest_frames_not_the_session(tiny_job: dict[str, Path]) -> None:
+    async def run(svc: AvatarService) -> tuple[int, int, list[int], bool]:
+        async with AgentAvatar(_options(tiny_job, queue_s=0.2), service=svc) as avatar:
+            await asyncio.sleep(1.2)  # nobody reads: about 30 frames arrive, 5 fit
+            held = len(avatar._items)
+            indices: list[int] = []
+            async for item in avatar:
+                if isinstance(item, AvatarFrame):
+                    indices.append(item.index)
+                if len(indices) >= 10:
+                    break
+            return held, avatar.dropped, indices, avatar.session.alive
+
+    with AvatarService(backend="cpu") as svc:
+        held, dropped, indices, alive = asyncio.run(run(svc))
+    assert held <= 5 and dropped >= 10 and alive
+    assert indices[0] >= 10 and indices == sorted(indices)  # the newest were kept, in order
