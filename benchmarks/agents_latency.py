@@ -148,7 +148,7 @@ async def bench_pipecat(kit: dict[str, Path], svc: Any, n: int, seconds: float) 
     rows: list[dict[str, float]] = []
 
     async def drive() -> None:
-        while avatar.avatar is None:
+        while avatar.avatar is None or avatar.avatar.session is None:
             await asyncio.sleep(0.01)
         avatar.avatar.session.subscribe(lambda ev: _note(ev, pending))
         await asyncio.sleep(1.0)

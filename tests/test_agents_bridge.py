@@ -97,3 +97,22 @@ def test_a_consumer_that_stops_reading_loses_the_oldest_frames_not_the_session(t
         held, dropped, indices, alive = asyncio.run(run(svc))
     assert held <= 5 and dropped >= 10 and alive
     assert indices[0] >= 10 and indices == sorted(indices)  # the newest were kept, in order
+
+
+def test_a_segment_shorter_than_a_frame_still_plays_and_ends(tiny_job: dict[str, Path]) -> None:
+    """A TTS reply of a few milliseconds (one short chunk) must still end, or the agent would wait for it forever."""
+    async def run(svc: AvatarService) -> list[Any]:
+        async with AgentAvatar(_options(tiny_job), service=svc) as avatar:
+            avatar.push_audio(np.full(240, 3000, np.int16), 24000)  # 10 ms at 24 kHz
+            avatar.end_segment()
+            seen: list[Any] = []
+            async for item in avatar:
+                seen.append(item)
+                if isinstance(item, SegmentEnd):
+                    return seen
+        return seen
+
+    with AvatarService(backend="cpu") as svc:
+        seen = asyncio.run(asyncio.wait_for(run(svc), 60))
+    assert seen[-1] == SegmentEnd(pytest.approx(0.04), False)
+    assert sum(isinstance(f, AvatarFrame) and f.speaking for f in seen) == 1

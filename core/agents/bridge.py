@@ -205,7 +205,6 @@ class AgentAvatar:
         self._cap = 1
         self._wake: asyncio.Event | None = None
         self._open_segment = False  # audio pushed since the last end_segment
-        self._segment_s = 0.0
         self._pending = 0  # segments ended by end_segment and not yet played out
         self._closed = False
         self._unsubscribe: Callable[[], None] | None = None
@@ -269,20 +268,14 @@ class AgentAvatar:
             return
         self.session.push_audio(a, sample_rate)
         self._open_segment = True
-        self._segment_s += a.shape[0] / float(sample_rate)
 
     def end_segment(self) -> None:
         """The segment's audio is complete: render its tail now; a :class:`SegmentEnd` follows its last frame."""
         if not self._open_segment:
             return
-        self.session.flush()
+        self.session.flush()  # the session shows every segment with audio, at least one frame of it
         self._open_segment = False
-        if self._segment_s * float(self.session.fps) < 1.0:
-            # shorter than one frame: the session shows nothing of it and reports nothing
-            self._put(self._gen, [SegmentEnd(0.0, False)])
-        else:
-            self._pending += 1
-        self._segment_s = 0.0
+        self._pending += 1
 
     def interrupt(self) -> float | None:
         """Barge-in: drop the rest of the segment(s). Returns the seconds shown, or None if nothing was playing.
@@ -300,7 +293,7 @@ class AgentAvatar:
         for i, (gen, item) in enumerate(self._items):
             if isinstance(item, AvatarFrame) and item.speaking:
                 self._items[i] = (gen, _muted(item))
-        self._open_segment, self._segment_s, self._pending = False, 0.0, 0
+        self._open_segment, self._pending = False, 0
         if had:
             self._items.append((self._gen, SegmentEnd(shown, True)))
             self._wake_up()
