@@ -116,3 +116,24 @@ def test_a_segment_shorter_than_a_frame_still_plays_and_ends(tiny_job: dict[str,
         seen = asyncio.run(asyncio.wait_for(run(svc), 60))
     assert seen[-1] == SegmentEnd(pytest.approx(0.04), False)
     assert sum(isinstance(f, AvatarFrame) and f.speaking for f in seen) == 1
+
+
+def test_a_start_cancelled_while_opening_leaves_no_session(tiny_job: dict[str, Path]) -> None:
+    """A pipeline cancelled while the avatar loads: the session the loading thread opens is closed, not leaked."""
+    import time
+
+    async def run(svc: AvatarService) -> None:
+        avatar = AgentAvatar(_options(tiny_job), service=svc)
+        task = asyncio.ensure_future(avatar.start())
+        await asyncio.sleep(0)  # the opening thread has started
+        task.cancel()
+        await avatar.aclose()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with AvatarService(backend="cpu") as svc:
+        asyncio.run(run(svc))  # returns once the opening thread is done (asyncio.run waits for it)
+        deadline = time.monotonic() + 30
+        while svc.sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert svc.sessions == []

@@ -39,6 +39,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 import numpy as np
 
+from ..engine.session import SessionClosed
 from ..errors import ConfigError
 from ..interfaces import Sink, SinkReport, StreamInfo, VideoFrame
 
@@ -235,6 +236,8 @@ class AgentAvatar:
         self._unsubscribe = s.subscribe(self._on_event)
         with self._lock:
             self._retimer = _Retimer(self.sample_rate, self.fps)
+        if self._closed:  # aclose() (a cancelled start) came while this thread was opening: nothing may stay open
+            self._close()
 
     async def aclose(self) -> None:
         """Close the session (and the private service, if any); the stream ends."""
@@ -248,10 +251,15 @@ class AgentAvatar:
             self._wake.set()
 
     def _close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-        if self._own_service and self._service is not None:
-            self._service.close()
+        with self._lock:
+            session, self.session = self.session, None
+            service = self._service if self._own_service else None
+            if service is not None:
+                self._service = None
+        if session is not None:
+            session.close()
+        if service is not None:
+            service.close()
 
     async def __aenter__(self) -> "AgentAvatar":
         return await self.start()
@@ -264,6 +272,8 @@ class AgentAvatar:
     def push_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
         """Speech of the current segment: ``[samples]`` or ``[samples, channels]``, int16 or float, any rate."""
         a = np.asarray(pcm)
+        if self.session is None:
+            raise SessionClosed("the avatar is not running: call `await avatar.start()` first (or it was closed)")
         if not a.size:
             return
         self.session.push_audio(a, sample_rate)
@@ -271,7 +281,7 @@ class AgentAvatar:
 
     def end_segment(self) -> None:
         """The segment's audio is complete: render its tail now; a :class:`SegmentEnd` follows its last frame."""
-        if not self._open_segment:
+        if not self._open_segment or self.session is None:
             return
         self.session.flush()  # the session shows every segment with audio, at least one frame of it
         self._open_segment = False
@@ -283,6 +293,8 @@ class AgentAvatar:
         Frames from now on are idle (silent, ``speaking`` false); a
         :class:`SegmentEnd` with ``interrupted=True`` is yielded first.
         """
+        if self.session is None:
+            return None
         had = self._open_segment or self._pending > 0
         shown = float(self.session.interrupt())
         with self._lock:
