@@ -45,8 +45,9 @@ def test_retiming_keeps_every_sample_and_shows_the_picture_of_each_frames_first_
     assert np.array_equal(got, np.arange(len(got), dtype=np.int64).astype(np.int16))  # continuous, in order
     assert len(got) > 64000 - 16000 / float(fps_out) - 1
     for f in frames:
-        first = int(round(f.index * 16000 / fps_out))
-        assert f.image[0, 0, 0] == first // 640 and f.speaking == (first // 640 >= 50)
+        first, end = int(round(f.index * 16000 / fps_out)), int(round((f.index + 1) * 16000 / fps_out))
+        # the picture holding its first sample; speaking if any of its samples are speech (source frames 50..)
+        assert f.image[0, 0, 0] == first // 640 and f.speaking == ((end - 1) // 640 >= 50)
         assert f.pts == pytest.approx(f.index / float(fps_out))
     end = next(i for i, x in enumerate(out) if isinstance(x, SegmentEnd))
     before = [f for f in out[:end] if isinstance(f, AvatarFrame)]
@@ -137,3 +138,25 @@ def test_a_start_cancelled_while_opening_leaves_no_session(tiny_job: dict[str, P
         while svc.sessions and time.monotonic() < deadline:
             time.sleep(0.05)
         assert svc.sessions == []
+
+
+def test_a_consumer_behind_catches_up_on_idle_frames_never_on_speech(tiny_job: dict[str, Path]) -> None:
+    async def run(svc: AvatarService) -> tuple[list[AvatarFrame], AgentAvatar]:
+        async with AgentAvatar(_options(tiny_job, queue_s=4.0), service=svc) as avatar:
+            await asyncio.sleep(0.6)  # idle frames pile up unread
+            avatar.push_audio(np.full(16000, 3000, np.int16), 16000)  # 1 s
+            avatar.end_segment()
+            got: list[AvatarFrame] = []
+            await asyncio.sleep(2.5)  # the whole reply arrives unread, then idle again
+            async for item in avatar:
+                if isinstance(item, SegmentEnd):
+                    break
+                if isinstance(item, AvatarFrame):
+                    got.append(item)
+            return got, avatar
+
+    with AvatarService(backend="cpu") as svc:
+        got, avatar = asyncio.run(run(svc))
+    assert avatar.dropped == 0 and avatar.caught_up >= 10
+    assert sum(f.speaking for f in got) == 25  # every speech frame, none skipped to catch up
+    assert sum(not f.speaking for f in got) <= 5  # the idle backlog before it was skipped

@@ -136,7 +136,8 @@ def test_segments_play_in_sync_at_the_configured_fps_and_size(tiny_job: dict[str
     assert audio[-1][0] < end and all(not isinstance(x, rtc.AudioFrame) for x in items[end:])
     # the speech is what the agent said, not shifted against the pictures (resampling delay aside)
     got = np.concatenate([np.frombuffer(a.data, np.int16) for _, a in audio])
-    assert abs(lag_samples(speech(seconds, 16000), got)) <= 16  # 1 ms
+    lead = len(got) - len(np.trim_zeros(got, "f"))  # the first speaking frame may begin before the speech does
+    assert lead < 534 and abs(lag_samples(speech(seconds, 16000), got[lead:])) <= 16  # 1 ms
     # speech pictures are the model's, idle ones the avatar's own frames
     idle = idle_images(tiny_job, (80, 64), "rgba")
     frames = [np.frombuffer(v.data, np.uint8).reshape(64, 80, 4) for _, v in videos]

@@ -23,7 +23,10 @@ only translate frame types, so pacing, A/V sync and the event logic live here:
 Thread model: the session's output thread converts frames (resize, colour) and
 hands them to the loop with ``call_soon_threadsafe``; everything else runs on
 the loop. The stream is bounded: a consumer that falls ``queue_s`` behind loses
-the oldest frames (counted in :attr:`AgentAvatar.dropped`), never the session.
+the oldest frames (counted in :attr:`AgentAvatar.dropped`), never the session;
+one more than ``catch_up_s`` behind (a stall, or a framework whose own pacing
+runs a little slow) skips idle frames until it has caught up, so a lag cannot
+build up from one reply to the next.
 """
 
 from __future__ import annotations
@@ -65,8 +68,10 @@ class AvatarOptions:
     fps: float | None = None
     #: ``avatar``: the avatar's own frames while idle; ``model``: idle frames through the model
     idle: str = "avatar"
-    #: the most output the stream holds for a slow consumer, in seconds
+    #: the most output the stream holds for a slow consumer, in seconds (beyond it the oldest frames are dropped)
     queue_s: float = 1.0
+    #: a consumer further behind than this skips idle frames (never speech) until it has caught up
+    catch_up_s: float = 0.08
     #: the pixel layout of :attr:`AvatarFrame.image`
     pixel_format: str = "rgb"
 
@@ -84,6 +89,8 @@ class AvatarOptions:
             raise ConfigError(f"pixel_format must be one of {', '.join(PIXEL_FORMATS)}, not {self.pixel_format!r}")
         if not self.queue_s > 0:
             raise ConfigError(f"queue_s must be positive, got {self.queue_s}")
+        if not 0 < self.catch_up_s <= self.queue_s:
+            raise ConfigError(f"catch_up_s must be positive and at most queue_s, got {self.catch_up_s}")
 
 
 @dataclass
@@ -124,9 +131,10 @@ class _Retimer:
     """Source frames (the session's fps) to output frames (``fps_out``) on one audio sample counter.
 
     Output frame ``k`` holds samples ``[round(k·rate/fps_out), round((k+1)·rate/fps_out))``
-    and the picture of the source frame whose audio holds its first sample; an
-    event is released before the first output frame that starts at or after the
-    sample count it arrived at. With ``fps_out`` equal to the session's fps
+    and the picture of the source frame whose audio holds its first sample; it
+    is speaking if any of those samples are speech. A segment's start is
+    released before the first output frame holding any of its audio, its end
+    after the last one. With ``fps_out`` equal to the session's fps
     this is the identity (the session cuts its audio the same way).
     """
 
@@ -157,13 +165,15 @@ class _Retimer:
         out: list[Any] = []
         while True:
             a0, a1 = self.start(self.k), self.start(self.k + 1)
-            while self.events and self.events[0][0] <= a0:
+            # a segment's start goes before the first frame holding any of its audio, its end after the last
+            while self.events and self.events[0][0] < (a1 if isinstance(self.events[0][1], SegmentStarted) else a0 + 1):
                 out.append(self.events.popleft()[1])
             if self.samples < a1 or not self.images:
                 return out
             while len(self.images) > 1 and self.images[1][0] <= a0:
                 self.images.popleft()
-            _, image, speaking = self.images[0]
+            image = self.images[0][1]
+            speaking = any(sp for st, _, sp in self.images if st < a1)  # any speech in its audio span
             audio = self.buf[a0 - self.buf_start:a1 - self.buf_start]
             self.buf, self.buf_start = self.buf[a1 - self.buf_start:], a1
             out.append(AvatarFrame(self.k, float(self.k / self.fps_out), image, audio, self.rate, speaking))
@@ -196,7 +206,10 @@ class AgentAvatar:
         self.fps = Fraction(0)
         self.sample_rate = 0
         self.size = (0, 0)
-        self.dropped = 0  # frames a slow consumer lost
+        self.dropped = 0  # frames a consumer lost by falling ``queue_s`` behind
+        self.caught_up = 0  # idle frames skipped to catch up with a consumer behind by more than ``catch_up_s``
+        self._nframes = 0
+        self._catch_up = 1
         self.frames = 0  # frames handed to the consumer
         self._lock = threading.Lock()
         self._gen = 0  # interrupts so far: output-thread items of an older generation are stale
@@ -233,6 +246,7 @@ class AgentAvatar:
         self.fps = Fraction(o.fps).limit_denominator(1001) if o.fps else Fraction(s.fps)
         self.size = o.size or (int(s.package.width), int(s.package.height))
         self._cap = max(2, int(float(self.fps) * o.queue_s))
+        self._catch_up = max(1, int(round(float(self.fps) * o.catch_up_s)))
         self._unsubscribe = s.subscribe(self._on_event)
         with self._lock:
             self._retimer = _Retimer(self.sample_rate, self.fps)
@@ -319,7 +333,7 @@ class AgentAvatar:
     def stats(self) -> dict[str, Any]:
         """The session's figures plus the stream's (frames handed out, dropped for a slow consumer)."""
         st = vars(self.session.stats()) if self.session is not None else {}
-        return {**st, "stream_frames": self.frames, "stream_dropped": self.dropped}
+        return {**st, "stream_frames": self.frames, "stream_dropped": self.dropped, "stream_caught_up": self.caught_up}
 
     # ------------------------------------------------------------------ output (async iterator)
 
@@ -334,6 +348,12 @@ class AgentAvatar:
             while self._items:
                 _, item = self._items.popleft()
                 if isinstance(item, AvatarFrame):
+                    self._nframes -= 1
+                    if not item.speaking and self._nframes > self._catch_up:
+                        # the consumer is behind (a stall; a framework pacing itself a little slower):
+                        # catch up on idle pictures, never on speech, so the lag cannot build up
+                        self.caught_up += 1
+                        continue
                     self.frames += 1
                 yield item
             if self._closed or (self.session is not None and not self.session.alive):
@@ -401,10 +421,12 @@ class AgentAvatar:
             if isinstance(item, SegmentEnd) and not item.interrupted:
                 self._pending = max(0, self._pending - 1)
             self._items.append((gen, item))
-        while sum(isinstance(i, AvatarFrame) for _, i in self._items) > self._cap:
+            self._nframes += isinstance(item, AvatarFrame)
+        while self._nframes > self._cap:
             for j, (_, i) in enumerate(self._items):
                 if isinstance(i, AvatarFrame):
                     del self._items[j]
+                    self._nframes -= 1
                     self.dropped += 1
                     break
         self._wake_up()
