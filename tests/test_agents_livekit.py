@@ -208,6 +208,26 @@ def test_two_agents_on_one_service_batch_together(tiny_job: dict[str, Path]) -> 
     assert stats["shared_calls"] > 0 and stats["mean_batch"] > 1, stats
 
 
+def test_avatar_session_without_server_settings_is_one_clear_error(tiny_job: dict[str, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from livekit.agents import AgentSession
+
+    from avatar.agents.livekit import AvatarSession
+    from avatar.errors import ConfigError
+
+    for k in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        monkeypatch.delenv(k, raising=False)
+    avatar = AvatarSession(tiny_job["pkg"], model=tiny_job["unet"], avatar_identity="anna")
+    assert avatar.avatar_identity == "anna" and avatar.provider == "avatar-sdk"
+
+    async def start() -> None:
+        await avatar.start(AgentSession(), room=rtc.Room())
+
+    with pytest.raises(ConfigError, match="LIVEKIT_URL"):
+        asyncio.run(start())
+    assert avatar.generator is None  # nothing was opened
+
+
 @pytest.mark.skipif(not all(os.environ.get(k) for k in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")),
                     reason="needs a LiveKit server: set LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET")
 def test_end_to_end_in_a_livekit_room(tiny_job: dict[str, Path]) -> None:
