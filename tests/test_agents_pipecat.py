@@ -127,9 +127,9 @@ def test_images_at_the_avatars_fps_each_followed_by_its_audio(run: dict[str, Any
     assert all(isinstance(got[i - 1], OutputImageRawFrame) for i in audio)  # a picture, then the audio shown with it
     assert {got[i].num_frames for i in audio} == {640} and {got[i].sample_rate for i in audio} == {16000}
     assert all(got[i].size == (160, 128) and got[i].format == "RGB" and got[i].sync_with_audio for i in images)
-    # 25 pictures a second over the whole run, idle or speaking
-    span = run["got"][images[-1]][0] - run["got"][images[0]][0]
-    assert len(images) - 1 == pytest.approx(25 * span, rel=0.2)
+    # 25 pictures a second of speech: the first reply (1.2 s) is 30 pictures, each with 1/25 s of audio
+    start, stop = (next(i for i, f in enumerate(got) if isinstance(f, t)) for t in (TTSStartedFrame, TTSStoppedFrame))
+    assert sum(isinstance(f, OutputImageRawFrame) for f in got[start:stop]) == 30
 
 
 def test_the_first_reply_plays_whole_and_in_sync(run: dict[str, Any], tiny_job: dict[str, Path]) -> None:
