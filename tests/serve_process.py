@@ -52,7 +52,8 @@ class ServeProcess:
         raise RuntimeError(f"avatar serve did not answer /health within {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 20.0) -> int:
