@@ -474,13 +474,21 @@ def test_hostile_clients_leave_the_server_memory_bounded(demo_dir: Path) -> None
         assert status == 201, s
         return s
 
-    async def pusher(c: Any, s: dict[str, Any], until: float) -> None:
-        async with c.ws_connect(_ws_url(p, s)) as ws:
-            await ws.send_json({"type": "format", "sample_rate": 16000})
-            while time.monotonic() < until:
-                await ws.send_bytes(second)  # as fast as it can: refused beyond the limit
-                await ws.send_bytes(b"\0")  # odd: an error event each (aiohttp's client reads them as they come)
-                await asyncio.sleep(0.01)
+    async def pusher(c: Any, s: dict[str, Any], until: float) -> int:
+        """Pushes far ahead of real time and odd-length junk without reading; the server may cut it: it comes back."""
+        cuts = 0
+        while time.monotonic() < until:
+            try:
+                async with c.ws_connect(_ws_url(p, s)) as ws:
+                    await ws.send_json({"type": "format", "sample_rate": 16000})
+                    while time.monotonic() < until:
+                        await ws.send_bytes(second)  # refused beyond the limit: an error event each
+                        await ws.send_bytes(b"\0")  # odd length: an error event each
+                        await asyncio.sleep(0.01)
+            except (aiohttp.ClientError, ConnectionError):
+                cuts += 1
+                await asyncio.sleep(0.1)
+        return cuts
 
     async def uploader(c: Any, s: dict[str, Any], until: float) -> None:
         while time.monotonic() < until:
@@ -511,6 +519,7 @@ def test_hostile_clients_leave_the_server_memory_bounded(demo_dir: Path) -> None
                                                        uploader(c, sessions[4], until), churn(c, until))]
             while time.monotonic() < until:
                 peak = max(peak, _rss_mb(p.proc.pid))
+                print(f"{time.monotonic():.1f} {_rss_mb(p.proc.pid):.0f}", flush=True)
                 await asyncio.sleep(0.25)
             results = await asyncio.gather(*work)
         stop.set()
