@@ -306,27 +306,32 @@ class SessionManager:
         task.add_done_callback(self._ending.discard)
 
     async def _watch(self) -> None:
-        lim = self.limits
         next_stats = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
-            for s in list(self.sessions.values()):
-                reason = None
-                if now - s.created > lim.max_session_s:
-                    reason = f"the session lifetime limit ({lim.max_session_s:g} s) was reached"
-                elif not s.clients and s.ever_attached and now - s.last_client > lim.client_timeout_s:
-                    reason = f"the client went away (nothing attached for {lim.client_timeout_s:g} s)"
-                elif not s.ever_attached and now - s.last_client > lim.attach_timeout_s:
-                    reason = f"no client attached within {lim.attach_timeout_s:g} s"
-                if reason:
-                    self._spawn_end(s, reason)
-            self._collect()
-            if now >= next_stats:
+            stats = now >= next_stats
+            if stats:
                 next_stats = now + self.stats_interval_s
-                for s in list(self.sessions.values()):
-                    if s.subscribers:
-                        s.publish({"type": "stats", **_stats_event(s.status())})
+            self._tick(now, stats)  # a function of its own: no session stays referenced from this loop's frame
+
+    def _tick(self, now: float, stats: bool) -> None:
+        lim = self.limits
+        for s in list(self.sessions.values()):
+            reason = None
+            if now - s.created > lim.max_session_s:
+                reason = f"the session lifetime limit ({lim.max_session_s:g} s) was reached"
+            elif not s.clients and s.ever_attached and now - s.last_client > lim.client_timeout_s:
+                reason = f"the client went away (nothing attached for {lim.client_timeout_s:g} s)"
+            elif not s.ever_attached and now - s.last_client > lim.attach_timeout_s:
+                reason = f"no client attached within {lim.attach_timeout_s:g} s"
+            if reason:
+                self._spawn_end(s, reason)
+        self._collect()
+        if stats:
+            for s in list(self.sessions.values()):
+                if s.subscribers:
+                    s.publish({"type": "stats", **_stats_event(s.status())})
 
     def _collect(self) -> None:
         """Move engine counters into the metrics (batch sizes, inference time, skips, fps)."""
