@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("aiohttp")
 pytest.importorskip("aiortc")
 
-from serve_process import ServeProcess, http, tone
+from serve_process import ServeProcess, http, recvonly_offer, tone
 
 pytestmark = pytest.mark.slow
 
@@ -109,18 +109,6 @@ def _chunked(data: bytes, size: int = 8192) -> bytes:
     return out + b"0\r\n\r\n"
 
 
-async def _offer() -> str:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
-
-
 # --------------------------------------------------------------------------- bodies and bad input
 
 
@@ -167,7 +155,7 @@ def test_bad_sdp_offers_are_400_and_never_disturb_the_playing_peer(server: Serve
     import aiohttp
     from webrtc_client import receive
 
-    good = asyncio.run(_offer())
+    good = asyncio.run(recvonly_offer())
     media = next(line for line in good.splitlines() if line.startswith("m=video"))
     setup = next(line for line in good.splitlines() if line.startswith("a=setup"))
     bad = [good.replace(media, "m=video 9"), good.replace(media, "m=video x UDP/TLS/RTP/SAVPF 96"),
@@ -330,7 +318,7 @@ def test_sockets_and_peers_per_session_are_limited(server: ServeProcess) -> None
             return e.value.status
 
     assert asyncio.run(main()) == 429
-    offers = [asyncio.run(_offer()) for _ in range(3)]
+    offers = [asyncio.run(recvonly_offer()) for _ in range(3)]
     codes = [http("POST", f"{server.url}/v1/sessions/{s['id']}/webrtc", {"type": "offer", "sdp": o},
                   token=s["token"])[0] for o in offers]
     assert codes == [200, 200, 429], codes
