@@ -141,7 +141,7 @@ def test_feeds_are_checked(models: dict[str, Path]):
 @pytest.mark.skipif(not _has_bf16(), reason="this CPU has no native bf16")
 def test_bf16_runs_in_bf16(unet: Path):
     feeds = _feeds()
-    with _open(unet) as f32, _open(unet, "bf16") as bf:
+    with _open(unet) as f32, _open(unet, "bf16", allow_failed_gate=True) as bf:  # unmeasured: insisted
         assert bf.compiled_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
         assert f32.compiled_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
         a, b = f32.run(feeds)["output"], bf.run(feeds)["output"]
@@ -299,7 +299,7 @@ def test_quantized_model_runs_int8_and_names_its_source(quantized: Path, models:
 
     assert quantized_from(quantized) == models["unet"].resolve()
     assert read_contract(quantized).feature_type == "ave"
-    with _open(quantized, "int8") as be:
+    with _open(quantized, "int8", allow_failed_gate=True) as be:  # unmeasured: insisted
         assert be.quantized and be.precision == "int8"
         assert be.run(_feeds())["output"].shape == (2, 3, 320, 320)
     with pytest.raises(ConfigError, match="quantized"):
