@@ -28,6 +28,7 @@ but the inference (an :class:`~.scheduler.InferenceScheduler`). Threads::
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import queue
@@ -267,25 +268,18 @@ class Session:
                 log.warning("closing sink %s failed: %s", s.name, exc)
                 if self.error is None:
                     self.error = exc
-        self._drop_queued()
+        with self._cv:  # drop what the threads left: its work items point back here (a cycle only gc frees)
+            for q in (self._in, self._faces):
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        q.get_nowait()
+            self._utts.clear()
         if self.state != "failed":
             self.state = "closed"
         self._emit("closed")
         if self._on_close is not None:
             self._on_close(self)
         return self.reports
-
-    def _drop_queued(self) -> None:
-        """Drop what the stopped threads left queued: its work items point back at this session, a cycle
-        only the cyclic garbage collector would free (with every frame it holds), long after the close."""
-        with self._cv:
-            for q in (self._in, self._faces):
-                try:
-                    while True:
-                        q.get_nowait()
-                except queue.Empty:
-                    pass
-            self._utts.clear()
 
     def __enter__(self) -> "Session":
         return self
@@ -534,9 +528,8 @@ class Session:
         self.times.add("visual", seconds[0], len(items))
         self.times.add("inference", seconds[1], len(items))
         with self._cv:
-            if self._closed:  # a batch in flight when the session closed: nobody takes it (see _drop_queued)
-                return
-            self._faces.put((items, av_idx, faces))
+            if not self._closed:  # a batch in flight at the close is dropped (see close)
+                self._faces.put((items, av_idx, faces))
 
     def on_skipped(self, item: WorkItem) -> None:
         utt: _Utterance = item.utterance

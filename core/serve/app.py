@@ -272,6 +272,7 @@ class _Api:
         if s.sockets >= lim.max_sockets_per_session:
             raise HttpError(429, "too_many_sockets", f"this session has {s.sockets} audio sockets open, the most "
                             f"it may (--max-sockets-per-session {lim.max_sockets_per_session}); close one first")
+        s.sockets += 1  # counted before the handshake's first await; audio_socket uncounts it
         return await audio_socket(request, s, lim, self.manager.socket_tasks)
 
     async def speak(self, request: Any) -> Any:

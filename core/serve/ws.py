@@ -46,18 +46,25 @@ SEND_TIMEOUT_S = 5.0
 
 
 async def audio_socket(request: "web.Request", s: "ServerSession", limits: "Limits", tasks: set[Any]) -> Any:
-    """Serve one audio socket; ``tasks`` holds its handler task while it runs (shutdown waits for it)."""
+    """Serve one audio socket; ``tasks`` holds its handler task while it runs (shutdown waits for it).
+
+    The caller counted the socket in ``s.sockets`` (before the handshake, so two at once cannot pass the
+    limit together); it is uncounted here when the socket ends.
+    """
     from aiohttp import WSMsgType, web
 
     from .sessions import Outbox
 
     ws = web.WebSocketResponse(heartbeat=limits.heartbeat_s, max_msg_size=limits.max_message_bytes)
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        s.sockets -= 1
+        raise
     task = asyncio.current_task()
     tasks.add(task)
     key = object()
     s.attach(key)
-    s.sockets += 1
     events = Outbox(limits.max_queued_events)
     s.subscribers.add(events)
     sender = asyncio.create_task(_send_events(ws, events, request, s.id))
