@@ -258,6 +258,7 @@ async def _requests(work: Path, avatar: str, record: Callable[..., None], noise:
         case("push 10 s at once (limit 5 s)", f"{errors} refused", 4 <= errors <= 6, "not refused beyond the limit")
         for w in socks:
             await w.close()
+        await asyncio.sleep(0.5)  # the server uncounts the closed sockets
         flood = await loop.run_in_executor(None, _flood, srv.port, s)
         case("1-byte frames, never read", flood, flood.startswith("cut"), "the socket was kept open")
         await status("DELETE", f"/v1/sessions/{s.get('id')}", 200, headers=sauth)
@@ -295,6 +296,10 @@ def _flood(port: int, s: dict[str, Any]) -> str:
     head = b""
     while b"\r\n\r\n" not in head:
         head += c.recv(1)
+    first = head.split(b"\r\n")[0].decode(errors="replace")
+    if " 101 " not in first:
+        c.close()
+        return f"handshake refused: {first}"
     burst = bytes([0x82, 0x81, 1, 2, 3, 4, 7 ^ 1]) * 20000
     c.settimeout(2.0)
     end = time.monotonic() + 30

@@ -10,6 +10,7 @@ routes, :mod:`.ws` the audio socket, :mod:`.sessions` lifetimes and events,
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import click
@@ -101,7 +102,8 @@ async def _run(app: Any, config: ServeConfig, service: Any, capacity: Capacity, 
         try:
             await site.start()
         except OSError as exc:
-            raise AvatarError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise AvatarError(f"cannot listen on {config.host}:{config.port}: {why}") from None
         url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}/"
         click.echo(f"avatar serve: listening on {url} (avatars: {', '.join(service.avatars)}; backend "
                    f"{service.backend_name}; capacity {capacity.sessions} session(s), {capacity.source})", err=True)
