@@ -52,7 +52,8 @@ class ServeProcess:
         raise RuntimeError(f"avatar serve did not answer /health within {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 20.0) -> int:
@@ -92,3 +93,16 @@ def tone(seconds: float, rate: int = 16000, freq: float = 220.0) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     x = sum(np.sin(2 * np.pi * freq * k * t) / k for k in range(1, 6))
     return (0.4 * x / np.abs(x).max() * 32767).astype("<i2")
+
+
+async def recvonly_offer() -> str:
+    """A browser-like SDP offer (receive video and audio; host candidates only)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
 
 
 @click.command("serve")
@@ -34,13 +34,21 @@ from ..errors import ConfigError
               help="End a session this long after its last client went away.")
 @click.option("--max-message-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024),
               help="Largest WebSocket message.")
+@click.option("--max-ahead-s", default=120.0, show_default=True, type=click.FloatRange(min=1),
+              help="Most seconds of pushed audio that may wait to be shown, per session (more is refused).")
+@click.option("--max-sockets-per-session", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Audio sockets open at once on one session.")
+@click.option("--max-peers-per-session", default=4, show_default=True, type=click.IntRange(min=1),
+              help="WebRTC peer connections open at once on one session.")
 def serve(avatars: tuple[str, ...], model: str | None, features: str, ave_encoder: str | None, demo: bool, tiny: bool,
           workdir: str, host: str, port: int, token: str | None, backend: str, batch: int, threads: int | None,
           max_sessions: int | None, ice_servers: tuple[str, ...], output_dir: str | None, max_session_s: float,
-          client_timeout_s: float, max_message_bytes: int) -> None:
+          client_timeout_s: float, max_message_bytes: int, max_ahead_s: float, max_sockets_per_session: int,
+          max_peers_per_session: int) -> None:
     """Serve live talking-avatar sessions: HTTP API, audio WebSocket, WebRTC video, RTMP out.
 
     Open http://127.0.0.1:8080/ for the page. The API is in docs/serve.md.
+    SIGTERM or Ctrl-C ends every session (file outputs finished) and exits 143 or 130.
     """
     from ..serve import AvatarSpec, Limits, ServeConfig, require_extra, resolve_token
     from ..serve import serve as run
@@ -63,9 +71,12 @@ def serve(avatars: tuple[str, ...], model: str | None, features: str, ave_encode
         max_sessions=max_sessions, ice_servers=tuple(ice_servers),
         output_dir=Path(output_dir).resolve() if output_dir else None,
         limits=Limits(max_message_bytes=max_message_bytes, max_session_s=max_session_s,
-                      client_timeout_s=client_timeout_s),
+                      client_timeout_s=client_timeout_s, max_ahead_s=max_ahead_s,
+                      max_sockets_per_session=max_sockets_per_session, max_peers_per_session=max_peers_per_session),
     )
-    run(config)
+    signum = run(config)
+    # the sessions ended cleanly; the exit status says which signal stopped the server (143 SIGTERM, 130 Ctrl-C)
+    raise Interrupted(signum)
 
 
 def _spec(text: str, model: str | None, features: str, ave_encoder: str | None):  # type: ignore[no-untyped-def]

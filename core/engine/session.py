@@ -28,6 +28,7 @@ but the inference (an :class:`~.scheduler.InferenceScheduler`). Threads::
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import queue
@@ -267,6 +268,12 @@ class Session:
                 log.warning("closing sink %s failed: %s", s.name, exc)
                 if self.error is None:
                     self.error = exc
+        with self._cv:  # drop what the threads left: its work items point back here (a cycle only gc frees)
+            for q in (self._in, self._faces):
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        q.get_nowait()
+            self._utts.clear()
         if self.state != "failed":
             self.state = "closed"
         self._emit("closed")
@@ -520,7 +527,9 @@ class Session:
     def on_faces(self, items: list[WorkItem], av_idx: list[int], faces: np.ndarray, seconds: tuple[float, float]) -> None:
         self.times.add("visual", seconds[0], len(items))
         self.times.add("inference", seconds[1], len(items))
-        self._faces.put((items, av_idx, faces))
+        with self._cv:
+            if not self._closed:  # a batch in flight at the close is dropped (see close)
+                self._faces.put((items, av_idx, faces))
 
     def on_skipped(self, item: WorkItem) -> None:
         utt: _Utterance = item.utterance

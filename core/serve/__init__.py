@@ -10,11 +10,12 @@ routes, :mod:`.ws` the audio socket, :mod:`.sessions` lifetimes and events,
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import click
 
-from ..errors import MissingDependency
+from ..errors import AvatarError, MissingDependency
 from .admission import Capacity, measured_capacity
 from .config import AvatarSpec, Limits, ServeConfig, resolve_token
 
@@ -51,28 +52,69 @@ def start_service(config: ServeConfig) -> tuple[Any, Capacity]:
     return service, capacity
 
 
-def serve(config: ServeConfig, *, ready: Any = None) -> None:
-    """Run the server until SIGINT/SIGTERM; ``ready(url)`` is called once it listens."""
-    require_extra()
-    from aiohttp import web
+def serve(config: ServeConfig, *, ready: Any = None) -> int:
+    """Run the server until SIGINT/SIGTERM; ``ready(url)`` is called once it listens.
 
+    Returns the signal that stopped it. On that signal the server stops
+    admitting, ends every session (``ended`` with reason ``shutdown`` on each
+    socket, WebRTC peers closed, file outputs finished) within
+    ``limits.shutdown_timeout_s`` and closes. A port that cannot be bound is an
+    :class:`~avatar.errors.AvatarError` (one line), raised before anything is announced.
+    """
+    import asyncio
+
+    require_extra()
     from .app import build_app, check_config
 
     check_config(config)
     service, capacity = start_service(config)
-    app = build_app(config, service, capacity)
-    url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}/"
+    try:
+        app = build_app(config, service, capacity)
+    except BaseException:
+        service.close()
+        raise
+    return asyncio.run(_run(app, config, service, capacity, ready))
 
-    async def announce(app: Any) -> None:
-        msg = (f"avatar serve: listening on {url} (avatars: {', '.join(service.avatars)}; backend "
-               f"{service.backend_name}; capacity {capacity.sessions} session(s), {capacity.source})")
-        click.echo(msg, err=True)  # the one line an operator waits for, whatever the log level
+
+async def _run(app: Any, config: ServeConfig, service: Any, capacity: Capacity, ready: Any) -> int:
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not signals:
+            log.info("avatar serve: %s: shutting down", signal.Signals(signum).name)
+        signals.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    # the sessions' own shutdown is bounded by limits.shutdown_timeout_s; then aiohttp cuts what is left
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=_access_log_class(), shutdown_timeout=5.0)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise AvatarError(f"cannot listen on {config.host}:{config.port}: {why}") from None
+        url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}/"
+        click.echo(f"avatar serve: listening on {url} (avatars: {', '.join(service.avatars)}; backend "
+                   f"{service.backend_name}; capacity {capacity.sessions} session(s), {capacity.source})", err=True)
         if ready is not None:
             ready(url)
-
-    app.on_startup.append(announce)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log_class=_access_log_class(),
-                handle_signals=True, shutdown_timeout=10.0)
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # on_shutdown ends the sessions while their sockets are open, on_cleanup closes the service
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return signals[0]
 
 
 def _access_log_class() -> Any:

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,11 @@ from .sessions import ServerSession, SessionManager
 
 log = logging.getLogger(__name__)
 
-MAX_JSON_BYTES = 64 * 1024
+#: a file output's name: ASCII letters, digits and a few marks, short enough for the hidden partial
+#: file name the sink writes beside it (``.NAME.….partial.mp4``) on every file system
+MAX_FILE_NAME = 128
+_FILE_NAME_PUNCT = "._+-"
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,%d}" % (MAX_FILE_NAME - 1))
 
 
 class HttpError(Exception):
@@ -62,11 +67,15 @@ def build_app(config: ServeConfig, service: LiveService, capacity: Capacity) -> 
     async def on_startup(app: Any) -> None:
         await manager.start()
 
+    async def on_shutdown(app: Any) -> None:  # the sockets are still open: each gets its ``ended``
+        await manager.shutdown(config.limits.shutdown_timeout_s)
+
     async def on_cleanup(app: Any) -> None:
         await manager.stop()
         await asyncio.get_running_loop().run_in_executor(None, service.close)
 
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
 
@@ -83,10 +92,19 @@ def _middleware() -> Any:
         except Refused as exc:
             request.app["api"].metrics.sessions_refused.labels("capacity").inc()
             return _error(503, "at_capacity", exc.reason, headers={"Retry-After": "5"})
-        except web.HTTPRequestEntityTooLarge as exc:
-            return _error(413, "too_large", f"the request body is larger than the limit ({exc.max_size} bytes)")
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.app["api"].config.limits.max_body_bytes
+            return _error(413, "too_large", f"the request body is larger than the limit ({limit} bytes)")
         except AvatarError as exc:
             return _error(400, type(exc).__name__, str(exc))
+        except web.HTTPException:
+            raise
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug: one line in the log (the traceback at debug level), a JSON 500
+            log.error("%s %s failed: %s: %s", request.method, request.path, type(exc).__name__, exc)
+            log.debug("traceback", exc_info=True)
+            return _error(500, "internal", "the server failed on this request; see its log")
 
     return errors
 
@@ -115,15 +133,22 @@ class _Api:
         if not _token_matches(_bearer(request), self.config.token):
             raise HttpError(401, "unauthorized", "this server needs its bearer token: Authorization: Bearer TOKEN")
 
-    def _session(self, request: Any) -> ServerSession:
+    def _session(self, request: Any, *, query_token: bool = False, operator: bool = False) -> ServerSession:
+        """The session of the route, if the request has its token (``?token=`` only where ``query_token``:
+        the audio socket; the server's token too where ``operator``)."""
         s = self.manager.get(request.match_info["id"])
-        given = _bearer(request) or request.query.get("token")
+        given = _bearer(request)
+        if given is None and query_token:
+            given = request.query.get("token")
         if s is None:
             # the same answer for a wrong id and a wrong token would hide typos; ids are not secrets
-            raise HttpError(404, "no_session", f"no session {request.match_info['id']!r} (ended or never opened)")
-        if not _token_matches(given, s.token):
+            raise HttpError(404, "no_session", f"no session {request.match_info['id'][:64]!r} (ended or never opened)")
+        ok = _token_matches(given, s.token) or (
+            operator and self.config.token is not None and _token_matches(given, self.config.token))
+        if not ok:
+            where = ", or ?token=TOKEN on this socket" if query_token else ""
             raise HttpError(401, "unauthorized", "this route needs the session's token (from POST /v1/sessions): "
-                            "Authorization: Bearer TOKEN, or ?token=TOKEN on the audio socket")
+                            f"Authorization: Bearer TOKEN{where}")
         s.touch()
         return s
 
@@ -162,7 +187,7 @@ class _Api:
         from aiohttp import web
 
         self._server_auth(request)
-        body = await _json_body(request)
+        body = await _json_body(request, self.config.limits.max_json_bytes)
         avatar = body.get("avatar") or (self.service.avatars[0] if len(self.service.avatars) == 1 else None)
         if not isinstance(avatar, str) or avatar not in self.service.avatars:
             raise HttpError(400, "unknown_avatar", f"unknown avatar {avatar!r}; this server has "
@@ -214,9 +239,10 @@ class _Api:
         root = self.config.output_dir
         if root is None:
             raise HttpError(400, "file_output_disabled", "file outputs are off; start the server with --output-dir DIR")
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
             raise HttpError(400, "bad_request", "a file output's path is a plain file name inside the server's "
-                            "--output-dir (no folders)")
+                            f"--output-dir (no folders): letters, digits and {_FILE_NAME_PUNCT} only, not starting "
+                            f"with one of those, at most {MAX_FILE_NAME} characters")
         return Path(root) / name
 
     async def list(self, request: Any) -> Any:
@@ -233,38 +259,45 @@ class _Api:
     async def delete(self, request: Any) -> Any:
         from aiohttp import web
 
-        s = self._session(request)
-        return web.json_response(await self.manager.end(s, "deleted by the client"))
+        s = self._session(request, operator=True)
+        operator = self.config.token is not None and _token_matches(_bearer(request), self.config.token)
+        reason = "ended by the operator" if operator else "deleted by the client"
+        return web.json_response(await self.manager.end(s, reason))
 
     async def audio(self, request: Any) -> Any:
         from .ws import audio_socket
 
-        s = self._session(request)
-        return await audio_socket(request, s, self.config.limits)
+        s = self._session(request, query_token=True)
+        lim = self.config.limits
+        if s.sockets >= lim.max_sockets_per_session:
+            raise HttpError(429, "too_many_sockets", f"this session has {s.sockets} audio sockets open, the most "
+                            f"it may (--max-sockets-per-session {lim.max_sockets_per_session}); close one first")
+        s.sockets += 1  # counted before the handshake's first await; audio_socket uncounts it
+        return await audio_socket(request, s, lim, self.manager.socket_tasks)
 
     async def speak(self, request: Any) -> Any:
         from aiohttp import web
 
-        from ..audio import load_audio
-        from .ws import check_pace
-
         s = self._session(request)
-        data = await request.read()
-        if not data:
-            raise HttpError(400, "bad_request", "send the audio file as the request body")
-
-        def decode() -> Any:
+        lim = self.config.limits
+        if s.uploading:
+            raise HttpError(409, "busy", "this session is already taking a /speak upload; send one at a time")
+        s.uploading = True
+        try:
             with tempfile.NamedTemporaryFile(suffix=".audio") as f:
-                f.write(data)
-                f.flush()
-                return load_audio(f.name, 16000)
-
-        pcm = await asyncio.get_running_loop().run_in_executor(None, decode)
-        seconds = len(pcm) / 16000
-        errors: list[str] = []
-        if not check_pace(s, seconds, self.config.limits, errors.append):
-            raise HttpError(413, "too_long", errors[0])
-        s.live.push(pcm, 16000)
+                await _body_to_file(request, f, lim.max_body_bytes)
+                room = s.room_s(lim.max_ahead_s)
+                pcm = await asyncio.get_running_loop().run_in_executor(None, _decode_at_most, f.name, room)
+        finally:
+            s.uploading = False
+        if pcm is None:
+            raise HttpError(413, "too_long", f"the audio is longer than the session takes now ({max(0.0, room):.1f} s: "
+                            f"at most {lim.max_ahead_s:g} s may wait to be shown)")
+        seconds = len(pcm) / SPEAK_RATE
+        too_much = s.take_audio(seconds, lim.max_ahead_s)
+        if too_much:
+            raise HttpError(413, "too_long", too_much)
+        s.live.push(pcm, SPEAK_RATE)
         s.live.flush()
         return web.json_response({"duration_s": round(seconds, 3)})
 
@@ -275,58 +308,70 @@ class _Api:
         if s.webrtc is None:
             raise HttpError(409, "no_webrtc_output", 'this session has no webrtc output; open it with outputs '
                             '[{"type": "webrtc"}]')
-        body = await _json_body(request)
+        body = await _json_body(request, self.config.limits.max_json_bytes)
         if body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
             raise HttpError(400, "bad_request", 'send the browser\'s offer: {"type": "offer", "sdp": "v=0..."}')
-        answer = await _answer(s, body["sdp"], self.ice)
-        return web.json_response(answer)
+        limit = self.config.limits.max_peers_per_session
+        if len(s.peers) >= limit:
+            raise HttpError(429, "too_many_peers", f"this session has {len(s.peers)} WebRTC peers, the most it may "
+                            f"(--max-peers-per-session {limit}); close one first")
+        from .webrtc import answer
+
+        return web.json_response(await answer(s, body["sdp"], self.ice))
 
 
-async def _answer(s: ServerSession, sdp: str, ice: list[dict[str, str]]) -> dict[str, str]:
-    """Make a peer connection with the session's two tracks and answer the offer."""
-    from aiortc import (
-        RTCConfiguration,
-        RTCIceServer,
-        RTCPeerConnection,
-        RTCSessionDescription,
-    )
+#: the rate /speak decodes to
+SPEAK_RATE = 16000
 
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**d) for d in ice]) if ice else None)
-    key = object()
-    s.peers.add(pc)
 
-    @pc.on("connectionstatechange")
-    async def on_state() -> None:
-        state = pc.connectionState
-        if state == "connected":
-            s.attach(key)
-        elif state in ("failed", "closed", "disconnected"):
-            s.detach(key)
-            if state != "disconnected":
-                s.peers.discard(pc)
-                await pc.close()
+async def _body_to_file(request: Any, f: Any, limit: int) -> None:
+    """Stream the request body into ``f`` (however it arrives: chunked or not), refusing more than ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise HttpError(413, "too_large", f"the request body is larger than the limit ({limit} bytes)")
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, "too_large", f"the request body is larger than the limit ({limit} bytes)")
+        f.write(chunk)
+    if not size:
+        raise HttpError(400, "bad_request", "send the audio file as the request body")
+    f.flush()
+
+
+def _decode_at_most(path: str, seconds: float) -> Any:
+    """Decode (streaming, mono at :data:`SPEAK_RATE`) at most ``seconds`` of the file; None when it is longer."""
+    import numpy as np
+
+    from ..audio import iter_audio_chunks
+
+    limit = int(seconds * SPEAK_RATE)
+    parts, total = [], 0
+    chunks = iter_audio_chunks(path, SPEAK_RATE // 4, SPEAK_RATE)
+    try:
+        for part in chunks:
+            total += len(part)
+            if total > limit:
+                return None  # stop decoding: the rest is never held
+            parts.append(part)
+    finally:
+        chunks.close()
+    return np.concatenate(parts)
+
+
+async def _json_body(request: Any, limit: int) -> dict[str, Any]:
+    """The body as a JSON object: read whole however it arrives (aiohttp's reader, with ``limit`` as its size
+    limit, chunked bodies included)."""
+    from aiohttp import web
 
     try:
-        video, audio = s.webrtc.attach(asyncio.get_running_loop())
-        pc.addTrack(video)
-        pc.addTrack(audio)
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        await pc.setLocalDescription(await pc.createAnswer())
-    except (ValueError, RuntimeError, AttributeError) as exc:
-        s.peers.discard(pc)
-        await pc.close()
-        raise HttpError(400, "bad_offer", f"the SDP offer was not accepted: {exc}") from None
-    return {"type": pc.localDescription.type, "sdp": pc.localDescription.sdp}
-
-
-async def _json_body(request: Any) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
-        raise HttpError(413, "too_large", f"JSON bodies are at most {MAX_JSON_BYTES} bytes")
-    raw = await request.content.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise HttpError(413, "too_large", f"JSON bodies are at most {MAX_JSON_BYTES} bytes")
+        raw = await request.clone(client_max_size=limit).read()
+    except web.HTTPRequestEntityTooLarge:
+        raise HttpError(413, "too_large", f"JSON bodies are at most {limit} bytes") from None
     try:
         body = json.loads(raw or b"{}")
+    except RecursionError:
+        raise HttpError(400, "malformed_json", "the body is nested too deeply") from None
     except ValueError as exc:
         raise HttpError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -340,7 +385,14 @@ def _bearer(request: Any) -> str | None:
 
 
 def _token_matches(given: str | None, expected: str) -> bool:
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+    """Constant-time comparison; a header that is not valid UTF-8 (or not a string) matches nothing."""
+    if not isinstance(given, str):
+        return False
+    try:
+        raw = given.encode()
+    except UnicodeError:
+        return False
+    return hmac.compare_digest(raw, expected.encode())
 
 
 def check_config(config: ServeConfig) -> None:

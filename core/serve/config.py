@@ -32,10 +32,22 @@ class Limits:
     max_message_bytes: int = 1 << 20
     #: largest request body (an audio file for /speak), bytes
     max_body_bytes: int = 32 << 20
+    #: largest JSON request body (session requests, SDP offers), bytes
+    max_json_bytes: int = 64 << 10
     min_sample_rate: int = 8000
     max_sample_rate: int = 96000
-    #: how far pushed audio may run ahead of real time, seconds
+    #: how much pushed audio may wait to be shown, seconds (a leaky bucket that drains at
+    #: real time; idle time is no credit)
     max_ahead_s: float = 120.0
+    #: audio sockets open at once on one session
+    max_sockets_per_session: int = 4
+    #: WebRTC peer connections open at once on one session (each new one takes the tracks)
+    max_peers_per_session: int = 4
+    #: events waiting to be sent on one socket; a socket that falls this far behind is closed
+    #: (a newer ``stats`` event replaces an unsent one and does not count)
+    max_queued_events: int = 64
+    #: longest a SIGTERM/SIGINT shutdown waits for sessions to end and sockets to close, seconds
+    shutdown_timeout_s: float = 15.0
     #: a session ends after this long, seconds
     max_session_s: float = 3600.0
     #: a session with no client (socket, peer or request) ends after this long, seconds

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import AvatarError, ConfigError
 from ..interfaces import BackendOptions, Sink
 from .config import AvatarSpec
 
@@ -42,23 +42,32 @@ IDLE_MODES = ("avatar", "model")
 class LiveSession:
     """One live session: push audio, flush, interrupt, read stats, close."""
 
-    def __init__(self, session: Any, fps: Fraction) -> None:
+    def __init__(self, session: Any, fps: Fraction, unsubscribe: Callable[[], Any] | None = None) -> None:
         self._s = session
         self.fps = fps
+        self._unsubscribe = unsubscribe
+        self._final: dict[str, Any] | None = None
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> None:
         """Mono PCM (int16 or float32) at ``sample_rate``; never blocks on the model."""
-        self._s.push_audio(pcm, sample_rate)
+        self._open().push_audio(pcm, sample_rate)
 
     def flush(self) -> None:
-        self._s.flush()
+        self._open().flush()
 
     def interrupt(self) -> float:
         """Barge-in; returns the seconds of the utterance that were shown."""
-        return float(self._s.interrupt())
+        return float(self._open().interrupt())
+
+    def _open(self) -> Any:
+        if self._s is None:
+            raise AvatarError("the session has ended")
+        return self._s
 
     def stats(self) -> dict[str, Any]:
         """state, frames, skipped, lag_s (p95), position_s."""
+        if self._s is None:  # closed: the last figures
+            return dict(self._final or {"state": "closed"})
         st = self._s.stats()
         return {
             "state": st.state,
@@ -74,7 +83,16 @@ class LiveSession:
         }
 
     def close(self) -> None:
-        self._s.close()
+        """Close the engine session and let go of it (no callback of ours stays in it, no reference to it here)."""
+        if self._s is None:
+            return
+        try:
+            self._s.close()
+        finally:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            self._final = {**self.stats(), "state": "closed"} if self._s is not None else self._final
+            self._s = self._unsubscribe = None
 
 
 class LiveService:
@@ -174,9 +192,8 @@ class LiveService:
         if idle not in IDLE_MODES:
             raise ConfigError(f"idle must be one of {', '.join(IDLE_MODES)}, not {idle!r}")
         s = self._open(spec, list(sinks), features, idle)
-        if on_event is not None:
-            s.subscribe(lambda ev: _forward(ev, on_event))
-        return LiveSession(s, self._fps[avatar])
+        unsubscribe = s.subscribe(lambda ev: _forward(ev, on_event)) if on_event is not None else None
+        return LiveSession(s, self._fps[avatar], unsubscribe)
 
     def _open(self, spec: AvatarSpec, sinks: list[Sink], features: str | None, idle: str) -> Any:
         name = features or spec.features

@@ -157,6 +157,20 @@ def ort_log_severity() -> int:
     return 2 if debug or logging.getLogger("avatar").isEnabledFor(logging.DEBUG) else 4
 
 
+def option_bool(value: Any, what: str) -> bool:
+    """A boolean backend option, strictly: true/1/yes/on or false/0/no/off (text from ``--backend-opt``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{what} must be true or false (1/0, yes/no, on/off), not {value!r}")
+
+
 def check_extra(extra: Mapping[str, Any], known: Mapping[str, str], backend: str) -> None:
     """Reject backend options nobody reads (an option that does nothing is a bug)."""
     unknown = sorted(set(extra) - set(known))

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -94,7 +94,8 @@ def model_sha256(path: str | Path) -> str:
 
 
 def judge(psnr_vs_fp32: float, loss_db: float) -> bool:
-    return psnr_vs_fp32 >= MIN_PSNR_VS_FP32 and loss_db <= MAX_LOSS_DB
+    """The verdict from the figures (NaN fails)."""
+    return bool(psnr_vs_fp32 >= MIN_PSNR_VS_FP32 and loss_db <= MAX_LOSS_DB)
 
 
 # --------------------------------------------------------------------------- records
@@ -108,7 +109,14 @@ def record_files(model: str | Path, sha: str | None = None) -> list[Path]:
 
 
 def load_records(model: str | Path, sha: str | None = None) -> list[GateRecord]:
-    """Every record of this exact model file (matching SHA-256), oldest first."""
+    """Every record of this exact model file (matching SHA-256), oldest first.
+
+    Records are read one by one: one this release cannot read (a field missing
+    or of the wrong type) is skipped and named in a warning, the others are
+    kept; fields it does not know (from a newer release) are ignored. ``passed``
+    is never taken from the file: it is recomputed from the stored figures and
+    the current thresholds (:func:`judge`).
+    """
     sha = sha or model_sha256(model)
     out: list[GateRecord] = []
     for f in record_files(model, sha):
@@ -116,11 +124,64 @@ def load_records(model: str | Path, sha: str | None = None) -> list[GateRecord]:
             continue
         try:
             doc = json.loads(f.read_text())
-            rows = doc.get("records", []) if doc.get("schema") == SCHEMA else []
-            out += [GateRecord(**r) for r in rows if r.get("model_sha256") == sha]
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("ignoring unreadable gate records %s: %s", f, exc)
+            continue
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("records"), list):
+            log.warning("ignoring gate records %s: not an %s file", f, SCHEMA)
+            continue
+        for i, row in enumerate(doc["records"]):
+            if isinstance(row, dict) and row.get("model_sha256") != sha:
+                continue
+            try:
+                out.append(parse_record(row))
+            except ValueError as exc:
+                log.warning("skipping gate record %d of %s (%s): %s", i, f, _label(row), exc)
     return sorted(out, key=lambda r: r.measured)
+
+
+_FIELDS = {f.name: f for f in fields(GateRecord)}
+_NUMBERS = ("psnr_vs_fp32", "psnr_vs_real", "fp32_vs_real")
+_STRINGS = ("model_sha256", "precision", "device", "backend", "data", "runtime", "cpu", "measured", "reference_sha256")
+
+
+def parse_record(row: Any) -> GateRecord:
+    """One record from its JSON object; ``passed`` recomputed. Raises ValueError when it cannot be read."""
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    known = {k: v for k, v in row.items() if k in _FIELDS}
+    missing = [n for n, f in _FIELDS.items() if f.default is MISSING and f.default_factory is MISSING and n not in known]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    for k in _NUMBERS:
+        v = known[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{k} is not a number: {v!r}")
+        known[k] = float(v)
+    for k in _STRINGS:
+        if k in known and not isinstance(known[k], str):
+            raise ValueError(f"{k} is not a string: {known[k]!r}")
+    frames = known["frames"]
+    if not isinstance(frames, list) or not frames or not all(type(x) is int for x in frames):
+        raise ValueError(f"frames is not a list of frame numbers: {frames!r}")
+    if not isinstance(known.get("notes", {}), dict):
+        raise ValueError("notes is not an object")
+    stored = known.pop("passed", None)
+    rec = GateRecord(**known)
+    rec.passed = judge(rec.psnr_vs_fp32, rec.loss_db)
+    if stored is not None and stored is not rec.passed:
+        log.warning("gate record %s: the file says passed=%r, its figures say %r (%s); going by the figures",
+                    _label(row), stored, rec.passed, rec.summary())
+    unknown = sorted(set(row) - set(_FIELDS))
+    if unknown:
+        log.debug("gate record %s: ignoring fields %s", _label(row), ", ".join(unknown))
+    return rec
+
+
+def _label(row: Any) -> str:
+    if not isinstance(row, dict):
+        return "?"
+    return f"{row.get('precision', '?')} on {row.get('device', '?')}"
 
 
 def find_record(model: str | Path, precision: str, device: str, sha: str | None = None) -> GateRecord | None:

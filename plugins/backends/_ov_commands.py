@@ -13,7 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
-from avatar.errors import ConfigError
+from avatar.errors import AvatarError, ConfigError
 
 from . import _gates
 
@@ -103,6 +103,18 @@ def gate(model: str, avatar: str, precision: str, backend: str, device: str, fra
                                  threads=threads, reference=reference)  # fmt: skip
     click.echo(record.summary())
     click.echo(f"recorded in {where}")
+    _fail_unless_passed(record)
+
+
+def _fail_unless_passed(record: _gates.GateRecord) -> None:
+    """A failed gate is a failed command (exit 1), so a CI step notices; the record stays, and backends refuse it."""
+    if not record.passed:
+        raise GateFailed(f"the {record.precision} accuracy gate failed on {record.device}; backends refuse "
+                         f"{record.precision} for this model unless told allow_failed_gate=1")
+
+
+class GateFailed(AvatarError):
+    """A measured accuracy gate failed (exit status 1)."""
 
 
 @click.command("quantize")
@@ -157,3 +169,4 @@ def quantize(model: str, avatar: str, output: str, frames: str | None, subset: i
         record, where = measure_gate(out, avatar, precision="int8", reference=src, data=held, threads=threads)
         click.echo(record.summary())
         click.echo(f"recorded in {where}")
+        _fail_unless_passed(record)

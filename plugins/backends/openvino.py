@@ -7,9 +7,10 @@ models are cached (OpenVINO's ``CACHE_DIR``), so a second start skips the
 compilation.
 
 Reduced precision is gated (see :mod:`._gates`): bf16, fp16 and int8 load only
-with a passing record for *this* model file, precision and device, or with a
-warning naming the command that measures it when none exists; a failing record
-refuses the load unless ``allow_failed_gate`` is set.
+with a passing record for *this* model file, precision and device; an
+unmeasured or failed precision is refused (the error names the command that
+measures it) unless ``allow_failed_gate`` insists. Under ``AUTO`` the same
+checks (native precision, gate) apply to every device it runs the model on.
 
 ``precision="auto"`` picks the fastest precision with a passing record: int8
 for a quantized model, else bf16 where the CPU has native bf16, else fp32. When
@@ -34,7 +35,7 @@ from avatar.hookspecs import hookimpl
 from avatar.interfaces import Availability, BackendOptions, TensorInfo
 
 from . import _gates
-from ._common import ListedTensorsBackend, cache_dir, check_extra, check_feeds
+from ._common import ListedTensorsBackend, cache_dir, check_extra, check_feeds, option_bool
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ _EXTRA = {
     "performance_hint": "LATENCY (default), THROUGHPUT or CUMULATIVE_THROUGHPUT",
     "cache_dir": "where compiled models are cached (default: the avatar-sdk cache)",
     "cache": "cache compiled models so a second start is fast (default True)",
-    "allow_failed_gate": "load a reduced precision whose recorded accuracy gate failed (default False)",
+    "allow_failed_gate": "load a reduced precision whose accuracy gate failed or was never measured (default false)",
 }
 
 
@@ -152,6 +153,8 @@ class OpenVinoBackend(ListedTensorsBackend):
         if not self.model_path.is_file():
             raise ModelError(f"model file not found: {self.model_path}")
         start = time.perf_counter()
+        self._allow_failed = option_bool(opts.extra.get("allow_failed_gate", False), "openvino: allow_failed_gate")
+        self._cache = option_bool(opts.extra.get("cache", True), "openvino: cache")
         self.device = self._device()
         try:
             self._model = _core().read_model(str(self.model_path))
@@ -162,8 +165,8 @@ class OpenVinoBackend(ListedTensorsBackend):
         #: the gate record the precision was loaded under (None for fp32 or when never measured)
         self.gate: _gates.GateRecord | None = None
         self.precision, self.choice = self._choose_precision(opts.precision)
-        if self.precision != "fp32":
-            self._enforce_gate()
+        if self.precision != "fp32" and not self.device.startswith("AUTO"):
+            self._enforce_gate(self._gate_device())
         self._inputs = _tensor_infos(self._model.inputs)
         self._outputs = _tensor_infos(self._model.outputs)
         config = self._config()
@@ -171,6 +174,8 @@ class OpenVinoBackend(ListedTensorsBackend):
             self._compiled = _core().compile_model(self._model, self.device, config)
         except Exception as exc:
             raise BackendError(f"openvino: cannot compile {self.model_path} for {self.device}: {exc}") from exc
+        if self.device.startswith("AUTO") and self.precision != "fp32":
+            self._check_auto_devices()  # AUTO picks the device only now: the same checks, on what it picked
         self._check_compiled()
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: one run at a time
@@ -231,27 +236,47 @@ class OpenVinoBackend(ListedTensorsBackend):
     def _gate_device(self) -> str:
         return self.device.split(".", 1)[0]
 
-    def _enforce_gate(self) -> None:
-        device = self._gate_device()
+    def _enforce_gate(self, device: str) -> None:
+        """Refuse a reduced precision on ``device`` (a base name: CPU, GPU, NPU) whose gate failed or was never
+        measured, unless ``allow_failed_gate`` insists."""
         rec = _gates.find_record(self.model_path, self.precision, device, self._sha)
         cmd = _gates.measure_command(self.model_path, self.precision, self.name, device)
-        if rec is None:
-            log.warning(
-                "openvino: %s on %s has no accuracy gate record for %s; its output may be wrong. Measure it: %s",
-                self.precision, device, self.model_path.name, cmd,
-            )  # fmt: skip
-            return
-        self.gate = rec
-        if rec.passed:
+        if rec is not None:
+            self.gate = rec
+        if rec is not None and rec.passed:
             log.info("openvino: gate %s", rec.summary())
             return
-        if self.options.extra.get("allow_failed_gate"):
-            log.warning("openvino: loading despite a failed accuracy gate (allow_failed_gate): %s", rec.summary())
+        state = f"has no accuracy gate record on {device}" if rec is None else f"failed its accuracy gate: {rec.summary()}"
+        if self._allow_failed:
+            log.warning("openvino: loading %s for %s although it %s (allow_failed_gate); its output may be wrong",
+                        self.precision, self.model_path.name, state)
             return
         raise BackendError(
-            f"openvino: refusing {self.precision} for {self.model_path.name}: its accuracy gate {rec.summary()}. "
-            "Use fp32, re-measure with `" + cmd + "`, or insist with allow_failed_gate=True (--backend-opt allow_failed_gate=1)"
+            f"openvino: refusing {self.precision} for {self.model_path.name}: it {state}. Use fp32, measure it with `"
+            + cmd + "`, or insist with allow_failed_gate=True (--backend-opt allow_failed_gate=1)"
         )
+
+    def _check_auto_devices(self) -> None:
+        """Under ``AUTO``: every device it runs the model on must have the precision natively and pass its gate."""
+        try:
+            devices = [str(d) for d in self._compiled.get_property("EXECUTION_DEVICES")]
+        except Exception as exc:
+            devices = []
+            log.debug("openvino: AUTO does not say which devices it uses: %s", exc)
+        if not devices:
+            if self._allow_failed:
+                log.warning("openvino: AUTO does not say which device runs %s; loading it unchecked (allow_failed_gate)",
+                            self.precision)
+                return
+            raise BackendError(f"openvino: AUTO does not say which device runs the model, so the {self.precision} "
+                               "accuracy gate cannot be checked; name the device (device=CPU) or use fp32")
+        need = _CAPS.get(self._compute_precision())
+        for dev in devices:
+            caps = device_capabilities(dev)
+            if need and caps and need not in caps:
+                raise ConfigError(f"openvino: AUTO runs the model on {dev}, which has no native "
+                                  f"{self._compute_precision()} (its capabilities: {', '.join(caps)}); use fp32")
+            self._enforce_gate(dev.split(".", 1)[0])
 
     def _config(self) -> dict[str, Any]:
         opts, extra = self.options, self.options.extra
@@ -268,7 +293,7 @@ class OpenVinoBackend(ListedTensorsBackend):
             if int(extra["streams"]) < 1:
                 raise ConfigError(f"openvino: streams must be at least 1, not {extra['streams']}")
             config["NUM_STREAMS"] = int(extra["streams"])
-        if _truthy(extra.get("cache", True)):
+        if self._cache:
             d = cache_dir(extra.get("cache_dir"), "openvino")
             d.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(d)
@@ -286,9 +311,7 @@ class OpenVinoBackend(ListedTensorsBackend):
         return "bf16" if "BF16" in device_capabilities(self.device) else "fp32"
 
     def _check_compiled(self) -> None:
-        """A device that silently lowers the precision asked for is an error, not a surprise."""
-        if self.device.startswith("AUTO"):
-            return
+        """A device that silently lowers the precision asked for is an error, not a surprise (AUTO included)."""
         try:
             hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         except Exception:
@@ -335,10 +358,6 @@ class OpenVinoBackend(ListedTensorsBackend):
     def close(self) -> None:
         self._request = None
         self._compiled = None
-
-
-def _truthy(v: Any) -> bool:
-    return v not in (False, 0, "0", "false", "False", "no", "off", None)
 
 
 @hookimpl
