@@ -1,0 +1,128 @@
+"""``avatar serve --ray``: deploy the live replicas on Ray Serve and run the front door.
+
+:func:`deploy` starts (or updates) the Serve application — no Serve HTTP proxy:
+the replicas serve their own HTTP on their nodes and the front door (this
+process) is the one public address. :func:`serve_ray` is the whole command.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+from ..serve.config import ServeConfig
+from .options import ScaleOptions
+
+log = logging.getLogger(__name__)
+
+
+def replica_options(scale: ScaleOptions) -> dict[str, Any]:
+    """Serve deployment options: resources, replica count or autoscaling, draining."""
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": scale.cpus_per_replica, "num_gpus": scale.gpus_per_replica},
+        # Serve waits this long for __del__ (the drain) before it kills a replica it removes
+        "graceful_shutdown_timeout_s": scale.drain_timeout_s + 20.0,
+        "graceful_shutdown_wait_loop_s": 0.5,
+    }
+    if scale.gpus_per_replica == 0:
+        opts["max_replicas_per_node"] = 1  # CPU backends: one replica (one shared backend) per node
+    if not scale.autoscaling:
+        opts["num_replicas"] = scale.min_replicas
+    else:
+        opts["autoscaling_config"] = {
+            "min_replicas": scale.min_replicas,
+            "max_replicas": scale.max_replicas,
+            "initial_replicas": max(scale.min_replicas, 1),
+            "look_back_period_s": scale.look_back_period_s,
+            "upscale_delay_s": scale.upscale_delay_s,
+            "downscale_delay_s": scale.downscale_delay_s,
+            "policy": {"policy_function": "avatar.scale.policy:SessionPolicy",
+                       "policy_kwargs": {"sessions_per_replica": scale.sessions_per_replica,
+                                         "spare_sessions": scale.spare_sessions}},
+        }
+    return opts
+
+
+def replica_application(config: ServeConfig, scale: ScaleOptions) -> Any:
+    """The Serve application (one deployment: the live replicas)."""
+    from .deployment import AvatarReplica
+
+    return AvatarReplica.options(**replica_options(scale)).bind(config, scale)
+
+
+def deploy(config: ServeConfig, scale: ScaleOptions) -> Any:
+    """Start the registry and the Serve application (Ray must be connected); returns the registry handle."""
+    import ray
+    from ray import serve
+
+    from .registry import registry_handle
+
+    registry = registry_handle(scale.registry_name)
+    ray.get(registry.set_mode.remote("drain"))
+    serve.start(proxy_location="Disabled")
+    serve.run(replica_application(config, scale), name=scale.app_name, route_prefix=None, blocking=False)
+    return registry
+
+
+def wait_replicas(registry: Any, n: int, timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Wait until at least ``n`` replicas report (they load and warm their models first)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = [r for r in ray.get(registry.snapshot.remote()) if not r.get("draining")]
+        if len(snap) >= n:
+            return snap
+        if time.monotonic() > deadline:
+            raise ConfigError(f"only {len(snap)} of {n} replica(s) started within {timeout:g} s; does the cluster "
+                              "have the GPUs/CPUs they ask for? (`ray status`)")
+        time.sleep(0.5)
+
+
+def undeploy(scale: ScaleOptions, registry: Any = None) -> None:
+    """Delete the Serve application: replicas end their sessions at once (no drain) and stop."""
+    import ray
+    from ray import serve
+
+    if registry is not None:
+        try:
+            ray.get(registry.set_mode.remote("shutdown"), timeout=10)
+        except Exception as exc:
+            log.warning("could not tell the replicas to shut down: %s", exc)
+    serve.delete(scale.app_name)
+    if registry is not None:
+        ray.kill(registry)
+
+
+def serve_ray(config: ServeConfig, scale: ScaleOptions, address: str | None) -> None:
+    """``avatar serve --ray [ADDRESS]``: deploy, wait for the first replicas, serve the front door until a signal."""
+    from aiohttp import web
+
+    from ..serve import _access_log_class, require_extra
+    from . import connect, require_ray
+    from .front import build_front_app
+
+    require_extra()
+    require_ray()
+    connect(address)
+    click.echo(f"avatar serve --ray: deploying {scale.min_replicas}..{scale.max_replicas} replica(s) ...", err=True)
+    registry = deploy(config, scale)
+    try:
+        snap = wait_replicas(registry, max(1, scale.min_replicas))
+        app = build_front_app(config, scale, registry)
+        url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}/"
+
+        async def announce(app: Any) -> None:
+            nodes = sorted({r.get("node_ip", "?") for r in snap})
+            click.echo(f"avatar serve --ray: listening on {url} ({len(snap)} replica(s) on {', '.join(nodes)}; "
+                       f"capacity {sum(int(r['capacity']) for r in snap)} session(s))", err=True)
+
+        app.on_startup.append(announce)
+        web.run_app(app, host=config.host, port=config.port, print=None, access_log_class=_access_log_class(),
+                    handle_signals=True, shutdown_timeout=10.0)
+    finally:
+        undeploy(scale, registry)

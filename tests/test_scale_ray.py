@@ -1,0 +1,223 @@
+"""Scale-out on a real local Ray cluster: live replicas behind the front door, failures, autoscaling.
+
+One module-scoped cluster (``ray.cluster_utils.Cluster``): 3 nodes on this
+machine, each declaring one logical GPU and one CPU, dashboard off. The
+replicas run the tiny seeded model on the CPU backend. Tests share the cluster
+and run in order (placement, then a replica killed under the same sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("aiohttp")
+
+from serve_process import http, tone
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():  # type: ignore[no-untyped-def]
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # replicas report their session count to Serve's autoscaler every 0.5 s (default 10 s)
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=1, num_gpus=1)
+    c.wait_for_nodes()
+    from avatar.scale import connect
+
+    connect(c.address)
+    yield c
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from avatar.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("ray-demo"), tiny=True)
+
+
+def _config(demo: dict[str, Path], max_sessions: int = 2) -> Any:
+    from avatar.serve import AvatarSpec, Limits, ServeConfig
+
+    spec = AvatarSpec("demo", demo["avatar"], demo["model"], "ave", {"encoder": str(demo["encoder"])})
+    # sessions without a client stay open for the whole test
+    return ServeConfig(avatars=(spec,), backend="cpu", batch=4, threads=1, max_sessions=max_sessions,
+                       stats_interval_s=0.5, limits=Limits(client_timeout_s=120.0, attach_timeout_s=300.0))
+
+
+class Deployed:
+    """A Serve application of live replicas plus its front door on loopback (in a thread)."""
+
+    def __init__(self, demo: dict[str, Path], replicas: int, **scale: Any) -> None:
+        from avatar.scale.deploy import deploy, wait_replicas
+        from avatar.scale.front import build_front_app
+        from avatar.scale.options import ScaleOptions
+        from avatar.scale.replica import AppThread
+
+        self.config = _config(demo)
+        self.scale = ScaleOptions(replica_host="127.0.0.1", gpus_per_replica=1, cpus_per_replica=0.25,
+                                  drain_timeout_s=5.0, **scale)
+        self.registry = deploy(self.config, self.scale)
+        wait_replicas(self.registry, replicas, timeout=240)
+        self.app = build_front_app(self.config, self.scale, self.registry)
+        self.front = self.app["front"]
+        self.http = AppThread(self.app, "127.0.0.1", 0)
+        self.url = self.http.url
+
+    def replicas(self) -> list[dict[str, Any]]:
+        import ray
+
+        return [r for r in ray.get(self.registry.snapshot.remote()) if not r.get("draining")]
+
+    def open(self, expect: int = 201) -> dict[str, Any]:
+        status, body = http("POST", self.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+        assert status == expect, body
+        return body
+
+    def close(self) -> None:
+        from avatar.scale.deploy import undeploy
+
+        self.http.stop()
+        undeploy(self.scale, self.registry)
+
+
+def _wait(cond: Any, timeout: float, what: str, step: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+async def _until(ws: Any, kind: str, timeout: float, seen: list[dict[str, Any]]) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = await ws.receive(timeout=max(0.05, deadline - time.monotonic()))
+        if msg.type.name != "TEXT":
+            raise AssertionError(f"socket ended before {kind}: {msg}; events {[e['type'] for e in seen]}")
+        ev = json.loads(msg.data)
+        seen.append(ev)
+        if ev["type"] == kind:
+            return ev
+    raise AssertionError(f"no {kind} event within {timeout} s; got {[e['type'] for e in seen]}")
+
+
+@pytest.fixture(scope="module")
+def two(cluster, demo):  # type: ignore[no-untyped-def]
+    d = Deployed(demo, 2, app_name="avatar-two", min_replicas=2, max_replicas=2)
+    yield d
+    d.close()
+
+
+def test_placement_fills_replicas_and_audio_reaches_the_sessions_replica(two: Deployed) -> None:
+    import aiohttp
+
+    sessions = [two.open() for _ in range(4)]
+    where = [s["replica"] for s in sessions]
+    # the first two land on different replicas (most free first); with both full (2 each) the fifth is refused
+    assert where[0] != where[1], where
+    assert sorted(where.count(r) for r in set(where)) == [2, 2], where
+    status, refused = http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+    assert status == 503 and refused["error"]["code"] == "at_capacity", refused
+    health = _wait(lambda: (h := http("GET", two.url + "/health")[1]) and
+                   sorted(r["sessions"] for r in h["replicas"]) == [2, 2] and h, 10, "health shows 2+2 sessions")
+    assert health["capacity"]["sessions"] == 4 and health["sessions"] == 4
+    metrics = http("GET", two.url + "/metrics")[1]
+    for r in {*where}:
+        assert f'avatar_replica_sessions{{replica="{r}"}} 2.0' in metrics, metrics
+
+    a = sessions[0]
+    other = next(s for s in sessions if s["replica"] != a["replica"])
+
+    async def talk() -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+        url = f"{two.url.replace('http', 'ws')}/v1/sessions/{a['id']}/audio?token={a['token']}"
+        async with aiohttp.ClientSession() as c, c.ws_connect(url) as ws:
+            await _until(ws, "ready", 10, seen)
+            await ws.send_json({"type": "format", "sample_rate": 16000})
+            pcm = tone(1.0)
+            for i in range(0, len(pcm), 320):
+                await ws.send_bytes(pcm[i:i + 320].tobytes())
+                await asyncio.sleep(0.02)
+            await ws.send_json({"type": "flush"})
+            await _until(ws, "speech_started", 30, seen)
+            await _until(ws, "speech_ended", 30, seen)
+            await _until(ws, "stats", 10, seen)
+        return seen
+
+    seen = asyncio.run(talk())
+    assert seen[0]["id"] == a["id"]
+    # the speech frames were made on the session's replica, none on the other one's sessions
+    st = http("GET", f"{two.url}/v1/sessions/{a['id']}", token=a["token"])[1]
+    assert st["speech_frames"] >= 20 and st["frames"] > st["speech_frames"], st
+    st_other = http("GET", f"{two.url}/v1/sessions/{other['id']}", token=other["token"])[1]
+    assert st_other["speech_frames"] == 0 and st_other["frames"] > 0, st_other
+    replica = next(r for r in two.replicas() if r["id"] == a["replica"])
+    assert a["id"] in replica["session_ids"]
+    two.sessions = sessions  # type: ignore[attr-defined]
+
+
+def test_killed_replica_ends_its_sessions_and_survivors_take_new_ones(two: Deployed) -> None:
+    import aiohttp
+    import ray
+
+    sessions = two.sessions  # type: ignore[attr-defined]
+    victim = sessions[0]["replica"]
+    doomed = [s for s in sessions if s["replica"] == victim]
+    kept = [s for s in sessions if s["replica"] != victim]
+    handle = next(r["handle"] for r in two.replicas() if r["id"] == victim)
+
+    async def watch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        async with aiohttp.ClientSession() as c:
+            def url(s: dict[str, Any]) -> str:
+                return f"{two.url.replace('http', 'ws')}/v1/sessions/{s['id']}/audio?token={s['token']}"
+
+            async with c.ws_connect(url(doomed[0])) as ws_dead, c.ws_connect(url(kept[0])) as ws_live:
+                seen_dead: list[dict[str, Any]] = []
+                seen_live: list[dict[str, Any]] = []
+                await _until(ws_dead, "ready", 10, seen_dead)
+                await _until(ws_live, "ready", 10, seen_live)
+                ray.kill(handle, no_restart=False)
+                ended = await _until(ws_dead, "ended", 30, seen_dead)
+                # the other replica's session goes on: fresh stats after the kill
+                n = len(seen_live)
+                await _until(ws_live, "stats", 10, seen_live)
+                await _until(ws_live, "stats", 10, seen_live)
+                return ended, seen_live[n:]
+
+    ended, after = asyncio.run(watch())
+    assert "died" in ended["reason"] and victim in ended["reason"], ended
+    assert after[-1]["frames"] > 0
+    for s in doomed:
+        status, body = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])
+        assert status == 404 and "died" in body["error"]["message"], body
+    for s in kept:
+        status, body = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])
+        assert status == 200, body
+    # room on the survivor: a new session is admitted there, never on the dead replica
+    assert http("DELETE", f"{two.url}/v1/sessions/{kept[1]['id']}", token=kept[1]["token"])[0] == 200
+    new = _wait(lambda: (r := http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []}))[0] == 201
+                and r[1], 20, "a new session is admitted")
+    assert new["replica"] != victim
+    metrics = http("GET", two.url + "/metrics")[1]
+    assert 'avatar_sessions_ended_by_front_total{reason="replica_died"} 2.0' in metrics
