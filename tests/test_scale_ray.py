@@ -122,102 +122,205 @@ async def _until(ws: Any, kind: str, timeout: float, seen: list[dict[str, Any]])
     raise AssertionError(f"no {kind} event within {timeout} s; got {[e['type'] for e in seen]}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def two(cluster, demo):  # type: ignore[no-untyped-def]
     d = Deployed(demo, 2, app_name="avatar-two", min_replicas=2, max_replicas=2)
     yield d
     d.close()
 
 
-def test_placement_fills_replicas_and_audio_reaches_the_sessions_replica(two: Deployed) -> None:
-    import aiohttp
+class TestTwoReplicas:
+    def test_placement_fills_replicas_and_audio_reaches_the_sessions_replica(self, two: Deployed) -> None:
+        import aiohttp
 
-    sessions = [two.open() for _ in range(4)]
-    where = [s["replica"] for s in sessions]
-    # the first two land on different replicas (most free first); with both full (2 each) the fifth is refused
-    assert where[0] != where[1], where
-    assert sorted(where.count(r) for r in set(where)) == [2, 2], where
-    status, refused = http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
-    assert status == 503 and refused["error"]["code"] == "at_capacity", refused
-    health = _wait(lambda: (h := http("GET", two.url + "/health")[1]) and
-                   sorted(r["sessions"] for r in h["replicas"]) == [2, 2] and h, 10, "health shows 2+2 sessions")
-    assert health["capacity"]["sessions"] == 4 and health["sessions"] == 4
-    metrics = http("GET", two.url + "/metrics")[1]
-    for r in {*where}:
-        assert f'avatar_replica_sessions{{replica="{r}"}} 2.0' in metrics, metrics
+        sessions = [two.open() for _ in range(4)]
+        where = [s["replica"] for s in sessions]
+        # the first two land on different replicas (most free first); with both full (2 each) the fifth is refused
+        assert where[0] != where[1], where
+        assert sorted(where.count(r) for r in set(where)) == [2, 2], where
+        status, refused = http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+        assert status == 503 and refused["error"]["code"] == "at_capacity", refused
+        health = _wait(lambda: (h := http("GET", two.url + "/health")[1]) and
+                       sorted(r["sessions"] for r in h["replicas"]) == [2, 2] and h, 10, "health shows 2+2 sessions")
+        assert health["capacity"]["sessions"] == 4 and health["sessions"] == 4
+        metrics = http("GET", two.url + "/metrics")[1]
+        for r in {*where}:
+            assert f'avatar_replica_sessions{{replica="{r}"}} 2.0' in metrics, metrics
 
-    a = sessions[0]
-    other = next(s for s in sessions if s["replica"] != a["replica"])
+        a = sessions[0]
+        other = next(s for s in sessions if s["replica"] != a["replica"])
 
-    async def talk() -> list[dict[str, Any]]:
-        seen: list[dict[str, Any]] = []
-        url = f"{two.url.replace('http', 'ws')}/v1/sessions/{a['id']}/audio?token={a['token']}"
-        async with aiohttp.ClientSession() as c, c.ws_connect(url) as ws:
-            await _until(ws, "ready", 10, seen)
-            await ws.send_json({"type": "format", "sample_rate": 16000})
-            pcm = tone(1.0)
-            for i in range(0, len(pcm), 320):
-                await ws.send_bytes(pcm[i:i + 320].tobytes())
-                await asyncio.sleep(0.02)
-            await ws.send_json({"type": "flush"})
-            await _until(ws, "speech_started", 30, seen)
-            await _until(ws, "speech_ended", 30, seen)
-            await _until(ws, "stats", 10, seen)
-        return seen
+        async def talk() -> list[dict[str, Any]]:
+            seen: list[dict[str, Any]] = []
+            url = f"{two.url.replace('http', 'ws')}/v1/sessions/{a['id']}/audio?token={a['token']}"
+            async with aiohttp.ClientSession() as c, c.ws_connect(url) as ws:
+                await _until(ws, "ready", 10, seen)
+                await ws.send_json({"type": "format", "sample_rate": 16000})
+                pcm = tone(1.0)
+                for i in range(0, len(pcm), 320):
+                    await ws.send_bytes(pcm[i:i + 320].tobytes())
+                    await asyncio.sleep(0.02)
+                await ws.send_json({"type": "flush"})
+                await _until(ws, "speech_started", 30, seen)
+                await _until(ws, "speech_ended", 30, seen)
+                await _until(ws, "stats", 10, seen)
+            return seen
 
-    seen = asyncio.run(talk())
-    assert seen[0]["id"] == a["id"]
-    # the speech frames were made on the session's replica, none on the other one's sessions
-    st = http("GET", f"{two.url}/v1/sessions/{a['id']}", token=a["token"])[1]
-    assert st["speech_frames"] >= 20 and st["frames"] > st["speech_frames"], st
-    st_other = http("GET", f"{two.url}/v1/sessions/{other['id']}", token=other["token"])[1]
-    assert st_other["speech_frames"] == 0 and st_other["frames"] > 0, st_other
-    replica = next(r for r in two.replicas() if r["id"] == a["replica"])
-    assert a["id"] in replica["session_ids"]
-    two.sessions = sessions  # type: ignore[attr-defined]
+        seen = asyncio.run(talk())
+        assert seen[0]["id"] == a["id"]
+        # the speech frames were made on the session's replica, none on the other one's sessions
+        st = http("GET", f"{two.url}/v1/sessions/{a['id']}", token=a["token"])[1]
+        assert st["speech_frames"] >= 20 and st["frames"] > st["speech_frames"], st
+        st_other = http("GET", f"{two.url}/v1/sessions/{other['id']}", token=other["token"])[1]
+        assert st_other["speech_frames"] == 0 and st_other["frames"] > 0, st_other
+        replica = next(r for r in two.replicas() if r["id"] == a["replica"])
+        assert a["id"] in replica["session_ids"]
+        two.sessions = sessions  # type: ignore[attr-defined]
 
 
-def test_killed_replica_ends_its_sessions_and_survivors_take_new_ones(two: Deployed) -> None:
-    import aiohttp
+    def test_killed_replica_ends_its_sessions_and_survivors_take_new_ones(self, two: Deployed) -> None:
+        import aiohttp
+        import ray
+
+        sessions = two.sessions  # type: ignore[attr-defined]
+        victim = sessions[0]["replica"]
+        doomed = [s for s in sessions if s["replica"] == victim]
+        kept = [s for s in sessions if s["replica"] != victim]
+        handle = next(r["handle"] for r in two.replicas() if r["id"] == victim)
+
+        async def watch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            async with aiohttp.ClientSession() as c:
+                def url(s: dict[str, Any]) -> str:
+                    return f"{two.url.replace('http', 'ws')}/v1/sessions/{s['id']}/audio?token={s['token']}"
+
+                async with c.ws_connect(url(doomed[0])) as ws_dead, c.ws_connect(url(kept[0])) as ws_live:
+                    seen_dead: list[dict[str, Any]] = []
+                    seen_live: list[dict[str, Any]] = []
+                    await _until(ws_dead, "ready", 10, seen_dead)
+                    await _until(ws_live, "ready", 10, seen_live)
+                    ray.kill(handle, no_restart=False)
+                    ended = await _until(ws_dead, "ended", 30, seen_dead)
+                    # the other replica's session goes on: fresh stats after the kill
+                    n = len(seen_live)
+                    await _until(ws_live, "stats", 10, seen_live)
+                    await _until(ws_live, "stats", 10, seen_live)
+                    return ended, seen_live[n:]
+
+        ended, after = asyncio.run(watch())
+        assert "died" in ended["reason"] and victim in ended["reason"], ended
+        assert after[-1]["frames"] > 0
+        for s in doomed:
+            status, body = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])
+            assert status == 404 and "died" in body["error"]["message"], body
+        for s in kept:
+            status, body = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])
+            assert status == 200, body
+        # room on the survivor: a new session is admitted there, never on the dead replica
+        assert http("DELETE", f"{two.url}/v1/sessions/{kept[1]['id']}", token=kept[1]["token"])[0] == 200
+        new = _wait(lambda: (r := http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []}))[0] == 201
+                    and r[1], 20, "a new session is admitted")
+        assert new["replica"] != victim
+        metrics = http("GET", two.url + "/metrics")[1]
+        assert 'avatar_sessions_ended_by_front_total{reason="replica_died"} 2.0' in metrics
+
+
+def test_autoscaling_follows_the_session_count(cluster, demo) -> None:  # type: ignore[no-untyped-def]
     import ray
 
-    sessions = two.sessions  # type: ignore[attr-defined]
-    victim = sessions[0]["replica"]
-    doomed = [s for s in sessions if s["replica"] == victim]
-    kept = [s for s in sessions if s["replica"] != victim]
-    handle = next(r["handle"] for r in two.replicas() if r["id"] == victim)
+    d = Deployed(demo, 1, app_name="avatar-auto", min_replicas=1, max_replicas=2, upscale_delay_s=0.0,
+                 downscale_delay_s=2.0, look_back_period_s=1.0)
+    try:
+        def count() -> int:
+            return len(ray.get(d.registry.snapshot.remote()))
 
-    async def watch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        async with aiohttp.ClientSession() as c:
-            def url(s: dict[str, Any]) -> str:
-                return f"{two.url.replace('http', 'ws')}/v1/sessions/{s['id']}/audio?token={s['token']}"
+        assert count() == 1
+        s1 = d.open()
+        time.sleep(4)  # one session of 2, plus the one spare slot: still fits one replica
+        assert count() == 1
+        s2 = d.open()  # the replica is full now: a second one starts
+        assert s2["replica"] == s1["replica"]
+        _wait(lambda: count() == 2, 120, "a second replica after the first filled up")
+        _wait(lambda: len(http("GET", d.url + "/health")[1]["replicas"]) == 2, 10, "the front door sees it")
+        s3 = d.open()
+        assert s3["replica"] != s1["replica"]  # the new one has the most free capacity
+        for s in (s1, s2, s3):
+            assert http("DELETE", f"{d.url}/v1/sessions/{s['id']}", token=s["token"])[0] == 200
+        _wait(lambda: count() == 1, 120, "back to one replica after the sessions ended")
+        _wait(lambda: len(http("GET", d.url + "/health")[1]["replicas"]) == 1, 10, "the front door sees it")
+        assert d.open()["replica"] in {s1["replica"], s3["replica"]}
+    finally:
+        d.close()
 
-            async with c.ws_connect(url(doomed[0])) as ws_dead, c.ws_connect(url(kept[0])) as ws_live:
-                seen_dead: list[dict[str, Any]] = []
-                seen_live: list[dict[str, Any]] = []
-                await _until(ws_dead, "ready", 10, seen_dead)
-                await _until(ws_live, "ready", 10, seen_live)
-                ray.kill(handle, no_restart=False)
-                ended = await _until(ws_dead, "ended", 30, seen_dead)
-                # the other replica's session goes on: fresh stats after the kill
-                n = len(seen_live)
-                await _until(ws_live, "stats", 10, seen_live)
-                await _until(ws_live, "stats", 10, seen_live)
-                return ended, seen_live[n:]
 
-    ended, after = asyncio.run(watch())
-    assert "died" in ended["reason"] and victim in ended["reason"], ended
-    assert after[-1]["frames"] > 0
-    for s in doomed:
-        status, body = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])
-        assert status == 404 and "died" in body["error"]["message"], body
-    for s in kept:
-        status, body = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])
-        assert status == 200, body
-    # room on the survivor: a new session is admitted there, never on the dead replica
-    assert http("DELETE", f"{two.url}/v1/sessions/{kept[1]['id']}", token=kept[1]["token"])[0] == 200
-    new = _wait(lambda: (r := http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []}))[0] == 201
-                and r[1], 20, "a new session is admitted")
-    assert new["replica"] != victim
-    metrics = http("GET", two.url + "/metrics")[1]
-    assert 'avatar_sessions_ended_by_front_total{reason="replica_died"} 2.0' in metrics
+def test_draining_replica_refuses_new_sessions_and_ends_the_rest_at_its_deadline(demo) -> None:  # type: ignore[no-untyped-def]
+    from avatar.scale.replica import ReplicaServer
+
+    config = _config(demo)
+    import dataclasses
+
+    server = ReplicaServer(dataclasses.replace(config, port=0))
+    try:
+        status, s = http("POST", server.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+        assert status == 201, s
+        assert server.load().sessions == 1 and server.load().free == 1
+
+        import threading
+
+        result: dict[str, int] = {}
+        t = threading.Thread(target=lambda: result.update(n=server.drain(1.5, "drained for the test")))
+        t.start()
+        time.sleep(0.3)
+        status, refused = http("POST", server.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+        assert status == 503 and "draining" in refused["error"]["message"], refused
+        assert http("GET", server.url + "/health")[1]["status"] == "draining"
+        assert server.load().free == 0
+        t.join(30)
+        assert result == {"n": 1}
+        status, gone = http("GET", f"{server.url}/v1/sessions/{s['id']}", token=s["token"])
+        assert status == 404
+    finally:
+        server.stop()
+
+
+def test_run_batch_on_ray_survives_a_killed_worker_and_matches_local_renders(cluster, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ray
+
+    from avatar.demo import speechlike_audio, write_wav
+    from avatar.scale.batch import read_jobs, run_batch
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for k in range(20):
+        write_wav(audio / f"job{k:02d}.wav", speechlike_audio(0.4, seed=k))
+    (audio / "zz-broken.wav").write_bytes(b"RIFF not really a wave file")
+    jobs = read_jobs(audio, avatar=str(demo["avatar"]), model=str(demo["model"]), encoder=str(demo["encoder"]))
+    assert len(jobs) == 21
+
+    killed: list[str] = []
+
+    def on_result(result: Any, run: Any) -> None:
+        if len(run.results) == 4 and not killed:
+            killed.append(ray.get(run.workers[0].ping.remote()))
+            ray.kill(run.workers[0])
+
+    s = run_batch(jobs, tmp_path / "ray", use_ray=True, workers=2, retries=2, backend="cpu", gpus_per_worker=1,
+                  cpus_per_worker=0.25, on_result=on_result)
+    assert killed and s.workers_lost == 1
+    by_id = {r.id: r for r in s.results}
+    assert len(by_id) == 21 and s.done == 20 and s.failed == 1
+    broken = by_id["zz-broken"]
+    assert broken.status == "failed" and broken.attempts == 1 and broken.error, broken  # its own fault: not retried
+    # the killed worker's in-flight jobs ran again elsewhere; every retry is counted
+    assert s.retries >= 1 and sum(r.attempts for r in s.results) == 21 + s.retries
+    assert any(r.attempts == 2 and r.status == "done" for r in s.results)
+    assert all(r.worker != killed[0] for r in s.results if r.attempts == 2)
+    report = json.loads((tmp_path / "ray" / "batch-report.json").read_text())
+    assert report["done"] == 20 and report["failures"][0]["id"] == "zz-broken"
+    files = sorted(p.name for p in (tmp_path / "ray").iterdir())
+    assert files == sorted([f"job{k:02d}.mp4" for k in range(20)] + ["reports", "batch-report.json"]), files
+    assert len(list((tmp_path / "ray" / "reports").iterdir())) == 21
+
+    local = run_batch(jobs[:20], tmp_path / "local", backend="cpu")
+    assert local.done == 20
+    for j in jobs[:20]:
+        assert (tmp_path / "ray" / j.output).read_bytes() == (tmp_path / "local" / j.output).read_bytes(), j.id
