@@ -324,3 +324,23 @@ def test_run_batch_on_ray_survives_a_killed_worker_and_matches_local_renders(clu
     assert local.done == 20
     for j in jobs[:20]:
         assert (tmp_path / "ray" / j.output).read_bytes() == (tmp_path / "local" / j.output).read_bytes(), j.id
+
+
+def test_avatar_serve_ray_command_places_sessions_and_removes_its_replicas_on_exit(cluster, demo) -> None:  # type: ignore[no-untyped-def]
+    from ray import serve
+    from serve_process import ServeProcess
+
+    p = ServeProcess(demo["avatar"].parent, "--demo", "--tiny", "--backend", "cpu", "--batch", "4", "--threads", "1",
+                     "--max-sessions", "1", "--ray", cluster.address, "--min-replicas", "2").wait_ready(300)
+    try:
+        health = http("GET", p.url + "/health")[1]
+        assert len(health["replicas"]) == 2 and health["capacity"]["sessions"] == 2, health
+        a = http("POST", p.url + "/v1/sessions", {"outputs": []})[1]
+        b = http("POST", p.url + "/v1/sessions", {"outputs": []})[1]
+        assert {a["replica"], b["replica"]} == {r["id"] for r in health["replicas"]}
+        assert http("POST", p.url + "/v1/sessions", {"outputs": []})[0] == 503
+        assert http("GET", f"{p.url}/v1/sessions/{a['id']}", token=a["token"])[1]["frames"] > 0
+    finally:
+        code = p.stop(60)
+    assert code == 0, p.log()
+    assert "avatar" not in serve.status().applications, p.log()

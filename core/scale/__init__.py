@@ -36,7 +36,13 @@ def connect(address: str | None) -> None:
     """Join the Ray cluster at ``address`` (``auto``: the one this machine is part of; None: a local one)."""
     import ray
 
+    from ..errors import ConfigError
+
     if ray.is_initialized():
         return
-    ray.init(address=None if address in (None, "local") else address, namespace=NAMESPACE,
-             include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        ray.init(address=None if address in (None, "local") else address, namespace=NAMESPACE,
+                 include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    except ConnectionError as exc:
+        raise ConfigError(f"no Ray cluster at {address}: start one with `ray start --head` (docs/scale-out.md), "
+                          f"or give its address ({exc})") from None

@@ -38,6 +38,8 @@ def replica_options(scale: ScaleOptions) -> dict[str, Any]:
             "max_replicas": scale.max_replicas,
             "initial_replicas": max(scale.min_replicas, 1),
             "look_back_period_s": scale.look_back_period_s,
+            # (deprecated in Serve, but a look-back window at or below its 10 s default needs it shorter)
+            **({"metrics_interval_s": scale.look_back_period_s / 2} if scale.look_back_period_s <= 10 else {}),
             "upscale_delay_s": scale.upscale_delay_s,
             "downscale_delay_s": scale.downscale_delay_s,
             "policy": {"policy_function": "avatar.scale.policy:SessionPolicy",
@@ -98,6 +100,19 @@ def undeploy(scale: ScaleOptions, registry: Any = None) -> None:
         ray.kill(registry)
 
 
+def absolute_paths(config: ServeConfig) -> ServeConfig:
+    """Avatar, model and encoder paths made absolute: replicas run in other folders (and on other nodes)."""
+    import dataclasses
+    from pathlib import Path
+
+    def spec(a: Any) -> Any:
+        opts = {k: (str(Path(v).resolve()) if k == "encoder" and v else v) for k, v in a.feature_options.items()}
+        return dataclasses.replace(a, path=Path(a.path).resolve(), model=Path(a.model).resolve() if a.model else None,
+                                   feature_options=opts)
+
+    return dataclasses.replace(config, avatars=tuple(spec(a) for a in config.avatars))
+
+
 def serve_ray(config: ServeConfig, scale: ScaleOptions, address: str | None) -> None:
     """``avatar serve --ray [ADDRESS]``: deploy, wait for the first replicas, serve the front door until a signal."""
     from aiohttp import web
@@ -108,6 +123,7 @@ def serve_ray(config: ServeConfig, scale: ScaleOptions, address: str | None) -> 
 
     require_extra()
     require_ray()
+    config = absolute_paths(config)
     connect(address)
     click.echo(f"avatar serve --ray: deploying {scale.min_replicas}..{scale.max_replicas} replica(s) ...", err=True)
     registry = deploy(config, scale)

@@ -29,7 +29,7 @@ class ScaleOptions:
     #: Serve autoscaling reaction times
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
-    look_back_period_s: float = 10.0
+    look_back_period_s: float = 15.0
     #: where each replica's HTTP server binds on its node (None: the node's IP as Ray knows it)
     replica_host: str | None = None
     replica_port: int = 0
