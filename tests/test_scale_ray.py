@@ -78,7 +78,6 @@ class Deployed:
         self.registry = deploy(self.config, self.scale)
         wait_replicas(self.registry, replicas, timeout=240)
         self.app = build_front_app(self.config, self.scale, self.registry)
-        self.front = self.app["front"]
         self.http = AppThread(self.app, "127.0.0.1", 0)
         self.url = self.http.url
 
@@ -130,9 +129,55 @@ def two(cluster, demo):  # type: ignore[no-untyped-def]
 
 
 class TestTwoReplicas:
+    def test_webrtc_media_comes_from_the_sessions_replica(self, two: Deployed) -> None:
+        import aiohttp
+        import numpy as np
+        from webrtc_client import receive
+
+        status, s = http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": [{"type": "webrtc"}]})
+        assert status == 201, s
+
+        async def main() -> Any:
+            async with aiohttp.ClientSession() as c:
+                async def answer(offer: dict[str, str]) -> dict[str, str]:
+                    async with c.post(f"{two.url}/v1/sessions/{s['id']}/webrtc", json=offer,
+                                      headers={"Authorization": f"Bearer {s['token']}"}) as r:
+                        assert r.status == 200, await r.text()
+                        return await r.json()
+
+                async def speak() -> None:
+                    url = f"{two.url.replace('http', 'ws')}/v1/sessions/{s['id']}/audio?token={s['token']}"
+                    async with c.ws_connect(url) as ws:
+                        await ws.send_json({"type": "format", "sample_rate": 16000})
+                        await asyncio.sleep(2.0)  # idle first
+                        pcm = tone(1.0)
+                        for i in range(0, len(pcm), 320):
+                            await ws.send_bytes(pcm[i:i + 320].tobytes())
+                            await asyncio.sleep(0.02)
+                        await ws.send_json({"type": "flush"})
+                        await asyncio.sleep(2.0)
+
+                speaker = asyncio.ensure_future(speak())
+                got = await receive(answer, 6.0)
+                await speaker
+                return got
+
+        got = asyncio.run(main())
+        # the replica's peer sent video at the avatar's rate and, on the audio track, the pushed speech
+        assert len(got.video) >= 60, len(got.video)
+        loud = [float(np.sqrt(np.mean(p ** 2))) > 0.05 for _, p, _ in got.audio]
+        t0 = got.audio[0][0]
+        assert not any(x for (t, _, _), x in zip(got.audio, loud) if t < t0 + 1.0), "speech before any was pushed"
+        assert sum(loud) * 0.02 > 0.5, f"only {sum(loud)} loud audio frames"
+        st = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])[1]
+        assert st["webrtc"] and st["speech_frames"] > 0, st
+        assert http("DELETE", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])[0] == 200
+
     def test_placement_fills_replicas_and_audio_reaches_the_sessions_replica(self, two: Deployed) -> None:
         import aiohttp
 
+        _wait(lambda: all(r["sessions"] == 0 for r in http("GET", two.url + "/health")[1]["replicas"]), 10,
+              "no session left from the test before")
         sessions = [two.open() for _ in range(4)]
         where = [s["replica"] for s in sessions]
         # the first two land on different replicas (most free first); with both full (2 each) the fifth is refused

@@ -160,8 +160,12 @@ class FrontDoor:
         self._gauges()
 
     def _reconcile(self, r: Replica, age_s: float) -> None:
-        """Forget routes of sessions that ended on the replica (placed before its last report)."""
+        """Forget routes of sessions that ended on the replica (placed before its last report); adopt
+        sessions the front door does not know (it restarted while they went on)."""
         live = set(r.session_ids)
+        for sid in live:
+            if sid not in self.routes and sid not in self.ended:
+                self.routes[sid] = Route(sid, r.id)
         for rt in list(self.routes.values()):
             if rt.replica == r.id and rt.sid not in live and time.monotonic() - rt.created > age_s + 1.0:
                 self._forget(rt, "ended on its replica")
@@ -409,6 +413,14 @@ class FrontDoor:
                             rt.sockets[ws] = True
                 elif msg.type == WSMsgType.BINARY:
                     await ws.send_bytes(msg.data)
+            if not rt.sockets.get(ws, True):
+                # the replica side closed without saying why: find out (died?) and tell the client
+                dead = await self.check(r.id)
+                if not rt.sockets.get(ws, True):
+                    rt.sockets[ws] = True
+                    reason = r.dead if dead and r.dead else "the connection to the session's replica was lost"
+                    await ws.send_json({"type": "ended", "reason": reason})
+            await ws.close(code=1000, message=b"session ended")
 
         down = asyncio.create_task(downstream())
         try:
@@ -417,21 +429,12 @@ class FrontDoor:
                     await up.send_str(msg.data)
                 elif msg.type == WSMsgType.BINARY:
                     await up.send_bytes(msg.data)
-                if down.done():
-                    break
         except (ConnectionError, RuntimeError):
-            pass  # the replica side closed under us: handled below
+            pass  # the replica side closed under us: downstream() tells the client
         finally:
-            if not ws.closed and not rt.sockets.get(ws, True):
-                # the replica side ended without saying why: find out (died?) and tell the client
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({down}, timeout=1.0)
-                if not rt.sockets.get(ws, True):
-                    dead = await self.check(r.id)
-                    reason = r.dead if dead and r.dead else "the connection to the session's replica was lost"
-                    rt.sockets[ws] = True
-                    with contextlib.suppress(Exception):
-                        await ws.send_json({"type": "ended", "reason": reason})
+            if not down.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(down), 0.5 if ws.closed else 20.0)
             down.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await down
@@ -461,7 +464,6 @@ def build_front_app(config: ServeConfig, scale: ScaleOptions, registry: Any) -> 
 
     front = FrontDoor(config, scale, registry)
     app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[_middleware()])
-    app["front"] = front
     r = app.router
     r.add_get("/", front.page)
     r.add_get("/health", front.health)
