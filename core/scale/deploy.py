@@ -8,6 +8,7 @@ process) is the one public address. :func:`serve_ray` is the whole command.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -141,4 +142,21 @@ def serve_ray(config: ServeConfig, scale: ScaleOptions, address: str | None) -> 
         web.run_app(app, host=config.host, port=config.port, print=None, access_log_class=_access_log_class(),
                     handle_signals=True, shutdown_timeout=10.0)
     finally:
-        undeploy(scale, registry)
+        # a private Ray instance (--ray local) ends with this process: a Ctrl-C reached its daemons too
+        if address not in (None, "local"):
+            _bounded_undeploy(scale, registry)
+
+
+def _bounded_undeploy(scale: ScaleOptions, registry: Any) -> None:
+    """Delete the application, but never hang the exit on a cluster that stopped answering."""
+    done = threading.Event()
+
+    def stop() -> None:
+        try:
+            undeploy(scale, registry)
+        finally:
+            done.set()
+
+    threading.Thread(target=stop, name="avatar-undeploy", daemon=True).start()
+    if not done.wait(60.0):
+        log.warning("the Serve application %r did not stop in time; `serve shutdown` removes it", scale.app_name)

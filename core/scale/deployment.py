@@ -77,6 +77,10 @@ class AvatarReplica:
     def _shutdown(self) -> None:
         if self._stop.is_set():
             return
+        try:  # the front door may have said "shutdown" since the last beat
+            self._mode = ray.get(self._registry.mode.remote(), timeout=5)
+        except Exception as exc:
+            log.warning("replica %s: could not read the registry's mode: %s", self.id, exc)
         shutdown = self._mode == "shutdown"
         deadline = 0.0 if shutdown else self.scale.drain_timeout_s
         reason = ("the server is shutting down" if shutdown else
