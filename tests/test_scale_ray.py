@@ -220,6 +220,15 @@ class TestTwoReplicas:
         assert st_other["speech_frames"] == 0 and st_other["frames"] > 0, st_other
         replica = next(r for r in two.replicas() if r["id"] == a["replica"])
         assert a["id"] in replica["session_ids"]
+        # mistaken and hostile requests get the single server's JSON errors, from the front door or the replica
+        status, body = http("GET", f"{two.url}/v1/sessions/nope", token=a["token"])
+        assert status == 404 and body["error"]["code"] == "no_session"
+        status, body = http("GET", f"{two.url}/v1/sessions/{a['id']}", token=other["token"])
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+        status, body = http("POST", two.url + "/v1/sessions", raw=b"{not json")
+        assert status == 400 and body["error"]["code"] == "malformed_json"
+        status, body = http("POST", two.url + "/v1/sessions", {"avatar": "nobody", "outputs": []})
+        assert status == 400 and body["error"]["code"] == "unknown_avatar", body
         two.sessions = sessions  # type: ignore[attr-defined]
 
 

@@ -260,6 +260,17 @@ def run_batch(jobs: Sequence[Job], outdir: str | Path, *, ray_address: str | Non
               cpus_per_worker: float = 1.0, progress: bool = False, on_result: Progress | None = None) -> BatchSummary:
     """Render every job into ``outdir``; on Ray (``use_ray`` or an address) with ``workers`` actors."""
     run = BatchRun(jobs, outdir, on_result=on_result, progress=progress)
+    try:
+        _run(run, ray_address=ray_address, use_ray=use_ray, workers=workers, retries=retries, backend=backend,
+             gpus=gpus_per_worker, cpus=cpus_per_worker)
+    except BaseException:
+        run.summary()  # Ctrl-C, a lost cluster: the report still says what was done
+        raise
+    return run.summary()
+
+
+def _run(run: BatchRun, *, ray_address: str | None, use_ray: bool, workers: int, retries: int, backend: str,
+         gpus: float, cpus: float) -> None:
     if use_ray or ray_address is not None:
         from . import connect, require_ray
 
@@ -267,7 +278,7 @@ def run_batch(jobs: Sequence[Job], outdir: str | Path, *, ray_address: str | Non
         connect(ray_address)
         from .batch_ray import run_on_ray
 
-        run_on_ray(run, workers=workers, retries=retries, backend=backend, gpus=gpus_per_worker, cpus=cpus_per_worker)
+        run_on_ray(run, workers=workers, retries=retries, backend=backend, gpus=gpus, cpus=cpus)
     else:
         for job in run.jobs:
             t = time.monotonic()
@@ -283,4 +294,3 @@ def run_batch(jobs: Sequence[Job], outdir: str | Path, *, ray_address: str | Non
             finally:
                 path.unlink(missing_ok=True)
             run.finish(res)
-    return run.summary()
