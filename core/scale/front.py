@@ -306,8 +306,13 @@ class FrontDoor:
         from aiohttp import web
 
         self._server_auth(request)
-        body = json.dumps(await _json_body(request)).encode()
-        tried = []
+        fields = await _json_body(request)
+        names = sorted({a["name"] for r in self.replicas.values() if not r.dead for a in r.info.get("avatars", [])})
+        if names and fields.get("avatar") is not None and fields.get("avatar") not in names:
+            # checked here too, so a bad request is a 400 even when every replica is full
+            raise HttpError(400, "unknown_avatar", f"unknown avatar {fields.get('avatar')!r}; this server has "
+                            f"{', '.join(names)}")
+        body = json.dumps(fields).encode()
         for r in self.candidates():
             status, payload, headers = await self._send(r, "POST", "/v1/sessions", body, internal=True)
             if status == 201:
@@ -316,12 +321,13 @@ class FrontDoor:
                 self.metrics.opened.inc()
                 log.info("session %s placed on replica %s (%s)", data["id"], r.id, r.node_ip)
                 return web.json_response({**data, "replica": r.id}, status=201)
-            if status == 503:
-                tried.append(r.id)
-                continue  # full or draining since its last report: the next one
+            if status in (502, 503):
+                continue  # full, draining or gone since its last report: the next one
             return web.Response(body=payload, status=status, headers=headers)
         self.metrics.refused.labels("capacity").inc()
         live = [r for r in self.replicas.values() if not r.dead]
+        if not live:
+            raise _Refused("no replica is running yet (they load and warm their models first); try again shortly")
         cap = sum(r.capacity for r in live if not r.draining)
         raise _Refused(f"every replica is at capacity ({sum(r.sessions for r in live)} of {cap} sessions on "
                        f"{len(live)} replica(s)); try again when a session ends or a replica is added")
