@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workdir", default=".avatar-bench-ray")
     ap.add_argument("--out", required=True, help="results path without extension (.json and .md are written)")
+    ap.add_argument("--note", default="", help="a line for the results (e.g. how loaded the machine was)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     from avatar.bench.harness import cpu_model
@@ -191,7 +192,7 @@ def main() -> None:
     if one is not None:
         overhead = {k: (one["ray"][k] / single[k] if single.get(k) else None) for k in RATIOS if k in single}
     result = {
-        "benchmark": "ray_scale", "model": "tiny", "backend": args.backend, "batch": args.batch,
+        "benchmark": "ray_scale", "note": args.note, "model": "tiny", "backend": args.backend, "batch": args.batch,
         "seconds_per_session": args.seconds, "cpu": cpu_model(), "cpus": os.cpu_count(),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "python": platform.python_version(),
         "rows": rows, "single_process": {"sessions": n1, **single},
@@ -208,6 +209,7 @@ def main() -> None:
 def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Scale-out on a local Ray cluster ({r['model']} model, {r['backend']} backend)", "",
+        *([f"**{r['note']}**", ""] if r.get("note") else []),
         f"CPU: {r['cpu']} ({r['cpus']} cores); load average before {r['loadavg_before'][0]:.1f}, after "
         f"{r['loadavg_after'][0]:.1f}. Every node of the cluster is on this one machine (each declares one GPU "
         f"and one CPU), so more nodes add replicas but no hardware: the rows show the Ray path working and its "
