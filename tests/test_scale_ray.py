@@ -274,8 +274,47 @@ class TestTwoReplicas:
         new = _wait(lambda: (r := http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []}))[0] == 201
                     and r[1], 20, "a new session is admitted")
         assert new["replica"] != victim
+        two.sessions = [kept[0], new]  # type: ignore[attr-defined]
         metrics = http("GET", two.url + "/metrics")[1]
         assert 'avatar_sessions_ended_by_front_total{reason="replica_died"} 2.0' in metrics
+
+    def test_lost_node_ends_the_sessions_of_its_replica(self, cluster, two: Deployed) -> None:  # type: ignore[no-untyped-def]
+        import aiohttp
+
+        head = cluster.head_node.node_id
+        for s in two.sessions:  # type: ignore[attr-defined]
+            assert http("DELETE", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])[0] == 200
+        # Serve has replaced the killed replica by now; take one that is not on the head node
+        live = _wait(lambda: len(reps := two.replicas()) == 2 and reps, 120, "two live replicas again")
+        _wait(lambda: [r["sessions"] for r in http("GET", two.url + "/health")[1]["replicas"]] == [0, 0], 10,
+              "both replicas report no session")
+        target = next(r for r in live if r["node_id"] != head)
+        node = next(n for n in cluster.list_all_nodes() if n.node_id == target["node_id"])
+        mine = []
+        for _ in range(4):
+            st, s = http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+            if st != 201:
+                break
+            if s["replica"] == target["id"]:
+                mine.append(s)
+                break
+        assert mine, "no session landed on the replica of the node to remove"
+        s = mine[0]
+
+        async def watch() -> dict[str, Any]:
+            url = f"{two.url.replace('http', 'ws')}/v1/sessions/{s['id']}/audio?token={s['token']}"
+            async with aiohttp.ClientSession() as c, c.ws_connect(url) as ws:
+                seen: list[dict[str, Any]] = []
+                await _until(ws, "ready", 10, seen)
+                await asyncio.get_running_loop().run_in_executor(None, lambda: cluster.remove_node(node,
+                                                                                             allow_graceful=False))
+                return await _until(ws, "ended", 60, seen)
+
+        ended = asyncio.run(watch())
+        assert "died" in ended["reason"] and target["id"] in ended["reason"], ended
+        health = _wait(lambda: (h := http("GET", two.url + "/health")[1]) and
+                       target["id"] not in {r["id"] for r in h["replicas"]} and h, 30, "the lost replica leaves /health")
+        assert all(r["state"] == "ok" for r in health["replicas"])
 
 
 def test_autoscaling_follows_the_session_count(cluster, demo) -> None:  # type: ignore[no-untyped-def]
