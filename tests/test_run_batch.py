@@ -95,3 +95,28 @@ def test_run_batch_command_locally(kit: dict[str, Path], tmp_path: Path) -> None
     failed = json.loads((out / "reports" / "broken.json").read_text())
     assert failed["status"] == "failed" and failed["error"]
     assert json.loads((out / "batch-report.json").read_text())["failures"][0]["id"] == "broken"
+
+
+def test_a_lent_backend_renders_the_same_and_stays_open(kit: dict[str, Path], tmp_path: Path) -> None:
+    from avatar.interfaces import BackendOptions
+    from avatar.render import open_backend, render
+
+    audio = kit["work"] / "audio" / "a0.wav"
+    opts = {"model": kit["model"], "feature_options": {"encoder": str(kit["encoder"])}}
+    render(kit["avatar"], str(audio), sinks=[("file", {"path": str(tmp_path / "own.mp4")})], backend="cpu", **opts)
+    backend, _ = open_backend("cpu", kit["model"], BackendOptions(max_batch=8))
+    try:
+        for k in range(2):  # two renders on the one loaded backend, as a batch worker does
+            report = render(kit["avatar"], str(audio), sinks=[("file", {"path": str(tmp_path / f"lent{k}.mp4")})],
+                            backend=backend, **opts)
+            assert report.backend_calls > 0
+            assert (tmp_path / f"lent{k}.mp4").read_bytes() == (tmp_path / "own.mp4").read_bytes()
+        assert backend.stats.calls >= 2 * report.backend_calls  # it ran both renders and is still open
+        from avatar.models.synthetic import make_unet
+
+        make_unet(tmp_path / "other.onnx", mode="ave", seed=1, tiny=True)
+        with pytest.raises(ConfigError, match="the backend given runs"):
+            render(kit["avatar"], str(audio), sinks=[("file", {"path": str(tmp_path / "x.mp4")})], backend=backend,
+                   model=tmp_path / "other.onnx", feature_options={"encoder": str(kit["encoder"])})
+    finally:
+        backend.close()

@@ -412,6 +412,10 @@ def test_run_batch_on_ray_survives_a_killed_worker_and_matches_local_renders(clu
     files = sorted(p.name for p in (tmp_path / "ray").iterdir())
     assert files == sorted([f"job{k:02d}.mp4" for k in range(20)] + ["reports", "batch-report.json"]), files
     assert len(list((tmp_path / "ray" / "reports").iterdir())) == 21
+    # each worker loaded its backend once and rendered every one of its jobs on it
+    done = [r for r in s.results if r.status == "done"]
+    assert all(r.report["worker_backend_loads"] == 1 for r in done)
+    assert max(sum(r.worker == w for r in done) for w in {r.worker for r in done}) >= 5
 
     local = run_batch(jobs[:20], tmp_path / "local", backend="cpu")
     assert local.done == 20

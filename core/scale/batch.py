@@ -170,8 +170,11 @@ def _job(row: dict[str, Any], n: int, src: Path, base: Path, avatar: str | None,
 # -- one job ----------------------------------------------------------------------------------
 
 
-def render_job(job: Job, path: Path, backend: str) -> dict[str, Any]:
-    """Render ``job`` into ``path`` (the caller renames it into place); returns the render report."""
+def render_job(job: Job, path: Path, backend: Any) -> dict[str, Any]:
+    """Render ``job`` into ``path`` (the caller renames it into place); returns the render report.
+
+    ``backend``: a backend name, or a loaded backend of the job's model (kept open).
+    """
     from ..render import render
 
     report = render(job.avatar, job.audio, sinks=[("file", {"path": str(path)})], model=job.model,
@@ -179,7 +182,19 @@ def render_job(job: Job, path: Path, backend: str) -> dict[str, Any]:
     return report.to_dict() if hasattr(report, "to_dict") else {"frames": report.frames}
 
 
-def render_job_bytes(job: Job, backend: str) -> tuple[bytes, dict[str, Any]]:
+def job_model(job: Job) -> str:
+    """The model file a job renders with: its own, else its avatar package's."""
+    if job.model is not None:
+        return job.model
+    from ..package import AvatarPackage
+
+    with AvatarPackage.open(job.avatar) as pkg:
+        if pkg.model_path is None:
+            raise ConfigError(f"job {job.id}: the avatar package {job.avatar} names no model; give the job a model")
+        return str(pkg.model_path)
+
+
+def render_job_bytes(job: Job, backend: Any) -> tuple[bytes, dict[str, Any]]:
     """Render ``job`` into a private temporary folder; the video's bytes and the report."""
     with tempfile.TemporaryDirectory(prefix="avatar-batch-") as tmp:
         out = Path(tmp) / "out.mp4"

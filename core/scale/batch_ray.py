@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, WorkerCrashedError
 
 from ..errors import AvatarError
-from .batch import BatchRun, Job, JobResult, render_job_bytes
+from .batch import BatchRun, Job, JobResult, job_model, render_job_bytes
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +21,36 @@ DEPTH = 2
 
 
 class BatchWorker:
-    """Renders jobs in turn in one process (libraries and models loaded once per worker process)."""
+    """Renders jobs in turn on backends it loads once (one per model and batch size) and keeps."""
 
     def __init__(self, backend: str) -> None:
-        import avatar.render  # noqa: F401  (load the engine and the plugins before the first job)
         from avatar.plugins import get_plugin_manager
 
         get_plugin_manager()
         self.backend = backend
+        self.backends: dict[tuple[str, int], Any] = {}
+        self.loads = 0
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+
+    def _backend(self, job: Job) -> Any:
+        from avatar.interfaces import BackendOptions
+        from avatar.render import open_backend
+
+        batch = int(job.options.get("batch_size", 8))
+        key = (str(Path(job_model(job)).resolve()), batch)
+        if key not in self.backends:
+            self.backends[key], _ = open_backend(self.backend, key[0], BackendOptions(max_batch=max(batch, 1)))
+            self.loads += 1
+        return self.backends[key]
 
     def run(self, job: Job) -> dict[str, Any]:
         t = time.monotonic()
         try:
-            video, report = render_job_bytes(job, self.backend)
+            video, report = render_job_bytes(job, self._backend(job))
         except (AvatarError, OSError, ValueError) as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "worker": self.name,
                     "seconds": time.monotonic() - t}
+        report["worker_backend_loads"] = self.loads
         return {"ok": True, "video": video, "report": report, "worker": self.name, "seconds": time.monotonic() - t}
 
     def ping(self) -> str:
