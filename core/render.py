@@ -62,6 +62,28 @@ def open_backend(name: str, model: str | Path, options: BackendOptions | None = 
     raise BackendUnavailable(f"no usable backend for --backend auto ({tried}); name one with --backend")
 
 
+class LentBackend(Backend):
+    """A caller's loaded backend lent to one render: it runs it; closing it leaves it open."""
+
+    def __init__(self, inner: Backend, model: str | Path) -> None:
+        if Path(inner.model_path).resolve() != Path(model).resolve():
+            raise ConfigError(f"the backend given runs {inner.model_path}, but the render needs {model}")
+        super().__init__(inner.model_path, inner.options)
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+
+    @property
+    def inputs(self) -> Sequence[Any]:
+        return self.inner.inputs
+
+    @property
+    def outputs(self) -> Sequence[Any]:
+        return self.inner.outputs
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.run(feeds)
+
+
 def make_feature_source(name: str, options: Mapping[str, Any] | None = None) -> FeatureSource:
     """Instantiate a registered feature source with its options."""
     return get_plugin_manager().feature_source(name, **dict(options or {}))
@@ -95,7 +117,7 @@ def render(
     model: str | Path | None = None,
     features: str | FeatureSource = "ave",
     feature_options: Mapping[str, Any] | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     backend_options: BackendOptions | None = None,
     batch_size: int = 8,
     progress: bool = False,
@@ -119,7 +141,9 @@ def render(
         (``model.padding``) is the default ``padding`` option; an explicit
         ``feature_options["padding"]`` wins.
     :param backend: ``auto`` (the usable backend of highest ``priority``: onnx-cuda, else openvino with a gated reduced precision, else cpu), ``cpu``,
-        ``onnx-cuda``, ``tensorrt`` or a plugin's.
+        ``onnx-cuda``, ``tensorrt`` or a plugin's; or a loaded :class:`Backend` of
+        this model, lent to the render and left open (a batch worker renders
+        many jobs on one loaded backend).
     :param memory_budget_mb: how much decoded avatar video may be held in
         memory; a longer avatar is decoded in keyframe chunks on demand.
     :param output_rounding: how the model's [0, 1] output becomes 8-bit pixels:
@@ -156,7 +180,7 @@ def _render(
     model: str | Path | None,
     features: str | FeatureSource,
     feature_options: Mapping[str, Any] | None,
-    backend: str,
+    backend: str | Backend,
     backend_options: BackendOptions | None,
     batch_size: int,
     options: RenderOptions,
@@ -204,7 +228,10 @@ def _render(
             held.check()
             sink_objs = make_sinks(sinks)
             bopts = backend_options or BackendOptions(max_batch=max(batch_size, 1))
-            be, used = open_backend(backend, model_path, bopts)
+            if isinstance(backend, Backend):
+                be, used = LentBackend(backend, model_path), backend.name
+            else:
+                be, used = open_backend(backend, model_path, bopts)
             renderer = Renderer(package, be, contract, source, sink_objs, options, backend_name=used)
             held.check()
     except BaseException:

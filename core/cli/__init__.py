@@ -35,6 +35,7 @@ CORE_COMMANDS = [
     ("convert_cmd", "convert"),
     ("bench_cmd", "bench"),
     ("serve_cmd", "serve"),
+    ("batch_cmd", "run_batch"),
 ]
 
 

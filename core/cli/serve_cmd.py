@@ -40,11 +40,23 @@ from ..errors import ConfigError, Interrupted
               help="Audio sockets open at once on one session.")
 @click.option("--max-peers-per-session", default=4, show_default=True, type=click.IntRange(min=1),
               help="WebRTC peer connections open at once on one session.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Scale out on a Ray cluster (the [ray] extra; docs/scale-out.md): replicas on its GPUs/nodes, this "
+                   "process is the front door. ADDRESS: the cluster's (default: the one this machine joined).")
+@click.option("--min-replicas", default=1, show_default=True, type=click.IntRange(0), help="--ray: replicas kept at least.")
+@click.option("--max-replicas", type=click.IntRange(1), help="--ray: replicas at most (default: --min-replicas; more: autoscaling on sessions).")
+@click.option("--sessions-per-replica", type=click.FloatRange(min=0, min_open=True),
+              help="--ray: autoscaling target per replica (default: each replica's capacity).")
+@click.option("--gpus-per-replica", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="--ray: GPUs one replica takes; 0 for CPU backends (then one replica per node).")
+@click.option("--drain-timeout-s", default=300.0, show_default=True, type=click.FloatRange(0),
+              help="--ray: how long a replica being removed waits for its sessions to end.")
 def serve(avatars: tuple[str, ...], model: str | None, features: str, ave_encoder: str | None, demo: bool, tiny: bool,
           workdir: str, host: str, port: int, token: str | None, backend: str, batch: int, threads: int | None,
           max_sessions: int | None, ice_servers: tuple[str, ...], output_dir: str | None, max_session_s: float,
           client_timeout_s: float, max_message_bytes: int, max_ahead_s: float, max_sockets_per_session: int,
-          max_peers_per_session: int) -> None:
+          max_peers_per_session: int, ray_address: str | None, min_replicas: int, max_replicas: int | None,
+          sessions_per_replica: float | None, gpus_per_replica: float, drain_timeout_s: float) -> None:
     """Serve live talking-avatar sessions: HTTP API, audio WebSocket, WebRTC video, RTMP out.
 
     Open http://127.0.0.1:8080/ for the page. The API is in docs/serve.md.
@@ -74,6 +86,15 @@ def serve(avatars: tuple[str, ...], model: str | None, features: str, ave_encode
                       client_timeout_s=client_timeout_s, max_ahead_s=max_ahead_s,
                       max_sockets_per_session=max_sockets_per_session, max_peers_per_session=max_peers_per_session),
     )
+    if ray_address is not None:
+        from ..scale.deploy import serve_ray
+        from ..scale.options import ScaleOptions
+
+        scale = ScaleOptions(min_replicas=min_replicas, max_replicas=max_replicas or max(min_replicas, 1),
+                             sessions_per_replica=sessions_per_replica, gpus_per_replica=gpus_per_replica,
+                             drain_timeout_s=drain_timeout_s)
+        serve_ray(config, scale, ray_address)
+        return
     signum = run(config)
     # the sessions ended cleanly; the exit status says which signal stopped the server (143 SIGTERM, 130 Ctrl-C)
     raise Interrupted(signum)

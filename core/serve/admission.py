@@ -56,13 +56,21 @@ class Admission:
         self.capacity = capacity
         self._n = 0
         self._lock = threading.Lock()
+        #: set by :meth:`drain`: no new session is admitted (the server is being removed)
+        self.draining: str | None = None
 
     @property
     def active(self) -> int:
         return self._n
 
+    def drain(self, reason: str = "the server is draining (being removed)") -> None:
+        """Admit no new session from now on; open sessions go on."""
+        self.draining = reason
+
     def admit(self) -> None:
         with self._lock:
+            if self.draining:
+                raise Refused(f"{self.draining}; it takes no new session")
             if self._n >= self.capacity.sessions:
                 c = self.capacity
                 why = (f"measured backend throughput {c.throughput_fps:.0f} frames/s holds "

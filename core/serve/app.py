@@ -167,7 +167,7 @@ class _Api:
 
         adm = self.manager.admission
         return web.json_response({
-            "status": "ok",
+            "status": "draining" if adm.draining else "ok",
             "sessions": len(self.manager.sessions),
             "capacity": adm.capacity.to_dict(),
             "avatars": [{"name": a, "fps": float(self.service.fps(a))} for a in self.service.avatars],

@@ -1,0 +1,443 @@
+"""Scale-out on a real local Ray cluster: live replicas behind the front door, failures, autoscaling.
+
+One module-scoped cluster (``ray.cluster_utils.Cluster``): 3 nodes on this
+machine, each declaring one logical GPU and one CPU, dashboard off. The
+replicas run the tiny seeded model on the CPU backend. Tests share the cluster
+and run in order (placement, then a replica killed under the same sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("aiohttp")
+
+from serve_process import http, tone
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():  # type: ignore[no-untyped-def]
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # replicas report their session count to Serve's autoscaler every 0.5 s (default 10 s)
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=1, num_gpus=1)
+    c.wait_for_nodes()
+    from avatar.scale import connect
+
+    connect(c.address)
+    yield c
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from avatar.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("ray-demo"), tiny=True)
+
+
+def _config(demo: dict[str, Path], max_sessions: int = 2) -> Any:
+    from avatar.serve import AvatarSpec, Limits, ServeConfig
+
+    spec = AvatarSpec("demo", demo["avatar"], demo["model"], "ave", {"encoder": str(demo["encoder"])})
+    # sessions without a client stay open for the whole test
+    return ServeConfig(avatars=(spec,), backend="cpu", batch=4, threads=1, max_sessions=max_sessions,
+                       stats_interval_s=0.5, limits=Limits(client_timeout_s=120.0, attach_timeout_s=300.0))
+
+
+class Deployed:
+    """A Serve application of live replicas plus its front door on loopback (in a thread)."""
+
+    def __init__(self, demo: dict[str, Path], replicas: int, **scale: Any) -> None:
+        from avatar.scale.deploy import deploy, wait_replicas
+        from avatar.scale.front import build_front_app
+        from avatar.scale.options import ScaleOptions
+        from avatar.scale.replica import AppThread
+
+        self.config = _config(demo)
+        self.scale = ScaleOptions(replica_host="127.0.0.1", gpus_per_replica=1, cpus_per_replica=0.25,
+                                  drain_timeout_s=5.0, **scale)
+        self.registry = deploy(self.config, self.scale)
+        wait_replicas(self.registry, replicas, timeout=240)
+        self.app = build_front_app(self.config, self.scale, self.registry)
+        self.http = AppThread(self.app, "127.0.0.1", 0)
+        self.url = self.http.url
+
+    def replicas(self) -> list[dict[str, Any]]:
+        import ray
+
+        return [r for r in ray.get(self.registry.snapshot.remote()) if not r.get("draining")]
+
+    def open(self, expect: int = 201) -> dict[str, Any]:
+        status, body = http("POST", self.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+        assert status == expect, body
+        return body
+
+    def close(self) -> None:
+        from avatar.scale.deploy import undeploy
+
+        self.http.stop()
+        undeploy(self.scale, self.registry)
+
+
+def _wait(cond: Any, timeout: float, what: str, step: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+async def _until(ws: Any, kind: str, timeout: float, seen: list[dict[str, Any]]) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = await ws.receive(timeout=max(0.05, deadline - time.monotonic()))
+        if msg.type.name != "TEXT":
+            raise AssertionError(f"socket ended before {kind}: {msg}; events {[e['type'] for e in seen]}")
+        ev = json.loads(msg.data)
+        seen.append(ev)
+        if ev["type"] == kind:
+            return ev
+    raise AssertionError(f"no {kind} event within {timeout} s; got {[e['type'] for e in seen]}")
+
+
+@pytest.fixture(scope="class")
+def two(cluster, demo):  # type: ignore[no-untyped-def]
+    d = Deployed(demo, 2, app_name="avatar-two", min_replicas=2, max_replicas=2)
+    yield d
+    d.close()
+
+
+class TestTwoReplicas:
+    def test_webrtc_media_comes_from_the_sessions_replica(self, two: Deployed) -> None:
+        import aiohttp
+        import numpy as np
+        from webrtc_client import receive
+
+        status, s = http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": [{"type": "webrtc"}]})
+        assert status == 201, s
+
+        async def main() -> Any:
+            async with aiohttp.ClientSession() as c:
+                async def answer(offer: dict[str, str]) -> dict[str, str]:
+                    async with c.post(f"{two.url}/v1/sessions/{s['id']}/webrtc", json=offer,
+                                      headers={"Authorization": f"Bearer {s['token']}"}) as r:
+                        assert r.status == 200, await r.text()
+                        return await r.json()
+
+                async def speak() -> None:
+                    url = f"{two.url.replace('http', 'ws')}/v1/sessions/{s['id']}/audio?token={s['token']}"
+                    async with c.ws_connect(url) as ws:
+                        await ws.send_json({"type": "format", "sample_rate": 16000})
+                        await asyncio.sleep(2.0)  # idle first
+                        pcm = tone(1.0)
+                        for i in range(0, len(pcm), 320):
+                            await ws.send_bytes(pcm[i:i + 320].tobytes())
+                            await asyncio.sleep(0.02)
+                        await ws.send_json({"type": "flush"})
+                        await asyncio.sleep(2.0)
+
+                speaker = asyncio.ensure_future(speak())
+                got = await receive(answer, 6.0)
+                await speaker
+                return got
+
+        got = asyncio.run(main())
+        # the replica's peer sent video at the avatar's rate and, on the audio track, the pushed speech
+        assert len(got.video) >= 60, len(got.video)
+        loud = [float(np.sqrt(np.mean(p ** 2))) > 0.05 for _, p, _ in got.audio]
+        t0 = got.audio[0][0]
+        assert not any(x for (t, _, _), x in zip(got.audio, loud) if t < t0 + 1.0), "speech before any was pushed"
+        assert sum(loud) * 0.02 > 0.5, f"only {sum(loud)} loud audio frames"
+        st = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])[1]
+        assert st["webrtc"] and st["speech_frames"] > 0, st
+        assert http("DELETE", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])[0] == 200
+
+    def test_placement_fills_replicas_and_audio_reaches_the_sessions_replica(self, two: Deployed) -> None:
+        import aiohttp
+
+        _wait(lambda: all(r["sessions"] == 0 for r in http("GET", two.url + "/health")[1]["replicas"]), 10,
+              "no session left from the test before")
+        sessions = [two.open() for _ in range(4)]
+        where = [s["replica"] for s in sessions]
+        # the first two land on different replicas (most free first); with both full (2 each) the fifth is refused
+        assert where[0] != where[1], where
+        assert sorted(where.count(r) for r in set(where)) == [2, 2], where
+        status, refused = http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+        assert status == 503 and refused["error"]["code"] == "at_capacity", refused
+        health = _wait(lambda: (h := http("GET", two.url + "/health")[1]) and
+                       sorted(r["sessions"] for r in h["replicas"]) == [2, 2] and h, 10, "health shows 2+2 sessions")
+        assert health["capacity"]["sessions"] == 4 and health["sessions"] == 4
+        metrics = http("GET", two.url + "/metrics")[1]
+        for r in {*where}:
+            assert f'avatar_replica_sessions{{replica="{r}"}} 2.0' in metrics, metrics
+
+        a = sessions[0]
+        other = next(s for s in sessions if s["replica"] != a["replica"])
+
+        async def talk() -> list[dict[str, Any]]:
+            seen: list[dict[str, Any]] = []
+            url = f"{two.url.replace('http', 'ws')}/v1/sessions/{a['id']}/audio?token={a['token']}"
+            async with aiohttp.ClientSession() as c, c.ws_connect(url) as ws:
+                await _until(ws, "ready", 10, seen)
+                await ws.send_json({"type": "format", "sample_rate": 16000})
+                pcm = tone(1.0)
+                for i in range(0, len(pcm), 320):
+                    await ws.send_bytes(pcm[i:i + 320].tobytes())
+                    await asyncio.sleep(0.02)
+                await ws.send_json({"type": "flush"})
+                await _until(ws, "speech_started", 30, seen)
+                await _until(ws, "speech_ended", 30, seen)
+                await _until(ws, "stats", 10, seen)
+            return seen
+
+        seen = asyncio.run(talk())
+        assert seen[0]["id"] == a["id"]
+        # the speech frames were made on the session's replica, none on the other one's sessions
+        st = http("GET", f"{two.url}/v1/sessions/{a['id']}", token=a["token"])[1]
+        assert st["speech_frames"] > 0 and st["frames"] > st["speech_frames"], st  # (load may skip some)
+        st_other = http("GET", f"{two.url}/v1/sessions/{other['id']}", token=other["token"])[1]
+        assert st_other["speech_frames"] == 0 and st_other["frames"] > 0, st_other
+        replica = next(r for r in two.replicas() if r["id"] == a["replica"])
+        assert a["id"] in replica["session_ids"]
+        # mistaken and hostile requests get the single server's JSON errors, from the front door or the replica
+        status, body = http("GET", f"{two.url}/v1/sessions/nope", token=a["token"])
+        assert status == 404 and body["error"]["code"] == "no_session"
+        status, body = http("GET", f"{two.url}/v1/sessions/{a['id']}", token=other["token"])
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+        status, body = http("POST", two.url + "/v1/sessions", raw=b"{not json")
+        assert status == 400 and body["error"]["code"] == "malformed_json"
+        status, body = http("POST", two.url + "/v1/sessions", {"avatar": "nobody", "outputs": []})
+        assert status == 400 and body["error"]["code"] == "unknown_avatar", body
+        two.sessions = sessions  # type: ignore[attr-defined]
+
+
+    def test_killed_replica_ends_its_sessions_and_survivors_take_new_ones(self, two: Deployed) -> None:
+        import aiohttp
+        import ray
+
+        sessions = two.sessions  # type: ignore[attr-defined]
+        victim = sessions[0]["replica"]
+        doomed = [s for s in sessions if s["replica"] == victim]
+        kept = [s for s in sessions if s["replica"] != victim]
+        handle = next(r["handle"] for r in two.replicas() if r["id"] == victim)
+
+        async def watch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            async with aiohttp.ClientSession() as c:
+                def url(s: dict[str, Any]) -> str:
+                    return f"{two.url.replace('http', 'ws')}/v1/sessions/{s['id']}/audio?token={s['token']}"
+
+                async with c.ws_connect(url(doomed[0])) as ws_dead, c.ws_connect(url(kept[0])) as ws_live:
+                    seen_dead: list[dict[str, Any]] = []
+                    seen_live: list[dict[str, Any]] = []
+                    await _until(ws_dead, "ready", 10, seen_dead)
+                    await _until(ws_live, "ready", 10, seen_live)
+                    ray.kill(handle, no_restart=False)
+                    ended = await _until(ws_dead, "ended", 30, seen_dead)
+                    # the other replica's session goes on: fresh stats after the kill
+                    n = len(seen_live)
+                    await _until(ws_live, "stats", 10, seen_live)
+                    await _until(ws_live, "stats", 10, seen_live)
+                    return ended, seen_live[n:]
+
+        ended, after = asyncio.run(watch())
+        assert "died" in ended["reason"] and victim in ended["reason"], ended
+        assert after[-1]["frames"] > 0
+        for s in doomed:
+            status, body = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])
+            assert status == 404 and "died" in body["error"]["message"], body
+        for s in kept:
+            status, body = http("GET", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])
+            assert status == 200, body
+        # room on the survivor: a new session is admitted there, never on the dead replica
+        assert http("DELETE", f"{two.url}/v1/sessions/{kept[1]['id']}", token=kept[1]["token"])[0] == 200
+        new = _wait(lambda: (r := http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []}))[0] == 201
+                    and r[1], 20, "a new session is admitted")
+        assert new["replica"] != victim
+        two.sessions = [kept[0], new]  # type: ignore[attr-defined]
+        metrics = http("GET", two.url + "/metrics")[1]
+        assert 'avatar_sessions_ended_by_front_total{reason="replica_died"} 2.0' in metrics
+
+    def test_lost_node_ends_the_sessions_of_its_replica(self, cluster, two: Deployed) -> None:  # type: ignore[no-untyped-def]
+        import aiohttp
+
+        head = cluster.head_node.node_id
+        for s in two.sessions:  # type: ignore[attr-defined]
+            assert http("DELETE", f"{two.url}/v1/sessions/{s['id']}", token=s["token"])[0] == 200
+        # Serve has replaced the killed replica by now; take one that is not on the head node
+        live = _wait(lambda: len(reps := two.replicas()) == 2 and reps, 120, "two live replicas again")
+        _wait(lambda: [r["sessions"] for r in http("GET", two.url + "/health")[1]["replicas"]] == [0, 0], 10,
+              "both replicas report no session")
+        target = next(r for r in live if r["node_id"] != head)
+        node = next(n for n in cluster.list_all_nodes() if n.node_id == target["node_id"])
+        mine = []
+        for _ in range(4):
+            st, s = http("POST", two.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+            if st != 201:
+                break
+            if s["replica"] == target["id"]:
+                mine.append(s)
+                break
+        assert mine, "no session landed on the replica of the node to remove"
+        s = mine[0]
+
+        async def watch() -> dict[str, Any]:
+            url = f"{two.url.replace('http', 'ws')}/v1/sessions/{s['id']}/audio?token={s['token']}"
+            async with aiohttp.ClientSession() as c, c.ws_connect(url) as ws:
+                seen: list[dict[str, Any]] = []
+                await _until(ws, "ready", 10, seen)
+                await asyncio.get_running_loop().run_in_executor(None, lambda: cluster.remove_node(node,
+                                                                                             allow_graceful=False))
+                return await _until(ws, "ended", 60, seen)
+
+        ended = asyncio.run(watch())
+        assert "died" in ended["reason"] and target["id"] in ended["reason"], ended
+        health = _wait(lambda: (h := http("GET", two.url + "/health")[1]) and
+                       target["id"] not in {r["id"] for r in h["replicas"]} and h, 30, "the lost replica leaves /health")
+        assert all(r["state"] == "ok" for r in health["replicas"])
+
+
+def test_autoscaling_follows_the_session_count(cluster, demo) -> None:  # type: ignore[no-untyped-def]
+    import ray
+
+    d = Deployed(demo, 1, app_name="avatar-auto", min_replicas=1, max_replicas=2, upscale_delay_s=0.0,
+                 downscale_delay_s=2.0, look_back_period_s=1.0)
+    try:
+        def count() -> int:
+            return len(ray.get(d.registry.snapshot.remote()))
+
+        assert count() == 1
+        s1 = d.open()
+        time.sleep(4)  # one session of 2, plus the one spare slot: still fits one replica
+        assert count() == 1
+        s2 = d.open()  # the replica is full now: a second one starts
+        assert s2["replica"] == s1["replica"]
+        _wait(lambda: count() == 2, 120, "a second replica after the first filled up")
+        _wait(lambda: len(http("GET", d.url + "/health")[1]["replicas"]) == 2, 10, "the front door sees it")
+        s3 = d.open()
+        assert s3["replica"] != s1["replica"]  # the new one has the most free capacity
+        for s in (s1, s2, s3):
+            assert http("DELETE", f"{d.url}/v1/sessions/{s['id']}", token=s["token"])[0] == 200
+        _wait(lambda: count() == 1, 120, "back to one replica after the sessions ended")
+        _wait(lambda: len(http("GET", d.url + "/health")[1]["replicas"]) == 1, 10, "the front door sees it")
+        assert d.open()["replica"] in {s1["replica"], s3["replica"]}
+    finally:
+        d.close()
+
+
+def test_draining_replica_refuses_new_sessions_and_ends_the_rest_at_its_deadline(demo) -> None:  # type: ignore[no-untyped-def]
+    from avatar.scale.replica import ReplicaServer
+
+    config = _config(demo)
+    import dataclasses
+
+    server = ReplicaServer(dataclasses.replace(config, port=0))
+    try:
+        status, s = http("POST", server.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+        assert status == 201, s
+        assert server.load().sessions == 1 and server.load().free == 1
+
+        import threading
+
+        result: dict[str, int] = {}
+        t = threading.Thread(target=lambda: result.update(n=server.drain(1.5, "drained for the test")))
+        t.start()
+        time.sleep(0.3)
+        status, refused = http("POST", server.url + "/v1/sessions", {"avatar": "demo", "outputs": []})
+        assert status == 503 and "draining" in refused["error"]["message"], refused
+        assert http("GET", server.url + "/health")[1]["status"] == "draining"
+        assert server.load().free == 0
+        t.join(30)
+        assert result == {"n": 1}
+        status, gone = http("GET", f"{server.url}/v1/sessions/{s['id']}", token=s["token"])
+        assert status == 404
+    finally:
+        server.stop()
+
+
+def test_run_batch_on_ray_survives_a_killed_worker_and_matches_local_renders(cluster, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import ray
+
+    from avatar.demo import speechlike_audio, write_wav
+    from avatar.scale.batch import read_jobs, run_batch
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for k in range(20):
+        write_wav(audio / f"job{k:02d}.wav", speechlike_audio(0.4, seed=k))
+    (audio / "zz-broken.wav").write_bytes(b"RIFF not really a wave file")
+    jobs = read_jobs(audio, avatar=str(demo["avatar"]), model=str(demo["model"]), encoder=str(demo["encoder"]))
+    assert len(jobs) == 21
+
+    killed: list[str] = []
+
+    def on_result(result: Any, run: Any) -> None:
+        if len(run.results) == 4 and not killed:
+            killed.append(ray.get(run.workers[0].ping.remote()))
+            ray.kill(run.workers[0])
+
+    s = run_batch(jobs, tmp_path / "ray", use_ray=True, workers=2, retries=2, backend="cpu", gpus_per_worker=1,
+                  cpus_per_worker=0.25, on_result=on_result)
+    assert killed and s.workers_lost == 1
+    by_id = {r.id: r for r in s.results}
+    assert len(by_id) == 21 and s.done == 20 and s.failed == 1
+    broken = by_id["zz-broken"]
+    assert broken.status == "failed" and broken.attempts == 1 and broken.error, broken  # its own fault: not retried
+    # the killed worker's in-flight jobs ran again elsewhere; every retry is counted
+    assert s.retries >= 1 and sum(r.attempts for r in s.results) == 21 + s.retries
+    assert any(r.attempts == 2 and r.status == "done" for r in s.results)
+    assert all(r.worker != killed[0] for r in s.results if r.attempts == 2)
+    report = json.loads((tmp_path / "ray" / "batch-report.json").read_text())
+    assert report["done"] == 20 and report["failures"][0]["id"] == "zz-broken"
+    files = sorted(p.name for p in (tmp_path / "ray").iterdir())
+    assert files == sorted([f"job{k:02d}.mp4" for k in range(20)] + ["reports", "batch-report.json"]), files
+    assert len(list((tmp_path / "ray" / "reports").iterdir())) == 21
+    # each worker loaded its backend once and rendered every one of its jobs on it
+    done = [r for r in s.results if r.status == "done"]
+    assert all(r.report["worker_backend_loads"] == 1 for r in done)
+    assert max(sum(r.worker == w for r in done) for w in {r.worker for r in done}) >= 5
+
+    local = run_batch(jobs[:20], tmp_path / "local", backend="cpu")
+    assert local.done == 20
+    for j in jobs[:20]:
+        assert (tmp_path / "ray" / j.output).read_bytes() == (tmp_path / "local" / j.output).read_bytes(), j.id
+
+
+def test_avatar_serve_ray_command_places_sessions_and_removes_its_replicas_on_exit(cluster, demo) -> None:  # type: ignore[no-untyped-def]
+    from ray import serve
+    from serve_process import ServeProcess
+
+    p = ServeProcess(demo["avatar"].parent, "--demo", "--tiny", "--backend", "cpu", "--batch", "4", "--threads", "1",
+                     "--max-sessions", "1", "--ray", cluster.address, "--min-replicas", "2").wait_ready(300)
+    try:
+        health = http("GET", p.url + "/health")[1]
+        assert len(health["replicas"]) == 2 and health["capacity"]["sessions"] == 2, health
+        a = http("POST", p.url + "/v1/sessions", {"outputs": []})[1]
+        b = http("POST", p.url + "/v1/sessions", {"outputs": []})[1]
+        assert {a["replica"], b["replica"]} == {r["id"] for r in health["replicas"]}
+        assert http("POST", p.url + "/v1/sessions", {"outputs": []})[0] == 503
+        assert http("GET", f"{p.url}/v1/sessions/{a['id']}", token=a["token"])[1]["frames"] > 0
+    finally:
+        code = p.stop(60)
+    assert code == 0, p.log()
+    assert "avatar" not in serve.status().applications, p.log()
