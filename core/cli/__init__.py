@@ -31,7 +31,6 @@ CORE_COMMANDS = [
     ("models_cmd", "make_test_model"),
     ("import_cmd", "import_"),
     ("prepare_cmd", "prepare"),
-    ("train_cmd", "train"),
     ("run_cmd", "run"),
     ("demo_cmd", "demo"),
     ("convert_cmd", "convert"),

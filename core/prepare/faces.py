@@ -17,9 +17,11 @@ so a moving head is not followed with a lag and a still head does not jitter.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -40,10 +42,29 @@ SMOOTH_WINDOW, SMOOTH_ORDER = 9, 2
 MEDIAPIPE_VERSION = "0.10.21"
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Hold back what MediaPipe's C++ side prints to stderr (TFLite/absl chatter) unless debugging."""
+    if os.environ.get("AVATAR_DEBUG", "") not in ("", "0"):
+        yield
+        return
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def require_mediapipe() -> Any:
     """Import MediaPipe's ``solutions`` API or raise one clear error."""
     try:
-        import mediapipe as mp
+        with _quiet():
+            import mediapipe as mp
 
         mp.solutions.face_mesh  # noqa: B018 - absent from MediaPipe >= 0.10.30
     except (ModuleNotFoundError, AttributeError):
@@ -72,16 +93,18 @@ class FaceFinder:
 
     def __init__(self, *, static: bool = False) -> None:
         mp = require_mediapipe()
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=static, max_num_faces=2, refine_landmarks=False,
-            min_detection_confidence=0.5, min_tracking_confidence=0.5,
-        )
+        with _quiet():
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=static, max_num_faces=2, refine_landmarks=False,
+                min_detection_confidence=0.5, min_tracking_confidence=0.5,
+            )
 
     def __call__(self, bgr: np.ndarray) -> Detection:
         import cv2
 
         h, w = bgr.shape[:2]
-        result = self._mesh.process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        with _quiet():
+            result = self._mesh.process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
         found = result.multi_face_landmarks or []
         if len(found) != 1:
             return Detection(len(found))
