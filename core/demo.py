@@ -168,7 +168,7 @@ def describe_model(kind: str) -> str:
         return ("the demo model: a quarter-width UNet-328 trained with `avatar train` on 30 s of this cartoon head "
                 "talking (python -m avatar.demo_model); it knows this cartoon's mouth only — train your own with "
                 "`avatar prepare` + `avatar train`")
-    return ("an UNTRAINED seeded test model: the mouth region changes with the audio but does not look like a mouth; "
+    return ("an untrained seeded test model: the mouth region changes with the audio but does not look like a mouth; "
             "drop --untrained/--tiny for the trained demo model")
 
 

@@ -4,11 +4,13 @@ The model family crops a square over the lower face from three of its 110
 PFLD landmarks: ``x1 = lms[1].x``, ``x2 = lms[31].x`` (the jaw contour at the
 cheekbones) and ``y1 = lms[52].y`` (the nose bridge). Those landmark weights
 are on no package index; MediaPipe 0.10.21's wheel carries a 468-point face
-mesh whose points 127, 356 and 195 sit at the same places (found as the
-nearest mesh points on the sanders dataset's own landmarks, frames 0-459).
-The small offsets below (fractions of the box side) were fitted on the same
-frames; on the held-out frames 460-522 the boxes match the dataset's own with
-a median IoU of about 0.94 (``tests/test_prepare.py`` checks it).
+mesh. Points 137 (left cheek contour), 454 (right) and 195 (nose bridge),
+with the small offsets below (fractions of the distance between the outer eye
+corners, 33-263, so they scale with the face), were chosen and fitted on the
+sanders dataset's own landmarks, frames 0-459 in the mesh's tracking mode:
+the points whose offset-corrected coordinate varied least against PFLD's.
+On the held-out frames 460-522 the boxes match the dataset's own with a
+median IoU of about 0.94 (``tests/test_prepare.py`` checks it).
 
 Smoothing is offline and centred (Savitzky-Golay on the box centre and side),
 so a moving head is not followed with a lag and a still head does not jitter.
@@ -30,9 +32,11 @@ from ..errors import AvatarPackageError, MissingDependency
 log = logging.getLogger(__name__)
 
 #: face-mesh points that stand in for PFLD points 1, 31 (x) and 52 (y)
-MESH_LEFT, MESH_RIGHT, MESH_TOP = 127, 356, 195
-#: offsets as fractions of the box side (left, right, top), fitted on sanders frames 0-459
-OFFSETS = (-0.0175, -0.0033, -0.0179)
+MESH_LEFT, MESH_RIGHT, MESH_TOP = 137, 454, 195
+#: the outer eye corners: their distance is the face's scale for the offsets
+MESH_EYES = (33, 263)
+#: offsets as fractions of the eye-corner distance (left, right, top), fitted on sanders frames 0-459
+OFFSETS = (-0.0215, -0.0061, -0.0188)
 #: the smallest crop side accepted: the model sees 320x320, a smaller face is upscaled
 MIN_SIDE = 96
 #: a box whose centre moves more than this fraction of its side from the smoothed track is a jump
@@ -109,11 +113,11 @@ class FaceFinder:
         if len(found) != 1:
             return Detection(len(found))
         pts = found[0].landmark
-        return Detection(1, box_from_points(
-            (pts[MESH_LEFT].x * w, pts[MESH_LEFT].y * h),
-            (pts[MESH_RIGHT].x * w, pts[MESH_RIGHT].y * h),
-            (pts[MESH_TOP].x * w, pts[MESH_TOP].y * h),
-        ))
+
+        def xy(k: int) -> tuple[float, float]:
+            return (pts[k].x * w, pts[k].y * h)
+
+        return Detection(1, box_from_points(xy(MESH_LEFT), xy(MESH_RIGHT), xy(MESH_TOP), xy(MESH_EYES[0]), xy(MESH_EYES[1])))
 
     def close(self) -> None:
         self._mesh.close()
@@ -125,12 +129,15 @@ class FaceFinder:
         self.close()
 
 
-def box_from_points(left: tuple[float, float], right: tuple[float, float], top: tuple[float, float]) -> tuple[float, float, float, float]:
-    """The SyncTalk_2D square from the three mesh points (with the fitted offsets)."""
-    side = right[0] - left[0]
-    x1 = left[0] + OFFSETS[0] * side
-    x2 = right[0] + OFFSETS[1] * side
-    y1 = top[1] + OFFSETS[2] * side
+def box_from_points(
+    left: tuple[float, float], right: tuple[float, float], top: tuple[float, float],
+    eye_l: tuple[float, float], eye_r: tuple[float, float],
+) -> tuple[float, float, float, float]:
+    """The SyncTalk_2D square from the mesh points (with the fitted offsets)."""
+    scale = float(np.hypot(eye_r[0] - eye_l[0], eye_r[1] - eye_l[1]))
+    x1 = left[0] + OFFSETS[0] * scale
+    x2 = right[0] + OFFSETS[1] * scale
+    y1 = top[1] + OFFSETS[2] * scale
     return (x1, y1, x2, y1 + (x2 - x1))
 
 

@@ -75,6 +75,8 @@ def frames_at(path: str | Path, fps: float | Fraction, *, times: list[float] | N
             st = c.streams.video[0]
             st.thread_type = "AUTO"
             start = float(st.start_time * st.time_base) if st.start_time is not None else 0.0
+            rate = st.average_rate or st.guessed_rate
+            last = 1 / float(rate) if rate else period  # how long the last source frame stays on screen
             k = 0
             held: np.ndarray | None = None
             held_t = -math.inf
@@ -92,8 +94,7 @@ def frames_at(path: str | Path, fps: float | Fraction, *, times: list[float] | N
                 if target(k) is None:
                     return
                 held, held_t = frame.to_ndarray(format="bgr24"), t
-            # the last frame lasts one period
-            while held is not None and (tk := target(k)) is not None and tk < held_t + period - 1e-6:
+            while held is not None and (tk := target(k)) is not None and tk < held_t + last - 1e-6:
                 yield k, held
                 k += 1
     except (av.FFmpegError, ValueError) as exc:

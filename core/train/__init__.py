@@ -1,7 +1,7 @@
 """Training support that needs no PyTorch: the data a run reads and the gate it must pass.
 
 The loop itself (PyTorch) lives with the reference networks in
-``avatar_plugins.torch_reference.training``; ``avatar train`` is that plugin's command.
+the PyTorch reference plugin (plugins/torch_reference/training.py); ``avatar train`` is that plugin's command.
 """
 
 from .data import MIN_TRAIN_S, MOUTH_COLS, MOUTH_ROWS, TrainData, face_psnr, load_data
