@@ -47,7 +47,7 @@ def feature_windows(package: Any, features: str, options: Mapping[str, Any]) -> 
     from ..audio import load_audio
     from ..render import make_feature_source
 
-    name = "precomputed" if features == "npy" else features
+    name = features
     source = make_feature_source(name, options)
     try:
         if Fraction(source.fps) != Fraction(package.fps).limit_denominator(1001):
@@ -56,7 +56,7 @@ def feature_windows(package: Any, features: str, options: Mapping[str, Any]) -> 
                 f"prepare the video with --fps {float(source.fps):g}"
             )
         audio = package.path / str(package.manifest.source.get("audio", "audio.wav"))
-        if name == "precomputed":
+        if name == "npy":
             pcm = np.zeros(1600, np.float32)  # the rows come from the file
         elif audio.is_file():
             pcm = load_audio(audio, source.sample_rate)
