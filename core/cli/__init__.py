@@ -30,6 +30,7 @@ CORE_COMMANDS = [
     ("inspect_cmd", "inspect"),
     ("models_cmd", "make_test_model"),
     ("import_cmd", "import_"),
+    ("prepare_cmd", "prepare"),
     ("run_cmd", "run"),
     ("demo_cmd", "demo"),
     ("convert_cmd", "convert"),

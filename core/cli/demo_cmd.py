@@ -12,22 +12,25 @@ import click
 @click.option("--workdir", default=".avatar-demo", show_default=True, type=click.Path(file_okay=False), help="Where the demo avatar and models are built (reused next time).")
 @click.option("--audio", type=click.Path(dir_okay=False, exists=True), help="Your own speech instead of the synthetic audio.")
 @click.option("--seconds", default=6.0, show_default=True, type=click.FloatRange(min=0.2, max=600), help="Length of the synthetic audio.")
-@click.option("--tiny", is_flag=True, help="A tiny test model instead of the full-size UNet-328 (much faster, less realistic cost).")
+@click.option("--tiny", is_flag=True, help="The untrained tiny test model (fastest; no mouth).")
+@click.option("--untrained", is_flag=True, help="The untrained seeded full-size UNet-328 (the real model's cost; no mouth).")
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, onnx-cuda, openvino, tensorrt, or a plugin's.")
 @click.option("--batch", "batch_size", default=8, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
-def demo(output: str, workdir: str, audio: str | None, seconds: float, tiny: bool, backend: str, batch_size: int, progress: bool) -> None:
-    """Build a synthetic avatar and seeded test models locally, then render a clip with sound.
+def demo(output: str, workdir: str, audio: str | None, seconds: float, tiny: bool, untrained: bool, backend: str,
+         batch_size: int, progress: bool) -> None:
+    """Build a synthetic avatar locally and render a clip with sound through the real pipeline.
 
-    The model is UNTRAINED (seeded random weights): the mouth region changes with
-    the audio but does not look like a real mouth. Use a trained SyncTalk_2D
-    checkpoint (`avatar export unet`) and your own avatar (`avatar import`) for real results.
+    The model is the shipped demo model: a quarter-width UNet-328 trained with
+    `avatar train` on this cartoon head talking, so the mouth opens with speech and
+    closes in silence. For your own face: `avatar prepare` + `avatar train` (docs/prepare-and-train.md).
     """
-    from ..demo import build_demo
+    from ..demo import build_demo, describe_model
     from ..render import render
 
-    click.echo("building the demo avatar and seeded test models (untrained) ...", err=True)
-    paths = build_demo(workdir, seconds=seconds, tiny=tiny)
+    click.echo("building the demo avatar ...", err=True)
+    paths = build_demo(workdir, seconds=seconds, tiny=tiny, trained=not untrained)
+    click.echo(f"model: {describe_model(paths['kind'])}", err=True)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     report = render(
         paths["avatar"],
@@ -43,7 +46,7 @@ def demo(output: str, workdir: str, audio: str | None, seconds: float, tiny: boo
     d = report.to_dict()
     click.echo(
         f"rendered {d['frames']} frames ({d['video_s']:.1f} s) at {d['frames_per_s']:.1f} fps on backend "
-        f"{d['backend']}; the model is untrained, so the mouth shows patterns driven by the audio, not real lips.",
+        f"{d['backend']}",
         err=True,
     )
     click.echo(str(Path(output)))

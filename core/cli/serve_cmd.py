@@ -15,8 +15,8 @@ from ..errors import ConfigError, Interrupted
 @click.option("--model", type=click.Path(dir_okay=False, exists=True), help="The UNet-328 ONNX file (default: each package's).")
 @click.option("--features", default="ave", show_default=True, help="Feature source for every avatar.")
 @click.option("--ave-encoder", type=click.Path(dir_okay=False, exists=True), help="Audio encoder for the ave features.")
-@click.option("--demo", is_flag=True, help="Serve the synthetic demo avatar with seeded (untrained) models, built locally.")
-@click.option("--tiny", is_flag=True, help="With --demo: the tiny test model (fast everywhere) instead of the full UNet-328.")
+@click.option("--demo", is_flag=True, help="Serve the synthetic demo avatar with the shipped demo model (trained on it), built locally.")
+@click.option("--tiny", is_flag=True, help="With --demo: the untrained tiny test model instead of the trained demo model.")
 @click.option("--workdir", default=".avatar-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where --demo builds its avatar and models (reused next time).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; anything but loopback needs --token.")
@@ -69,10 +69,10 @@ def serve(avatars: tuple[str, ...], model: str | None, features: str, ave_encode
     token = resolve_token(host, token)
     specs = [_spec(a, model, features, ave_encoder) for a in avatars]
     if demo:
-        from ..demo import build_demo
+        from ..demo import build_demo, describe_model
 
-        click.echo("building the demo avatar and seeded test models (untrained) ...", err=True)
         paths = build_demo(workdir, tiny=tiny)
+        click.echo(f"demo model: {describe_model(paths['kind'])}", err=True)
         specs.append(AvatarSpec("demo", paths["avatar"], paths["model"], "ave", {"encoder": str(paths["encoder"])}))
     if not specs:
         raise ConfigError("nothing to serve: give --avatar PATH (repeatable) or --demo")

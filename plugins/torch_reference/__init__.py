@@ -1,4 +1,4 @@
-"""The PyTorch reference plugin: ``avatar export unet`` and ``avatar export audio-encoder``.
+"""The PyTorch reference plugin: ``avatar export unet``, ``avatar export audio-encoder``, ``avatar train``.
 
 It turns SyncTalk_2D checkpoints (``.pth`` state dicts) into the ONNX models the
 rest of the SDK runs, and proves each export with a parity check against
@@ -88,4 +88,7 @@ def export_audio_encoder_cmd(checkpoint: str, output: str, names: str, opset: in
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
+    from .train_cmd import train
+
     cli.add_command(export_group)
+    cli.add_command(train)

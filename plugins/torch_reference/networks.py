@@ -30,6 +30,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
 __all__ = [
     "AUDIO_SHAPES",
     "MODES",
+    "TINY_CHANNELS",
     "AudioEncoder",
     "UNet328",
     "calibrate_batchnorm",
@@ -40,6 +41,8 @@ __all__ = [
 
 #: channel widths of the five resolution levels (input block .. bottleneck)
 CHANNELS = (32, 64, 128, 256, 512)
+#: the same network a quarter as wide (1/16 of the MACs): the demo's trained model
+TINY_CHANNELS = (8, 16, 32, 64, 128)
 
 #: per-frame audio window shape (without batch) of each audio mode
 AUDIO_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -165,15 +168,16 @@ class AudioBranch(nn.Module):
     (only the stride differs), so a checkpoint cannot tell those two apart.
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, channels: tuple[int, ...] = CHANNELS) -> None:
         super().__init__()
-        c = CHANNELS
+        c = channels
+        cin = AUDIO_SHAPES[mode][0]  # 32 or 256: c[0] or c[3] at the standard width
         if mode == "wenet":  # [B,256,16,32]: already 256 wide, halve the width only
-            self.conv1 = InvertedResidual(c[3], c[3], 1, residual=True)
+            self.conv1 = InvertedResidual(cin, c[3], 1, residual=cin == c[3])
             self.conv2 = InvertedResidual(c[3], c[3], 1, residual=True)
             stride3: tuple[int, int] = (1, 2)
         else:  # ave [B,32,16,16] keeps 16x16; hubert [B,32,32,32] halves to 16x16
-            self.conv1 = InvertedResidual(c[0], c[1], 1, residual=False)
+            self.conv1 = InvertedResidual(cin, c[1], 1, residual=False)
             self.conv2 = InvertedResidual(c[1], c[2], 1, residual=False)
             stride3 = (2, 2) if mode == "hubert" else (1, 1)
         cin3 = c[3] if mode == "wenet" else c[2]
@@ -203,14 +207,17 @@ class UNet328(nn.Module):
     and output are BGR in [0, 1] (see docs/MODEL_FAMILY.md).
     """
 
-    def __init__(self, mode: str = "ave", n_channels: int = 6) -> None:
+    def __init__(self, mode: str = "ave", n_channels: int = 6, channels: tuple[int, ...] = CHANNELS) -> None:
         super().__init__()
         if mode not in AUDIO_SHAPES:
             raise ConfigError(f"unknown audio mode {mode!r}; use one of {', '.join(MODES)}")
+        if len(channels) != 5 or any(int(w) < 2 or int(w) % 2 for w in channels):
+            raise ConfigError(f"channels must be five even widths, got {channels!r}")
         self.mode = mode
         self.n_channels = n_channels
-        c = CHANNELS
-        self.audio_model = AudioBranch(mode)
+        self.channels = tuple(int(w) for w in channels)
+        c = self.channels
+        self.audio_model = AudioBranch(mode, c)
         self.fuse_conv = nn.Sequential(
             DoubleInvertedResidual(c[4] * 2, c[4], stride=1),
             DoubleInvertedResidual(c[4], c[3], stride=1),
