@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .contract import check_feature_match, read_contract
+from .framestore import DEFAULT_MEMORY_BUDGET_MB
 from .engine import RenderOptions, RenderReport, Renderer
 from .errors import BackendUnavailable, ConfigError, Interrupted
 from .interfaces import Backend, BackendOptions, FeatureSource, Sink
@@ -100,7 +101,7 @@ def render(
     batch_size: int = 8,
     progress: bool = False,
     frame_limit: int | None = None,
-    memory_budget_mb: int = 512,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     output_rounding: str = "nearest",
     walk_start: int = 0,
 ) -> RenderReport:
