@@ -190,6 +190,7 @@ class Renderer:
             backend_calls=self.backend.stats.calls,
             skipped=session.skipped,
             late=session.late,
+            speech_frames=session.speech_frames,
         )
         if error is not None:
             with contextlib.suppress(AttributeError):  # what was done before the failure, for `avatar run --report`

@@ -447,10 +447,10 @@ class Session:
                 continue
             if utt is not cur:
                 cur, stream, assembler = utt, self.source.open_stream(), WindowAssembler(self.source)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             final = data is _FLUSH
             pairs = assemble_windows(stream, assembler, None if final else data)
-            self.times.add("features", time.perf_counter() - t, len(pairs))
+            self.times.add("features", time.perf_counter() - t, len(pairs), cpu_s=time.thread_time() - c)
             beyond = False
             if limit is not None:
                 beyond = any(j >= limit for j, _ in pairs)
@@ -517,9 +517,15 @@ class Session:
     def visual_inputs(self, indices: Sequence[int]) -> np.ndarray:
         return self.package.visual_inputs(list(indices))
 
-    def on_faces(self, items: list[WorkItem], av_idx: list[int], faces: np.ndarray, seconds: tuple[float, float]) -> None:
-        self.times.add("visual", seconds[0], len(items))
-        self.times.add("inference", seconds[1], len(items))
+    def on_faces(self, items: list[WorkItem], av_idx: list[int], faces: np.ndarray, seconds: tuple[float, ...]) -> None:
+        idle = sum(1 for it in items if it.utterance is self._idle_utt) / len(items)
+        for i, stage in enumerate(("visual", "inference")):
+            cpu = seconds[2 + i] if len(seconds) > 2 + i else None
+            self.times.add(stage, seconds[i] * (1 - idle), round(len(items) * (1 - idle)),
+                           cpu_s=None if cpu is None else cpu * (1 - idle))
+            if idle:
+                self.times.add(stage, seconds[i] * idle, round(len(items) * idle),
+                               cpu_s=None if cpu is None else cpu * idle, kind="idle")
         self._faces.put((items, av_idx, faces))
 
     def on_skipped(self, item: WorkItem) -> None:
@@ -548,8 +554,10 @@ class Session:
                     if it.utterance.gen == self._gen or it.utterance is self._idle_utt]
             if not live:
                 continue
+            kind = "idle" if all(it.utterance is self._idle_utt for it, _, _ in live) else "speech"
             frames = composite_faces(self.package, [a for _, a, _ in live], np.stack([f for _, _, f in live]),
-                                     self.times, keep_face=self._wants_face, rounding=self.options.output_rounding)
+                                     self.times, keep_face=self._wants_face, rounding=self.options.output_rounding,
+                                     kind=kind)
             with self._cv:
                 for (it, a, _), (image, face, box) in zip(live, frames):
                     it.utterance.ready[it.index] = (image, face, box, a)
@@ -588,10 +596,11 @@ class Session:
             now = self.clock.now()
             if paced:
                 self.lags.add(now - (origin + float(k * frame_s)))
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             for s in self._opened:
                 s.write(vf)
-            self.times.add("sink", time.perf_counter() - t)
+            self.times.add("sink", time.perf_counter() - t, cpu_s=time.thread_time() - c,
+                           kind="speech" if speech else "idle")
             self.frames += 1
             self.audio_samples += len(vf.audio)
             if self.first_frame_at is None:
@@ -741,9 +750,9 @@ class Session:
         if self.options.idle == "model":
             image = self._idle_through_model(pos)
         if image is None:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             image = self.package.frame(a)
-            self.times.add("decode", time.perf_counter() - t)
+            self.times.add("decode", time.perf_counter() - t, cpu_s=time.thread_time() - c, kind="idle")
         self._last = (image, a)
         return VideoFrame(index=k, pts=pts, image=image, audio=self._silence(k), avatar_index=a)
 

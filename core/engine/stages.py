@@ -36,6 +36,7 @@ import numpy as np
 
 from ..interfaces import RowStream, SinkReport
 from ..windows import WindowAssembler
+from .cpu import StageCpu, cpu_per_frame
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +46,26 @@ STAGES = ("features", "visual", "inference", "decode", "composite", "sink")
 # --------------------------------------------------------------------------- reports
 
 
+#: the CPU accounting's name of a wall-time stage (the sinks' time is their encoding)
+_CPU_NAME = {"sink": "encode"}
+
+
 @dataclass
 class StageTimes:
-    """Busy time per stage (seconds) and how many items each handled."""
+    """Busy time per stage (seconds) and how many items each handled; CPU time by stage and frame kind in ``cpu``."""
 
     seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     items: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STAGES})
+    cpu: StageCpu = field(default_factory=StageCpu, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, stage: str, seconds: float, items: int = 1) -> None:
+    def add(self, stage: str, seconds: float, items: int = 1, *, cpu_s: float | None = None, kind: str = "speech") -> None:
+        """``seconds`` of wall time (and ``cpu_s`` of CPU time, when measured) spent in ``stage`` on ``items``."""
         with self._lock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
             self.items[stage] = self.items.get(stage, 0) + items
+        if cpu_s is not None:
+            self.cpu.add(_CPU_NAME.get(stage, stage), cpu_s, kind)
 
     def per_frame_ms(self, frames: int) -> dict[str, float]:
         return {s: 1000.0 * v / frames for s, v in self.seconds.items()} if frames else {}
@@ -83,6 +92,8 @@ class RenderReport:
     skipped: int = 0
     #: frames rendered too late for a real-time sink (their audio went out with the previous image)
     late: int = 0
+    #: frames delivered that went through the model (the rest were idle or held frames)
+    speech_frames: int | None = None
 
     @property
     def video_s(self) -> float:
@@ -96,6 +107,11 @@ class RenderReport:
     def realtime_factor(self) -> float:
         """Seconds of video made per second of wall time (> 1 is faster than real time)."""
         return self.video_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def cpu_ms_per_frame(self) -> dict[str, dict[str, float]]:
+        """CPU ms per delivered frame by stage, for speech and idle frames (see :mod:`.cpu`)."""
+        speech = self.frames if self.speech_frames is None else self.speech_frames
+        return cpu_per_frame(self.stages.cpu, speech, self.frames - speech)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +132,7 @@ class RenderReport:
             "late": self.late,
             "stage_s": dict(self.stages.seconds),
             "stage_ms_per_frame": self.stages.per_frame_ms(self.frames),
+            "cpu_ms_per_frame": self.cpu_ms_per_frame(),
             "sinks": {k: vars(v) for k, v in self.sinks.items()},
         }
 
@@ -247,19 +264,22 @@ def composite_faces(
     times: StageTimes,
     keep_face: bool = False,
     rounding: str = "nearest",
+    kind: str = "speech",
 ) -> list[tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int]]]:
     """Model outputs ``[n, 3, 320, 320]`` pasted into their avatar frames: (image, face or None, box) each."""
     from ..vision import composite, output_to_uint8
 
+    c0 = time.thread_time()
     faces_u8 = output_to_uint8(faces, rounding=rounding)
+    times.add("composite", 0.0, 0, cpu_s=time.thread_time() - c0, kind=kind)
     out = []
     for a, face in zip(av_idx, faces_u8):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         frame = package.frame(a)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         box = tuple(int(v) for v in package.boxes[a])
         image = composite(frame, box, face, interpolation=package.crop_interpolation)
-        times.add("decode", t1 - t)
-        times.add("composite", time.perf_counter() - t1)
+        times.add("decode", t1 - t, cpu_s=c1 - c, kind=kind)
+        times.add("composite", time.perf_counter() - t1, cpu_s=time.thread_time() - c1, kind=kind)
         out.append((image, face if keep_face else None, box))
     return out
