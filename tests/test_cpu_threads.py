@@ -149,3 +149,46 @@ def test_threads_come_back_after_n_sessions_open_and_close(tmp_path: Path) -> No
     end = thread_counts()
     assert end["python"] == base["python"]
     assert end["total"] <= base["total"] + 2  # a native pool of the closed backends may linger in the runtime
+
+
+def test_a_render_report_has_cpu_per_frame_by_stage(tiny_job: dict[str, Path], tmp_path: Path) -> None:
+    from avatar.render import render
+
+    report = render(tiny_job["pkg"], tiny_job["long"], model=tiny_job["unet"], backend="cpu",
+                    feature_options={"encoder": str(tiny_job["enc"])},
+                    sinks=[("file", {"path": str(tmp_path / "o.mp4")})], batch_size=4)
+    cpu = report.to_dict()["cpu_ms_per_frame"]
+    assert set(cpu) == {"speech"}  # an offline render has no idle frames
+    row = cpu["speech"]
+    # every stage did work for these frames, and the total is their sum
+    for stage in ("decode", "features", "visual", "inference", "composite", "encode"):
+        assert row[stage] > 0, stage
+    assert row["total"] == pytest.approx(sum(v for k, v in row.items() if k != "total"))
+
+
+def test_metrics_show_cpu_by_stage_and_kind(tiny_job: dict[str, Path]) -> None:
+    pytest.importorskip("prometheus_client")
+    from types import SimpleNamespace
+
+    from avatar.engine import AvatarService, Clock
+    from avatar.serve.live import LiveSession
+    from avatar.serve.metrics import MeterSink, ServerMetrics
+    from avatar.serve.sessions import _collect_cpu
+
+    metrics = ServerMetrics()
+    record = SimpleNamespace(cpu_seen={}, frames_seen={})
+    with AvatarService(backend="cpu", clock=Clock.scaled(2.0), warmup=False) as svc:
+        s = svc.open_session(tiny_job["pkg"], sinks=[MeterSink()], model=tiny_job["unet"],
+                             feature_options={"encoder": str(tiny_job["enc"])})
+        live = LiveSession(s, s.fps)
+        deadline = time.monotonic() + 30
+        while s.frames < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _collect_cpu(metrics, record, live.stats())
+        first = dict(record.frames_seen)
+        _collect_cpu(metrics, record, live.stats())  # collecting again adds only what is new
+        text = metrics.render()[0].decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("avatar_")}
+    assert values['avatar_frames_kind_total{kind="idle"}'] >= first["idle"] >= 20
+    assert values['avatar_stage_cpu_seconds_total{kind="idle",stage="decode"}'] > 0
+    assert values['avatar_stage_cpu_seconds_total{kind="idle",stage="encode"}'] >= 0

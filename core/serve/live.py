@@ -71,6 +71,8 @@ class LiveSession:
             "lag_p99_s": float(st.lag_p99_s),
             "latency_s": [round(float(x), 4) for x in st.latency_s[-20:]],  # the last utterances
             "position_s": float(st.position_s),
+            # CPU seconds by kind (speech/idle) and stage, for /metrics
+            "cpu_s": self._s.times.cpu.snapshot(),
         }
 
     def close(self) -> None:
