@@ -101,6 +101,47 @@ def test_thread_budget_plan_and_options() -> None:
     assert cpu.feature_options("npy", {}) == {}
 
 
+def test_a_service_with_a_thread_budget_sizes_its_pools(tiny_job: dict[str, Path]) -> None:
+    import cv2
+
+    from avatar.engine import AvatarService, ServiceOptions
+
+    before = cv2.getNumThreads()
+    budget = ThreadBudget(cores=2, backend=2, encoder=1, opencv=1)
+    try:
+        with AvatarService(ServiceOptions(backend="cpu", warmup=False, threads=budget)) as svc:
+            assert cv2.getNumThreads() == 1
+            s = svc.open_session(tiny_job["pkg"], sinks=[_null()], model=tiny_job["unet"],
+                                 feature_options={"encoder": str(tiny_job["enc"])})
+            assert s.source.backend.options.threads == 1  # the audio encoder: one thread
+            be = s.scheduler.backend.options
+            assert be.threads == 2 and be.extra["spin"] == "0"
+        with AvatarService(ServiceOptions(backend="cpu", warmup=False)) as svc:  # no budget: the defaults
+            s = svc.open_session(tiny_job["pkg"], sinks=[_null()], model=tiny_job["unet"],
+                                 feature_options={"encoder": str(tiny_job["enc"])})
+            assert s.source.backend.options.threads is None and "spin" not in s.scheduler.backend.options.extra
+    finally:
+        cv2.setNumThreads(before)
+
+
+def _null():  # type: ignore[no-untyped-def]
+    from avatar.interfaces import Sink, SinkReport
+
+    class Null(Sink):
+        name = "null"
+
+        def open(self, info):  # type: ignore[no-untyped-def]
+            pass
+
+        def write(self, frame):  # type: ignore[no-untyped-def]
+            pass
+
+        def close(self, aborted: bool = False) -> SinkReport:
+            return SinkReport()
+
+    return Null()
+
+
 def test_threads_come_back_after_n_sessions_open_and_close(tmp_path: Path) -> None:
     from avatar.demo import synthetic_frames
     from avatar.engine import AvatarService, Clock

@@ -21,6 +21,7 @@ from ..interfaces import Backend, BackendOptions, FeatureSource
 from .pacing import REALTIME, Clock
 from .scheduler import InferenceScheduler
 from .session import Session, SessionOptions
+from .threads import ThreadBudget
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class ServiceOptions:
     batching: bool = True
     #: run each batch size once at load so the first utterance does not pay for it
     warmup: bool = True
+    #: size the backend's, the audio encoder's and OpenCV's threads together (see :mod:`.threads`);
+    #: None leaves each library its own default
+    threads: ThreadBudget | None = None
     clock: Clock = field(default=REALTIME, repr=False)
 
 
@@ -65,6 +69,8 @@ class AvatarService:
             raise ConfigError("pass either ServiceOptions or keyword options, not both")
         if self.options.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
+        if self.options.threads is not None:
+            self.options.threads.apply_process_wide()
         self._lock = threading.RLock()
         self._shared: dict[tuple[Any, ...], _Shared] = {}
         self._packages: dict[str, Any] = {}
@@ -183,6 +189,8 @@ class AvatarService:
         from ..render import make_feature_source, package_padding
 
         opts = dict(options or {})
+        if self.options.threads is not None and isinstance(features, str):
+            opts = self.options.threads.feature_options(features, opts)
         if not opts.get("padding"):
             padding = package_padding(package, feature_type)
             if padding:
@@ -203,6 +211,8 @@ class AvatarService:
 
         o = self.options
         bopts = o.backend_options or BackendOptions(max_batch=o.batch_size)
+        if o.threads is not None:
+            bopts = o.threads.backend_options(o.backend, bopts)
         key: tuple[Any, ...] = (str(model.resolve()), o.backend, repr(bopts))
         if not o.batching:
             key = (*key, sid)  # one backend per session

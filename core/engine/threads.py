@@ -65,7 +65,7 @@ class ThreadBudget:
     def feature_options(self, name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Feature-source options with the encoder's threads (for sources that take ``threads``)."""
         out = dict(options or {})
-        if name in ("ave", "wenet", "hubert"):
+        if name == "ave":  # the built-in source with an encoder that takes a thread count
             out.setdefault("threads", self.encoder)
         return out
 
