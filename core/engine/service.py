@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,9 +40,10 @@ class ServiceOptions:
     batching: bool = True
     #: run each batch size once at load so the first utterance does not pay for it
     warmup: bool = True
-    #: size the backend's, the audio encoder's and OpenCV's threads together (see :mod:`.threads`);
-    #: None leaves each library its own default
-    threads: ThreadBudget | None = None
+    #: size the backend's, the audio encoder's and OpenCV's threads together (see :mod:`.threads`):
+    #: ``"auto"`` plans them for this machine (OpenCV's pool is process-wide: one thread from then on),
+    #: a :class:`ThreadBudget` as given, None leaves each library its own default
+    threads: ThreadBudget | str | None = "auto"
     clock: Clock = field(default=REALTIME, repr=False)
 
 
@@ -69,7 +70,12 @@ class AvatarService:
             raise ConfigError("pass either ServiceOptions or keyword options, not both")
         if self.options.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
-        if self.options.threads is not None:
+        if isinstance(self.options.threads, str):
+            if self.options.threads != "auto":
+                raise ConfigError(f"threads must be 'auto', a ThreadBudget or None, not {self.options.threads!r}")
+            gpu = self.options.backend in ("onnx-cuda", "tensorrt")
+            self.options = replace(self.options, threads=ThreadBudget.plan(gpu=gpu))
+        if isinstance(self.options.threads, ThreadBudget):
             self.options.threads.apply_process_wide()
         self._lock = threading.RLock()
         self._shared: dict[tuple[Any, ...], _Shared] = {}
@@ -189,7 +195,7 @@ class AvatarService:
         from ..render import make_feature_source, package_padding
 
         opts = dict(options or {})
-        if self.options.threads is not None and isinstance(features, str):
+        if isinstance(self.options.threads, ThreadBudget) and isinstance(features, str):
             opts = self.options.threads.feature_options(features, opts)
         if not opts.get("padding"):
             padding = package_padding(package, feature_type)
@@ -211,7 +217,7 @@ class AvatarService:
 
         o = self.options
         bopts = o.backend_options or BackendOptions(max_batch=o.batch_size)
-        if o.threads is not None:
+        if isinstance(o.threads, ThreadBudget):
             bopts = o.threads.backend_options(o.backend, bopts)
         key: tuple[Any, ...] = (str(model.resolve()), o.backend, repr(bopts))
         if not o.batching:
