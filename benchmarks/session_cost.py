@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("AVATAR_SHARED_DATA", ROOT.parent / "shared" / "data"))  # the test data beside the checkout
 STAGES = ("decode", "features", "visual", "inference", "composite", "encode")
 
 
