@@ -61,8 +61,8 @@ class FrameStore:
     The cache holds at most ``memory_budget_mb``. When the whole video fits,
     nothing is ever evicted: every frame is decoded once for the life of the
     store. When it does not, the first GOPs decoded are **pinned** (kept for
-    good) and the rest pass through a small LRU of at least two GOPs, so a
-    ping-pong turn never decodes twice. Pinning, not LRU, is what serves a
+    good, half the budget) and the rest pass through an LRU of the other half
+    (at least two GOPs, so a ping-pong turn never decodes twice). Pinning, not LRU, is what serves a
     looping walk (LRU keeps nothing of a loop longer than the cache) and any
     number of sessions at different walk positions: the pinned share of the
     avatar is never decoded again, whoever walks through it.
@@ -120,7 +120,9 @@ class FrameStore:
         if len(pts) * self.frame_bytes <= self.memory_budget:
             self._pin_limit = len(starts)
         else:
-            self._pin_limit = max(0, self._capacity - max(2, self._capacity // 4))
+            # half for the walkers passing through the rest: each needs its current GOP kept
+            # while the others decode theirs (an LRU smaller than the walkers thrashes)
+            self._pin_limit = max(0, self._capacity - max(2, self._capacity // 2))
         self.frame_decodes = np.zeros(len(pts), np.int32)
         self._index_built = True
 
@@ -195,6 +197,26 @@ class FrameStore:
         """Frames for ``indices`` in order (each read-only)."""
         for i in indices:
             yield self.frame(int(i))
+
+    def preload(self) -> int:
+        """Decode every GOP the store will keep for good (all of them when the video fits); returns how many.
+
+        A live service calls it at start, beside the model's warm-up, so the first
+        pass of every session's walk costs no decode either.
+        """
+        self._ensure_index()
+        done = 0
+        for g in range(len(self._gop_starts)):
+            with self._lock:
+                if g in self._pinned:
+                    continue
+                if len(self._pinned) >= self._pin_limit:
+                    break
+                self._pinned[g] = self._gops.pop(g, None)
+                if self._pinned[g] is None:
+                    self._pinned[g] = self._decode_gop(g)
+                done += 1
+        return done
 
     def _decode_gop(self, g: int) -> np.ndarray:
         import av

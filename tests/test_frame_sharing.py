@@ -42,6 +42,21 @@ def test_kept_frames_are_exactly_the_decoded_frames_at_half_the_memory(pkg: Path
     store.close()
 
 
+def test_preload_decodes_what_the_store_keeps_once(pkg: Path) -> None:
+    gop_mb = GOP * W * H * 1.5 / 2**20
+    part = FrameStore(pkg / "frames.mp4", memory_budget_mb=4 * gop_mb + 0.001)
+    assert part.preload() == part.pinned_capacity == 2
+    assert part.decoded_frames == 2 * GOP and part.preload() == 0  # nothing more to keep
+    list(part.frames(range(2 * GOP)))  # the pinned frames: no decode
+    assert part.decoded_frames == 2 * GOP
+    whole = FrameStore(pkg / "frames.mp4", memory_budget_mb=2)
+    assert whole.preload() == whole.gop_count
+    _walk(whole, [0, 21], ticks=2 * N)
+    assert whole.frame_decodes.tolist() == [1] * N
+    for s in (part, whole):
+        s.close()
+
+
 def _walk(store: FrameStore, starts: list[int], ticks: int) -> None:
     """Walkers ping-ponging from their own start positions, interleaved tick by tick (sessions of one avatar)."""
     for t in range(ticks):
@@ -52,7 +67,7 @@ def _walk(store: FrameStore, starts: list[int], ticks: int) -> None:
 def test_pinned_gops_serve_walkers_at_any_position_within_the_budget(pkg: Path) -> None:
     gop_mb = GOP * W * H * 1.5 / 2**20
     store = FrameStore(pkg / "frames.mp4", memory_budget_mb=4 * gop_mb + 0.001)  # 4 of 8 GOPs
-    assert (store.capacity, store.pinned_capacity, store.fits_in_budget) == (4, 2, False)
+    assert (store.capacity, store.pinned_capacity, store.fits_in_budget) == (4, 2, False)  # half pinned
     _walk(store, [0, 13, 27], ticks=4 * N)  # two whole ping-pong passes each
     pinned = sorted(store._pinned)
     assert len(pinned) == 2
@@ -68,8 +83,8 @@ def test_pinned_gops_serve_walkers_at_any_position_within_the_budget(pkg: Path) 
         s.close()
 
 
-@pytest.mark.parametrize("sessions", [1, 3])
-def test_n_live_sessions_of_one_avatar_decode_each_frame_once(pkg: Path, sessions: int) -> None:
+@pytest.mark.parametrize("sessions,warmup,fits", [(1, False, True), (3, False, True), (3, True, True), (3, False, False)])
+def test_n_live_sessions_of_one_avatar_decode_each_frame_once(pkg: Path, sessions: int, warmup: bool, fits: bool) -> None:
     """Idle sessions walk the avatar's own frames: N sessions cost the decodes of one."""
     from avatar.engine import AvatarService, Clock
     from avatar.interfaces import Sink, SinkReport, StreamInfo, VideoFrame
@@ -92,7 +107,9 @@ def test_n_live_sessions_of_one_avatar_decode_each_frame_once(pkg: Path, session
             return SinkReport(frames=self.n)
 
     sinks = [Count() for _ in range(sessions)]
-    with AvatarService(backend="cpu", clock=Clock.scaled(4.0), warmup=False) as svc:
+    # fits: the whole avatar; else one GOP less: the store pins all but its LRU share
+    budget = (N - (0 if fits else GOP)) * W * H * 1.5 / 2**20 + 0.001
+    with AvatarService(backend="cpu", clock=Clock.scaled(4.0), warmup=warmup, frame_memory_mb=budget) as svc:
         opened = [svc.open_session(pkg, sinks=[k], walk_start=7 * i) for i, k in enumerate(sinks)]
         store = opened[0].package.store
         assert all(s.package.store is store for s in opened)  # one store for the avatar
@@ -100,6 +117,13 @@ def test_n_live_sessions_of_one_avatar_decode_each_frame_once(pkg: Path, session
         while min(k.n for k in sinks) < 2 * N + 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         decodes = store.frame_decodes.copy()
+        pinned_gops = list(store._pinned)
     assert all(k.n >= 2 * N for k in sinks) and all(len(k.avatar) == N for k in sinks)
-    # every session walked the whole avatar (more than one pass), each frame was decoded once in all
-    assert decodes.tolist() == [1] * N
+    if fits:  # every session walked the whole avatar (more than one pass), each frame was decoded once in all
+        assert decodes.tolist() == [1] * N
+        return
+    # the pinned frames were decoded once in all; the rest (the LRU's share) at most once per session and visit
+    pinned = sorted(g * GOP + k for g in pinned_gops for k in range(GOP))
+    assert len(pinned) >= 2 * GOP and decodes[pinned].tolist() == [1] * len(pinned)
+    visits = 2 * (max(k.n for k in sinks) // (2 * N) + 1)  # a ping-pong pass visits a GOP twice
+    assert decodes.max() <= sessions * visits

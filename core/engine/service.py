@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from ..contract import ModelContract, check_feature_match, read_contract
 from ..errors import ConfigError
+from ..framestore import DEFAULT_MEMORY_BUDGET_MB
 from ..interfaces import Backend, BackendOptions, FeatureSource
 from .pacing import REALTIME, Clock
 from .scheduler import InferenceScheduler
@@ -44,6 +45,8 @@ class ServiceOptions:
     #: ``"auto"`` plans them for this machine (OpenCV's pool is process-wide: one thread from then on),
     #: a :class:`ThreadBudget` as given, None leaves each library its own default
     threads: ThreadBudget | str | None = "auto"
+    #: MB of decoded frames each avatar's shared frame store keeps (see docs/avatar-package.md)
+    frame_memory_mb: float = DEFAULT_MEMORY_BUDGET_MB
     clock: Clock = field(default=REALTIME, repr=False)
 
 
@@ -184,7 +187,10 @@ class AvatarService:
         key = str(Path(avatar).resolve())
         with self._lock:
             if key not in self._packages:
-                self._packages[key] = AvatarPackage.open(avatar)
+                pkg = AvatarPackage.open(avatar, memory_budget_mb=self.options.frame_memory_mb)
+                if self.options.warmup:  # what the store keeps is decoded now, not on every session's first pass
+                    pkg.store.preload()
+                self._packages[key] = pkg
             return self._packages[key]
 
     def _source(
