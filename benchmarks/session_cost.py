@@ -171,6 +171,7 @@ def run_sessions(args: argparse.Namespace, a: dict[str, Path], n: int, budget: A
             frames += s.frames
             speech += s.speech_frames
             per_session.append(s.speech_frames)
+        enc = sessions[0].source.batcher.stats.to_dict() if hasattr(sessions[0].source, "batcher") else {}
         stats = svc.stats()["backends"]
         run_s = sum(v["run_s"] for v in stats.values())
         items = sum(v["items"] for v in stats.values())
@@ -184,6 +185,8 @@ def run_sessions(args: argparse.Namespace, a: dict[str, Path], n: int, budget: A
         "speech_fps_per_session": [k / speech_s for k in per_session],
         "backend_ms_per_frame_live": 1000 * run_s / items if items else None,
         "share_ratio": min(per_session) / max(per_session) if max(per_session) else 0.0,
+        # the shared audio encoder: calls, requests (sessions' pushes), mean windows per call
+        "encoder": {k: enc.get(k) for k in ("calls", "requests", "shared_calls", "mean_batch")},
     }
 
 
@@ -212,8 +215,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## CPU ms per delivered frame by stage (medians over rounds, all sessions together)",
         "",
-        "| budget | sessions | kind | " + " | ".join(STAGES) + " | total | without model & encoder | process CPU ms/frame |",
-        "|---|---:|---|" + "---:|" * (len(STAGES) + 3),
+        "| budget | sessions | kind | " + " | ".join(STAGES)
+        + " | total | without model & encoder | process CPU ms/frame | encoder requests/call |",
+        "|---|---:|---|" + "---:|" * (len(STAGES) + 4),
     ]
     for r in result["summary"]["sessions"]:
         for kind in ("idle", "speech"):
@@ -223,7 +227,8 @@ def markdown(result: dict[str, Any]) -> str:
             rest = r["idle_ms_no_encode"] if kind == "idle" else r["speech_ms_no_model_no_encode"]
             lines.append(f"| {r['budget']} | {r['sessions']} | {kind} | "
                          + " | ".join(f"{row.get(s, 0):.2f}" for s in STAGES)
-                         + f" | {row['total']:.2f} | {rest:.2f} | {r['process_cpu_ms_per_frame']:.2f} |")
+                         + f" | {row['total']:.2f} | {rest:.2f} | {r['process_cpu_ms_per_frame']:.2f}"
+                         + f" | {r['encoder_requests_per_call']:.2f} |")
     lines += ["", "## Live against model-only (one session) and fairness (two sessions)", "",
               "| budget | model-only fps (batch 1) | live speech fps | live / min(fps, model-only) | backend ms/frame live vs alone | 2-session share (min/max) |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -248,7 +253,9 @@ def summarize(raw: list[dict[str, Any]], fps: float) -> dict[str, Any]:
                "process_cpu_ms_per_frame": statistics.median(r["process_cpu_ms_per_frame"] for r in rs),
                "speech_fps_per_session": statistics.median(statistics.mean(r["speech_fps_per_session"]) for r in rs),
                "share_ratio": statistics.median(r["share_ratio"] for r in rs),
-               "backend_ms_per_frame_live": statistics.median(r["backend_ms_per_frame_live"] or 0 for r in rs)}
+               "backend_ms_per_frame_live": statistics.median(r["backend_ms_per_frame_live"] or 0 for r in rs),
+               "encoder_requests_per_call": statistics.median(
+                   (r["encoder"]["requests"] or 0) / max(1, r["encoder"]["calls"] or 0) for r in rs)}
         row.update(targets(row))
         rows.append(row)
     live = []
