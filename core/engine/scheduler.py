@@ -417,11 +417,9 @@ class InferenceScheduler:
         batch = self._next()
         if batch is None:
             return False
-        self._in_hand = batch
-        try:
-            self.run_batch(batch)
-        finally:
-            self._in_hand = []
+        self._in_hand = batch  # (if the loop dies now, these items get their failure)
+        self.run_batch(batch)
+        self._in_hand = []
         return True
 
     def _replace(self, exc: BaseException) -> bool:

@@ -290,7 +290,10 @@ class Session(_Output):
         if wait and utt is not None:
             hold = int(self.options.hold_s * self.rate)
             with self._cv:
-                while utt.audio.unread > hold and not self._stop.is_set() and utt.gen == self._gen:
+                # (never while the frames made so far still wait for their audio: a source of
+                # precomputed rows makes frames before the audio they belong to arrives)
+                while (utt.audio.unread > hold and utt.audio.total >= utt.audio.bounds(utt.emitted)[1]
+                       and not self._stop.is_set() and utt.gen == self._gen):
                     self._cv.wait(0.1)
 
     async def push_audio_async(self, pcm: Any, sample_rate: int = 16000) -> None:
@@ -450,6 +453,14 @@ class Session(_Output):
                         return utt, None, self.clock.now()
                 self._cv.wait(0.1)
 
+    def _wait_for_room(self) -> None:
+        """Block while the look-ahead is full (frames in flight between the features and the sinks)."""
+        with self._cv:
+            while self._in_flight() >= self.lookahead:
+                if self._stop.is_set():
+                    raise _Stop()
+                self._cv.wait(0.1)
+
     def _features(self) -> None:
         stream = None
         assembler = None
@@ -459,15 +470,19 @@ class Session(_Output):
             utt, data, pushed = self._next_input()
             if utt is not cur:
                 cur, stream, assembler = utt, self.source.open_stream(), WindowAssembler(self.source)
-            t = time.perf_counter()
             final = data is None
             pairs = assemble_windows(stream, assembler, data)
-            self.times.add("features", time.perf_counter() - t, len(pairs))
             beyond = False
-            if limit is not None:
-                beyond = any(j >= limit for j, _ in pairs)
-                pairs = [(j, w) for j, w in pairs if j < limit]
-            for j, w in pairs:
+            while True:
+                self._wait_for_room()
+                t = time.perf_counter()
+                j, w = next(pairs, (None, None))
+                self.times.add("features", time.perf_counter() - t, int(j is not None))
+                if j is None:
+                    break
+                if limit is not None and j >= limit:
+                    beyond = True
+                    break
                 if j == 0:
                     utt.window0_pushed = pushed  # the push that made frame 0's window final
                 self._submit(utt, j, w)
@@ -513,6 +528,8 @@ class Session(_Output):
             if utt.gen != self._gen:
                 return
             utt.emitted = j + 1
+            if utt.audio.total < utt.audio.bounds(j)[1]:
+                self._cv.notify_all()  # a feeder holding audio back: this frame needs it
             now = self.clock.now()
             if utt.first_submit is None:
                 utt.first_submit = now

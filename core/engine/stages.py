@@ -26,6 +26,7 @@ it waits as PCM (an offline feeder blocks; live pushes are held as samples).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -261,13 +262,18 @@ class _AudioClock:
 # --------------------------------------------------------------------------- stage bodies
 
 
-def assemble_windows(stream: RowStream, assembler: WindowAssembler, chunk: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
-    """Feed one PCM chunk (``None``: the end of the audio); the ``(frame, window)`` pairs now final."""
+def assemble_windows(stream: RowStream, assembler: WindowAssembler, chunk: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
+    """Feed one PCM chunk (``None``: the end of the audio); the ``(frame, window)`` pairs now final.
+
+    The rows are computed now; the windows are made as the iterator is consumed
+    (a source of precomputed rows yields them all at once: the caller's
+    look-ahead budget decides how many windows exist at a time).
+    """
     if chunk is None:
         rows = stream.finish()
-        return list(assembler.push(rows)) + list(assembler.finish())
+        return itertools.chain(assembler.push(rows), assembler.finish())
     rows = stream.push(chunk)
-    return list(assembler.push(rows)) if len(rows) else []
+    return assembler.push(rows) if len(rows) else iter(())
 
 
 def composite_faces(
