@@ -321,7 +321,8 @@ def test_the_scheduler_keeps_no_reference_to_a_served_session(contract: Any) -> 
     try:
         s = FakeSession("s")
         sched.submit(item(s, 0))
-        assert s.wait(lambda: s.faces == [0])
+        faces = s.faces
+        assert s.wait(lambda: faces == [0])
         ref = weakref.ref(s)
         del s
         for _ in range(50):
