@@ -153,6 +153,7 @@ class InferenceScheduler:
         self._rate_window = [0.0, 0, 0.0]  # [window start, paced items in it, items/s of the last window]
         self._restart_times: list[float] = []
         self._in_hand: list[WorkItem] = []
+        self._recent_batch = (1, 0.0)  # the largest batch run lately, and when
         #: process CPU seconds per frame the backend used while warming (≈0 on a GPU)
         self.cpu_per_frame_s = 0.0
         vis = contract.visual.name
@@ -206,9 +207,9 @@ class InferenceScheduler:
             return len(self._paced) + len(self._unpaced)
 
     def _count_paced(self, now: float) -> None:
-        w = self._rate_window
+        w = self._rate_window  # [window start, count in it, count in the window before]
         if now - w[0] >= 1.0:
-            w[2] = w[1] / max(1.0, now - w[0]) if now - w[0] < 2.0 else 0.0
+            w[2] = w[1] if now - w[0] < 2.0 else 0
             w[0], w[1] = now, 0
         w[1] += 1
 
@@ -236,8 +237,10 @@ class InferenceScheduler:
         return max(rates, default=0.0)
 
     def demand_fps(self) -> float:
-        """Paced frames submitted per second (over the last whole second)."""
-        return float(self._rate_window[2])
+        """Paced frames submitted per second (a sliding one-second window)."""
+        start, cur, prev = self._rate_window
+        f = min(1.0, max(0.0, self.clock.now() - start))
+        return float(prev * (1.0 - f) + cur) if prev or f >= 0.25 else cur / 0.25
 
     def planned_batch(self) -> int:
         """The smallest batch whose throughput covers the paced demand (the full batch when none does)."""
@@ -248,9 +251,28 @@ class InferenceScheduler:
                 return b
         return self.batch_size
 
+    def capacity_batch(self, share: float = 0.9) -> int:
+        """The smallest batch whose throughput reaches ``share`` of the bound."""
+        bound = self.bound_fps()
+        for b in range(1, self.batch_size + 1):
+            t = self.estimate_s(b)
+            if t <= 0 or b / t >= share * bound:
+                return b
+        return self.batch_size
+
     def start_budget_s(self) -> float:
-        """What a new utterance's first frame needs: a batch already running, its own batch, the wait to fill it."""
-        return 2.0 * self.estimate_s(self.planned_batch()) + self.max_wait_s + 2 * self.margin_s
+        """What a new utterance's first frame needs: a batch already running, its own batch, the wait to fill it.
+
+        The batch is the one the backend needs to serve 90 % of its bound (the
+        load admission allows), or a larger one the current load needs or ran in
+        the last two seconds: a budget made while the load was light still
+        holds when it grows to what was admitted.
+        """
+        size, when = self._recent_batch
+        if self.clock.now() - when > 2.0:
+            size = 1
+        b = max(self.planned_batch(), size, self.capacity_batch())
+        return 2.0 * self.estimate_s(b) + self.max_wait_s + 2 * self.margin_s
 
     def warm(self) -> None:
         """Run the backend on zeros at the full batch, then at 1, measuring both (before any session waits).
@@ -342,16 +364,28 @@ class InferenceScheduler:
         return batch, skipped, None
 
     def _choose(self, cands: list[WorkItem], now: float, skipped: list[WorkItem]) -> list[WorkItem]:
-        """From deadline-ordered candidates: the batch size that finishes the most in time per second, filled fairly."""
+        """From deadline-ordered candidates: the batch size that finishes the most in time per second, filled fairly.
+
+        While the backend keeps up with the demand at a batch that drops nothing
+        (every candidate in it makes its deadline), that batch is taken instead.
+        """
         if not cands:
             return []
+        top = min(self.batch_size, len(cands))
+        safe = 0
+        for b in range(1, top + 1):  # the largest earliest-deadline batch in which every frame is in time
+            if cands[b - 1].deadline >= now + self.estimate_s(b) + self.margin_s or not cands[b - 1].skippable:
+                if all(it.deadline >= now + self.estimate_s(b) + self.margin_s or not it.skippable for it in cands[:b]):
+                    safe = b
         best_b, best_rate = 1, -1.0
-        for b in range(1, min(self.batch_size, len(cands)) + 1):
+        for b in range(1, top + 1):
             limit = now + self.estimate_s(b) + self.margin_s
             good = min(b, sum(1 for it in cands if it.deadline >= limit or not it.skippable))
             t = max(self.estimate_s(b), 1e-9)
             if good / t > best_rate * (1 + 1e-9):
                 best_b, best_rate = b, good / t
+        if safe and (safe == top or safe / max(self.estimate_s(safe), 1e-9) >= 1.1 * self.demand_fps()):
+            best_b = safe
         limit = now + self.estimate_s(best_b) + self.margin_s
         must = [it for it in cands if not it.skippable]
         fits = [it for it in cands if it.skippable and it.deadline >= limit]
@@ -519,6 +553,8 @@ class InferenceScheduler:
         st.items += n
         st.run_s += run_s
         st.batch_sizes[n] = st.batch_sizes.get(n, 0) + 1
+        if n >= self._recent_batch[0] or c1 - self._recent_batch[1] > 2.0:
+            self._recent_batch = (n, c1)
         st.shared_calls += int(len(parts) > 1)
         return faces[:n], good[:n], run_s
 
