@@ -388,6 +388,9 @@ class InferenceScheduler:
             best_b = safe
         limit = now + self.estimate_s(best_b) + self.margin_s
         must = [it for it in cands if not it.skippable]
+        for it in must[best_b:]:  # (more first frames than a batch: the rest wait for the next)
+            heapq.heappush(self._paced, (it.deadline, it.seq, it))
+        must = must[:best_b]
         fits = [it for it in cands if it.skippable and it.deadline >= limit]
         late = [it for it in cands if it.skippable and it.deadline < limit]
         room = max(0, best_b - len(must))
@@ -521,9 +524,12 @@ class InferenceScheduler:
                 k += len(items)
                 if not good[rows].all():
                     self.stats.bad_rows += int((~good[rows]).sum())
+                    rows_f = faces[rows][~good[rows]]
+                    bad = int(rows_f.size - np.count_nonzero(np.isfinite(rows_f)))
                     _safe(client.on_failure, ModelError(
-                        f"model {self.contract.path.name} returned NaN or infinite values for this session's "
-                        f"frame(s) {[it.index for it, g in zip(items, good[rows]) if not g]}"))
+                        f"model {self.contract.path.name} returned {bad} NaN or infinite value(s) for this session's "
+                        f"frame(s) {[it.index for it, g in zip(items, good[rows]) if not g]}; the weights are broken "
+                        "or the export is wrong (try fp32 if this is an fp16 model)"))
                     continue
                 self._mark_served(client, len(items), now)
                 share = len(items) / n

@@ -446,7 +446,10 @@ class Session(_Output):
                 utt = next((u for u in self._utts if u.total is None), None)
                 if utt is not None and self._in_flight() < self.lookahead:
                     if utt.audio.unread:
-                        pcm, when = utt.audio.read(READ_SAMPLES)
+                        # a source whose chunked extraction only approximates its offline result
+                        # gets what has arrived in one piece (an offline render: the whole signal)
+                        exact = getattr(self.source, "exact_streaming", True)
+                        pcm, when = utt.audio.read(READ_SAMPLES if exact else utt.audio.unread)
                         self._cv.notify_all()  # an offline feeder may be waiting on the unread audio
                         return utt, pcm, when
                     if utt.flushed:
