@@ -40,8 +40,10 @@ def _slow(cost: tuple[float, float], nan_after: threading.Event | None = None) -
     """open_backend for the service whose backend sleeps ``a + b·B`` per call (or returns NaN once told to)."""
     from avatar import compose
 
+    real = compose.open_backend
+
     def opener(name: str, model: Any, options: Any = None) -> Any:
-        backend, used = compose.open_backend(name, model, options)
+        backend, used = real(name, model, options)
         run = backend.run
 
         def slow_run(feeds: Any) -> Any:
@@ -78,14 +80,28 @@ def test_the_walk_never_jumps_over_five_utterances(assets: dict[str, Path]) -> N
     check_continuous(frames)
     starts = rec.kinds("speech_started")
     assert len(starts) == 5
-    # the walk position of every frame, from the avatar frame it shows (positions advance by 0 or 1)
-    pos = 0
+    # the walk position of every frame, from the avatar frame it shows: it advances by 0 or 1; only after
+    # speech frames skipped on a busy machine (the previous picture held, with their own audio) may the next
+    # rendered frame advance by one more per skipped frame, to stay in sync with its audio
+    positions, skipped_run = [0], 0
     for prev, f in zip(frames, frames[1:]):
+        pos = positions[-1]
         if f.avatar_index == prev.avatar_index and f.image is prev.image:
-            continue  # a held frame repeats the picture
-        candidates = [p for p in (pos, pos + 1) if pingpong(p, n) == f.avatar_index]
-        assert candidates, f"frame {f.index} jumps: avatar frame {prev.avatar_index} -> {f.avatar_index}"
-        pos = candidates[-1]
+            skipped_run = skipped_run + 1 if f.audio.any() else 0
+            positions.append(pos)  # a held frame repeats the picture
+            continue
+        candidates = [p for p in range(pos, pos + 2 + skipped_run) if pingpong(p, n) == f.avatar_index]
+        around = [(g.index, g.avatar_index, g.face is not None, bool(g.audio.any())) for g in frames[max(0, f.index - 6):f.index + 2]]
+        assert candidates, (f"frame {f.index} jumps: avatar frame {prev.avatar_index} -> {f.avatar_index} "
+                            f"(index, avatar, rendered, speech): {around}; skipped {s.skipped}, late {s.late}")
+        positions.append(candidates[0])
+        skipped_run = 0
+    # the first frame of every utterance continues the walk exactly: one position after the frame before it
+    talk_starts = [k for k in range(1, len(frames)) if frames[k].audio.any() and not frames[k - 1].audio.any()]
+    assert len(talk_starts) == 5
+    for k in talk_starts:
+        assert frames[k].face is not None  # (an utterance's first frame is never skipped)
+        assert positions[k] - positions[k - 1] in (0, 1)
     # and every utterance's first speech frame is where the walk was bound
     for ev in starts:
         assert ev.walk_position is not None
@@ -141,6 +157,8 @@ def test_overload_grows_batches_and_keeps_every_sessions_audio(assets: dict[str,
             s.close()
     (backend,) = stats["backends"].values()
     assert backend["mean_batch"] > 2  # batches grew instead of collapsing to one frame
+    shown = [s.speech_frames for s, _ in sessions]
+    assert min(shown) >= 0.8 * sum(shown) / len(shown), shown  # a fair share each
     for (s, rec), p in zip(sessions, pcm):
         talk = [f for f in rec.frames if f.audio.any()]
         assert np.array_equal(np.concatenate([f.audio for f in talk]), p)  # all audio, in order

@@ -272,7 +272,7 @@ class InferenceScheduler:
         if self.clock.now() - when > 2.0:
             size = 1
         b = max(self.planned_batch(), size, self.capacity_batch())
-        return 2.0 * self.estimate_s(b) + self.max_wait_s + 2 * self.margin_s
+        return 2.0 * (self._done_by(b, 0.0)) + self.max_wait_s
 
     def warm(self) -> None:
         """Run the backend on zeros at the full batch, then at 1, measuring both (before any session waits).
@@ -331,25 +331,27 @@ class InferenceScheduler:
             first = min([e[2].submitted for e in paced[:1]] + [e[1].submitted for e in unpaced[:1]])
             wake = first + self.max_wait_s
             if paced:  # never past the latest start of the earliest deadline
-                wake = min(wake, paced[0][0] - self.estimate_s(len(paced) + len(unpaced) + 1) - self.margin_s)
+                wake = min(wake, paced[0][0] - (self._done_by(len(paced) + len(unpaced) + 1, now) - now))
             if now < wake:
                 return [], [], wake
         skipped: list[WorkItem] = []
         cands: list[WorkItem] = []
-        t1 = self.estimate_s(1) + self.margin_s
-        while paced and len(cands) < 2 * full:
+        t1, t_full = self._done_by(1, now), self._done_by(full, now)
+        roomy = 0  # candidates that a full batch would still finish in time
+        while paced and roomy < 2 * full:  # enough that fit a full batch to choose among them fairly
             d, _, it = heapq.heappop(paced)
-            if it.skippable and d < now + t1:
+            if it.skippable and d < t1:
                 skipped.append(it)  # not even alone can it be done in time
                 continue
             cands.append(it)
+            roomy += d >= t_full
         batch = self._choose(cands, now, skipped)
         # unpaced work: the slots paced frames leave, if the paced frames stay in time
         room = full - len(batch)
         paced_first = min((it.deadline for it in batch if it.deadline is not None), default=math.inf)
         starving = bool(unpaced) and now - unpaced[0][1].submitted >= self.starve_s
         while unpaced and room > 0:
-            if now + self.estimate_s(len(batch) + 1) + self.margin_s > paced_first and not starving:
+            if self._done_by(len(batch) + 1, now) > paced_first and not starving:
                 break
             batch.append(heapq.heappop(unpaced)[1])
             room -= 1
@@ -374,19 +376,19 @@ class InferenceScheduler:
         top = min(self.batch_size, len(cands))
         safe = 0
         for b in range(1, top + 1):  # the largest earliest-deadline batch in which every frame is in time
-            if cands[b - 1].deadline >= now + self.estimate_s(b) + self.margin_s or not cands[b - 1].skippable:
-                if all(it.deadline >= now + self.estimate_s(b) + self.margin_s or not it.skippable for it in cands[:b]):
-                    safe = b
+            limit = self._done_by(b, now)
+            if all(it.deadline >= limit or not it.skippable for it in cands[:b]):
+                safe = b
         best_b, best_rate = 1, -1.0
         for b in range(1, top + 1):
-            limit = now + self.estimate_s(b) + self.margin_s
+            limit = self._done_by(b, now)
             good = min(b, sum(1 for it in cands if it.deadline >= limit or not it.skippable))
             t = max(self.estimate_s(b), 1e-9)
             if good / t > best_rate * (1 + 1e-9):
                 best_b, best_rate = b, good / t
         if safe and (safe == top or safe / max(self.estimate_s(safe), 1e-9) >= 1.1 * self.demand_fps()):
             best_b = safe
-        limit = now + self.estimate_s(best_b) + self.margin_s
+        limit = self._done_by(best_b, now)
         must = [it for it in cands if not it.skippable]
         for it in must[best_b:]:  # (more first frames than a batch: the rest wait for the next)
             heapq.heappush(self._paced, (it.deadline, it.seq, it))
@@ -401,6 +403,10 @@ class InferenceScheduler:
             heapq.heappush(self._paced, (it.deadline, it.seq, it))
         skipped.extend(late)  # what this batch would finish too late cannot be done in time by any later one
         return must + chosen
+
+    def _done_by(self, n: int, now: float) -> float:
+        """When a call of ``n`` started now is expected back (the estimate plus 10 % and the margin)."""
+        return now + 1.1 * self.estimate_s(n) + self.margin_s
 
     def _served_recent(self, client: Any, now: float) -> float:
         """Items served to ``client`` in about the last second (exponentially decayed)."""
