@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from avatar.engine import AvatarService, Clock, SessionEvent, SessionOptions
 
-from test_live import Recorder, check_continuous, open_session, speech
+from test_live import check_continuous, open_session, speech
 
 
 @pytest.fixture(scope="module")
@@ -234,4 +234,20 @@ def test_capacity_counts_the_sessions_own_work(assets: dict[str, Path]) -> None:
     assert slow.sessions <= cap.sessions and slow.limit == "cpu"
 
 
-_ = Recorder  # (imported for open_session's return type)
+
+def test_a_closed_session_is_not_kept_alive_by_the_service_or_the_scheduler(assets: dict[str, Path]) -> None:
+    import gc
+    import weakref
+
+    with AvatarService(backend="cpu", clock=Clock.scaled(0.5)) as svc:
+        s, rec = open_session(svc, assets)
+        s.push_audio(speech(0.4), 16000)
+        s.flush()
+        rec.wait(lambda r: r.kinds("speech_ended"))
+        s.close()
+        time.sleep(0.3)  # the scheduler thread is back waiting for its next batch
+        ref = weakref.ref(s)
+        del s
+        gc.collect()
+        assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+        assert svc.sessions == []
