@@ -271,6 +271,7 @@ def main() -> None:
         p["contract"] = contract
         bound = bound_sessions(p["a"], p["b"], p["batch"])
         best = {"new": 0, "old": 0, "new_150ms": 0}
+        broken = {"new": False, "old": False, "new_150ms": False}  # sustained counts only up to the first N that is not
         for new in (True, False):
             for n in grid:
                 if n > 2 * max(1.0, bound) + 8:
@@ -279,10 +280,13 @@ def main() -> None:
                 r["profile"] = p["name"]
                 points.append(r)
                 key = r["scheduler"]
-                if r["sustained"]:
-                    best[key] = max(best[key], n)
-                    if new and r["added_p95_s"] <= 0.15:
-                        best["new_150ms"] = max(best["new_150ms"], n)
+                ok = {key: r["sustained"]}
+                if new:
+                    ok["new_150ms"] = r["sustained"] and r["added_p95_s"] <= 0.15
+                for k, v in ok.items():
+                    broken[k] = broken[k] or not v
+                    if not broken[k]:
+                        best[k] = n
                 print(f"{p['name']:14s} {key} N={n:3d} rendered {r['rendered_mean']:.3f} (min {r['rendered_min']:.3f}) "
                       f"batch {r['mean_batch']:.2f} p95 added {1000 * r['added_p95_s']:.0f} ms", flush=True)
         summary[p["name"]] = {"a_ms": 1000 * p["a"], "b_ms": 1000 * p["b"], "max_batch": p["batch"], "source": p["source"],
@@ -304,7 +308,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"Simulated {r['simulated_seconds']:g} s per point at {r['fps']:g} fps; sessions speak 4 s utterances with 1 s "
              "pauses, pushed in real time in 20 ms chunks. Time is simulated: the figures do not depend on the machine. "
              "Produced by `python benchmarks/scheduler_capacity.py`.", "",
-             "Sustained: every session renders >= 95 % of its speech frames and p95 added latency < 200 ms. "
+             "Sustained: every session renders >= 95 % of its speech frames and p95 added latency < 200 ms, at that N "
+             "and every smaller N of the grid. "
              "Target: the new scheduler sustains >= 90 % of the bound at p95 added latency <= 150 ms.", "",
              "| profile | a ms | b ms | max batch | bound (sessions) | sustained, new | new at p95 <= 150 ms | "
              "of the bound | sustained, old | curve from |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

@@ -263,15 +263,15 @@ class InferenceScheduler:
     def start_budget_s(self) -> float:
         """What a new utterance's first frame needs: a batch already running, its own batch, the wait to fill it.
 
-        The batch is the one the backend needs to serve 90 % of its bound (the
-        load admission allows), or a larger one the current load needs or ran in
-        the last two seconds: a budget made while the load was light still
-        holds when it grows to what was admitted.
+        The batch is the one at which the backend reaches its bound (the load
+        admission allows), or a larger one the current load needs or ran in the
+        last two seconds: a budget made while the load was light still holds
+        when it grows to what was admitted.
         """
         size, when = self._recent_batch
         if self.clock.now() - when > 2.0:
             size = 1
-        b = max(self.planned_batch(), size, self.capacity_batch())
+        b = max(self.planned_batch(), size, self.capacity_batch(0.99))
         return 2.0 * (self._done_by(b, 0.0)) + self.max_wait_s
 
     def warm(self) -> None:
