@@ -19,11 +19,14 @@ runs on the shared :class:`~avatar.engine.scheduler.InferenceScheduler`)::
   go to every sink in order.
 
 Memory is bounded by the avatar frame store's budget, the memory-mapped face
-cache and the look-ahead in flight.
+cache and each session's look-ahead budget (frames in flight between the
+features and the sinks, :attr:`SessionOptions.lookahead_frames`); audio beyond
+it waits as PCM (an offline feeder blocks; live pushes are held as samples).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -182,16 +185,43 @@ class _AudioClock:
         self.rate = sample_rate
         self.fps = fps
         self._buf: list[np.ndarray] = []
+        self._when: list[float] = []  # when each kept chunk was pushed
         self._base = 0  # absolute sample index of the first kept sample
         self._total = 0
+        self._read = 0  # samples the feature stage has read (chunks before it and before the shares taken go)
         self.closed = False
         self._lock = threading.Condition()
 
-    def add(self, chunk: np.ndarray) -> None:
+    def add(self, chunk: np.ndarray, when: float = 0.0) -> None:
         with self._lock:
             self._buf.append(chunk)
+            self._when.append(when)
             self._total += len(chunk)
             self._lock.notify_all()
+
+    @property
+    def unread(self) -> int:
+        """Samples the feature stage has not read yet."""
+        return self._total - self._read
+
+    def read(self, max_samples: int) -> tuple[np.ndarray, float]:
+        """The next unread samples (at most ``max_samples``) for the feature stage, and when the last was pushed."""
+        with self._lock:
+            start, end = self._read, min(self._total, self._read + max_samples)
+            parts: list[np.ndarray] = []
+            when = 0.0
+            pos = self._base
+            for chunk, t in zip(self._buf, self._when):
+                if pos >= end:
+                    break
+                lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
+                if hi > lo:
+                    parts.append(chunk[lo:hi])
+                    when = t
+                pos += len(chunk)
+            self._read = end
+        piece = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.float32))
+        return piece, when
 
     def close(self) -> None:
         with self._lock:
@@ -226,10 +256,11 @@ class _AudioClock:
                 # the last frame carries the rounding remainder (less than a share);
                 # audio far beyond the last frame (features shorter than the audio) is cut
                 end = max(end, min(self._total, 2 * end - start))
-            # drop whole chunks before ``start``
-            while self._buf and self._base + len(self._buf[0]) <= start:
+            # drop whole chunks before ``start`` that the feature stage has read
+            while self._buf and self._base + len(self._buf[0]) <= min(start, self._read):
                 self._base += len(self._buf[0])
                 self._buf.pop(0)
+                self._when.pop(0)
             parts: list[np.ndarray] = []
             pos = self._base
             for chunk in self._buf:
@@ -248,13 +279,18 @@ class _AudioClock:
 # --------------------------------------------------------------------------- stage bodies
 
 
-def assemble_windows(stream: RowStream, assembler: WindowAssembler, chunk: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
-    """Feed one PCM chunk (``None``: the end of the audio); the ``(frame, window)`` pairs now final."""
+def assemble_windows(stream: RowStream, assembler: WindowAssembler, chunk: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
+    """Feed one PCM chunk (``None``: the end of the audio); the ``(frame, window)`` pairs now final.
+
+    The rows are computed now; the windows are made as the iterator is consumed
+    (a source of precomputed rows yields them all at once: the caller's
+    look-ahead budget decides how many windows exist at a time).
+    """
     if chunk is None:
         rows = stream.finish()
-        return list(assembler.push(rows)) + list(assembler.finish())
+        return itertools.chain(assembler.push(rows), assembler.finish())
     rows = stream.push(chunk)
-    return list(assembler.push(rows)) if len(rows) else []
+    return assembler.push(rows) if len(rows) else iter(())
 
 
 def composite_faces(

@@ -152,6 +152,19 @@ class LiveService:
         finally:
             backend.close()
 
+    def capacity(self, fps: float) -> Any:
+        """The engine's capacity figure for sessions of ``fps`` (see avatar.engine.capacity), as admission uses it."""
+        from .admission import Capacity
+
+        cap = self._service.capacity(fps)
+        return Capacity(cap.sessions, "measured", self.throughput_fps, fps, basis=cap.basis)
+
+    def engine_health(self, fps: float) -> dict[str, Any]:
+        """For /health: the engine's current capacity figure and whether its scheduler threads run."""
+        if self._service is None:
+            return {}
+        return {"capacity": self._service.capacity(fps).to_dict(), **self._service.health()}
+
     def close(self) -> None:
         if self._service is not None:
             self._service.close()
