@@ -585,7 +585,7 @@ class Session(_Output):
         with self._cv:
             if utt is self._idle_utt:
                 return
-            if utt.gen == self._gen:
+            if utt.gen == self._gen and item.index >= utt.next_j:  # (a frame already passed was counted late)
                 utt.skipped.add(item.index)
                 self.skipped += 1
                 self._cv.notify_all()
@@ -616,6 +616,8 @@ class Session(_Output):
             self._composite_s = per if not self._composite_s else 0.8 * self._composite_s + 0.2 * per
             with self._cv:
                 for (it, a, _), (image, face, box) in zip(live, frames):
+                    if it.index < it.utterance.next_j and it.utterance is not self._idle_utt:
+                        continue  # too late: its tick has passed (it was counted late); not kept
                     it.utterance.ready[it.index] = (image, face, box, a)
                     if it.index == 0 and it.utterance.ready0_at is None:
                         it.utterance.ready0_at = self.clock.now()
