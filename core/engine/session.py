@@ -135,6 +135,7 @@ class Session(_Output):
         self._silent_window: np.ndarray | None = None
         self._close_lock = threading.Lock()
         self._closed = False
+        self._aborted = False
         self._torn_down = False
         self._done = threading.Event()
         self._composite_s = 0.0  # running estimate of one frame's compositing
@@ -205,7 +206,7 @@ class Session(_Output):
         """
         with self._close_lock:
             self._closed = True
-            self._aborted = getattr(self, "_aborted", False) or aborted
+            self._aborted = self._aborted or aborted
         self._halt()
         me = threading.current_thread()
         if me in self._threads:
@@ -235,7 +236,7 @@ class Session(_Output):
                 return
             self._torn_down = True
             self._closed = True
-            aborted = aborted or getattr(self, "_aborted", False) or self.error is not None
+            aborted = aborted or self._aborted or self.error is not None
         self._halt()
         try:
             for s in self._opened:
