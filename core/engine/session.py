@@ -135,6 +135,7 @@ class Session(_Output):
         self._silent_window: np.ndarray | None = None
         self._close_lock = threading.Lock()
         self._closed = False
+        self._aborted = False
         self._torn_down = False
         self._done = threading.Event()
         self._composite_s = 0.0  # running estimate of one frame's compositing
@@ -205,7 +206,7 @@ class Session(_Output):
         """
         with self._close_lock:
             self._closed = True
-            self._aborted = getattr(self, "_aborted", False) or aborted
+            self._aborted = self._aborted or aborted
         self._halt()
         me = threading.current_thread()
         if me in self._threads:
@@ -235,7 +236,7 @@ class Session(_Output):
                 return
             self._torn_down = True
             self._closed = True
-            aborted = aborted or getattr(self, "_aborted", False) or self.error is not None
+            aborted = aborted or self._aborted or self.error is not None
         self._halt()
         try:
             for s in self._opened:
@@ -593,7 +594,7 @@ class Session(_Output):
         with self._cv:
             if utt is self._idle_utt:
                 return
-            if utt.gen == self._gen:
+            if utt.gen == self._gen and item.index >= utt.next_j:  # (a frame already passed was counted late)
                 utt.skipped.add(item.index)
                 self.skipped += 1
                 self._cv.notify_all()
@@ -626,6 +627,8 @@ class Session(_Output):
             self._composite_s = per if not self._composite_s else 0.8 * self._composite_s + 0.2 * per
             with self._cv:
                 for (it, a, _), (image, face, box) in zip(live, frames):
+                    if it.index < it.utterance.next_j and it.utterance is not self._idle_utt:
+                        continue  # too late: its tick has passed (it was counted late); not kept
                     it.utterance.ready[it.index] = (image, face, box, a)
                     if it.index == 0 and it.utterance.ready0_at is None:
                         it.utterance.ready0_at = self.clock.now()
