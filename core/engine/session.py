@@ -293,7 +293,8 @@ class Session(_Output):
             with self._cv:
                 # (never while the frames made so far still wait for their audio: a source of
                 # precomputed rows makes frames before the audio they belong to arrives)
-                while (utt.audio.unread > hold and utt.audio.total >= utt.audio.bounds(utt.emitted)[1]
+                while (utt.total is None and utt.audio.unread > hold  # (total: the features are done with it)
+                       and utt.audio.total >= utt.audio.bounds(utt.emitted)[1]
                        and not self._stop.is_set() and utt.gen == self._gen):
                     self._cv.wait(0.1)
 
