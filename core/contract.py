@@ -212,3 +212,21 @@ def check_output(contract: ModelContract, result: Mapping[str, np.ndarray], batc
             "the weights are broken or the export is wrong (try fp32 if this is an fp16 model)"
         )
     return out
+
+
+def check_output_rows(contract: ModelContract, result: Mapping[str, np.ndarray], batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's output for ``batch`` rows and a mask of the rows that are finite.
+
+    Like :func:`check_output`, a missing output or a wrong shape raises
+    :class:`ModelError` (the whole call is wrong); NaN/Inf values only mark
+    their rows, so a shared batch can end just the sessions whose rows are bad.
+    The check costs one min and one max per row.
+    """
+    name = contract.output.name
+    out = result.get(name) if isinstance(result, Mapping) else None
+    if not isinstance(out, np.ndarray) or tuple(out.shape) != (batch, *OUTPUT_SHAPE):
+        return check_output(contract, result, batch), np.ones(batch, bool)  # raises the structural error
+    if out.dtype.kind != "f" or not out.size:
+        return out, np.ones(batch, bool)
+    flat = out.reshape(batch, -1)
+    return out, np.isfinite(flat.min(axis=1)) & np.isfinite(flat.max(axis=1))

@@ -19,7 +19,8 @@ import numpy as np
 
 from .errors import AvatarPackageError
 
-DEFAULT_MEMORY_BUDGET_MB = 512
+#: a 720p avatar of 740 frames (I420, 1.32 MiB a frame) fits: each frame is decoded once
+DEFAULT_MEMORY_BUDGET_MB = 1024
 
 
 def _to_bgr(frame: Any) -> np.ndarray:
@@ -49,15 +50,26 @@ def _decode_all(path: Path) -> Iterator[np.ndarray]:
 class FrameStore:
     """Random access to the frames of ``frames.mp4`` within a memory budget.
 
-    Frames are decoded one GOP (keyframe to keyframe) at a time and kept in an
-    LRU of decoded GOPs holding at most ``memory_budget_mb`` (but always at
-    least two GOPs, so a ping-pong turn never decodes twice). When the whole
-    video fits the budget nothing is ever evicted: it is decoded once and kept.
-    Forward and backward sequential access both cost one GOP decode per GOP.
+    Frames are decoded one GOP (keyframe to keyframe) at a time and kept
+    **as the decoder gives them**: an H.264 yuv420p GOP stays planar I420
+    (1.5 bytes a pixel, half of BGR) and each :meth:`frame` converts to BGR
+    (about 0.3 ms at 720p, against about 7 ms to decode it again); other
+    pixel formats are kept as BGR. Sessions of one avatar share one store
+    (the service opens a package once), so a kept frame is decoded once for
+    all of them.
 
-    Returned frames are **read-only views** into the cache: copy before
-    modifying (:func:`avatar.vision.composite` returns a copy by default).
-    Safe to call from several threads (one lock around decoding).
+    The cache holds at most ``memory_budget_mb``. When the whole video fits,
+    nothing is ever evicted: every frame is decoded once for the life of the
+    store. When it does not, the first GOPs decoded are **pinned** (kept for
+    good, half the budget) and the rest pass through an LRU of the other half
+    (at least two GOPs, so a ping-pong turn never decodes twice). Pinning, not LRU, is what serves a
+    looping walk (LRU keeps nothing of a loop longer than the cache) and any
+    number of sessions at different walk positions: the pinned share of the
+    avatar is never decoded again, whoever walks through it.
+
+    Returned frames are **read-only**: copy before modifying
+    (:func:`avatar.vision.composite` returns a copy by default). Safe to call
+    from several threads (one lock around decoding).
     """
 
     def __init__(self, path: str | Path, *, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> None:
@@ -68,9 +80,13 @@ class FrameStore:
         self._lock = threading.Lock()
         self._container: Any = None
         self._index_built = False
-        self._gops: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._pinned: dict[int, np.ndarray] = {}
+        self._gops: OrderedDict[int, np.ndarray] = OrderedDict()  # the LRU of unpinned GOPs
+        self._i420 = False  # kept as I420 (a yuv420p video), else BGR
         #: number of GOP decodes so far (for tests and benchmarks)
         self.decoded_gops = 0
+        #: number of frames decoded so far (a frame of a GOP decoded twice counts twice)
+        self.decoded_frames = 0
 
     # index: every packet's pts in display order, and where GOPs start
     def _build_index(self) -> None:
@@ -86,7 +102,9 @@ class FrameStore:
                     pts.append(p.pts)
                     if p.is_keyframe:
                         keys.append(p.pts)
-                self.width, self.height = st.codec_context.width, st.codec_context.height
+                cc = st.codec_context
+                self.width, self.height = cc.width, cc.height
+                planar = getattr(cc, "pix_fmt", None) == "yuv420p" and not (self.width % 2 or self.height % 2)
         except (av.FFmpegError, IndexError) as exc:
             raise AvatarPackageError(f"cannot read {self.path}: {exc}; re-import the avatar") from None
         pts.sort()
@@ -94,9 +112,18 @@ class FrameStore:
         self._pts_index = {p: i for i, p in enumerate(pts)}
         starts = sorted({self._pts_index[k] for k in keys} | ({0} if pts else set()))
         self._gop_starts = starts
-        self._frame_bytes = self.width * self.height * 3
+        #: bytes one kept frame costs (I420 for yuv420p video, BGR otherwise)
+        self._i420 = planar
+        self.frame_bytes = self.width * self.height * 3 // (2 if planar else 1)
         longest = max((b - a for a, b in zip(starts, starts[1:] + [len(pts)])), default=1)
-        self._capacity = max(2, self.memory_budget // max(1, longest * self._frame_bytes))
+        self._capacity = max(2, self.memory_budget // max(1, longest * self.frame_bytes))
+        if len(pts) * self.frame_bytes <= self.memory_budget:
+            self._pin_limit = len(starts)
+        else:
+            # half for the walkers passing through the rest: each needs its current GOP kept
+            # while the others decode theirs (an LRU smaller than the walkers thrashes)
+            self._pin_limit = max(0, self._capacity - max(2, self._capacity // 2))
+        self.frame_decodes = np.zeros(len(pts), np.int32)
         self._index_built = True
 
     def _ensure_index(self) -> None:
@@ -109,9 +136,15 @@ class FrameStore:
 
     @property
     def capacity(self) -> int:
-        """How many decoded GOPs the cache holds (at least 2)."""
+        """How many decoded GOPs the cache holds (at least 2), pinned and passing together."""
         self._ensure_index()
         return self._capacity
+
+    @property
+    def pinned_capacity(self) -> int:
+        """How many of them are kept for good (all of them when the video fits)."""
+        self._ensure_index()
+        return self._pin_limit
 
     @property
     def gop_count(self) -> int:
@@ -122,7 +155,13 @@ class FrameStore:
     def fits_in_budget(self) -> bool:
         """Whether the whole decoded video fits the memory budget (decode once, keep)."""
         self._ensure_index()
-        return len(self._pts) * self._frame_bytes <= self.memory_budget
+        return len(self._pts) * self.frame_bytes <= self.memory_budget
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded frames held now (what the store costs in memory)."""
+        with self._lock:
+            return sum(a.nbytes for a in self._pinned.values()) + sum(a.nbytes for a in self._gops.values())
 
     def frame(self, i: int) -> np.ndarray:
         """Frame ``i`` as BGR uint8 ``[H, W, 3]`` (read-only)."""
@@ -132,20 +171,52 @@ class FrameStore:
             raise IndexError(f"frame {i} out of range for an avatar of {n} frames")
         g = bisect.bisect_right(self._gop_starts, i) - 1
         with self._lock:
-            gop = self._gops.get(g)
+            gop = self._pinned.get(g)
             if gop is None:
-                gop = self._decode_gop(g)
-                self._gops[g] = gop
-                while len(self._gops) > self._capacity:
-                    self._gops.popitem(last=False)
-            else:
-                self._gops.move_to_end(g)
-        return gop[i - self._gop_starts[g]]
+                gop = self._gops.get(g)
+                if gop is None:
+                    gop = self._decode_gop(g)
+                    if len(self._pinned) < self._pin_limit:
+                        self._pinned[g] = gop
+                    else:
+                        self._gops[g] = gop
+                        while len(self._gops) > self._capacity - len(self._pinned):
+                            self._gops.popitem(last=False)
+                else:
+                    self._gops.move_to_end(g)
+        kept = gop[i - self._gop_starts[g]]
+        if not self._i420:
+            return kept
+        import cv2
+
+        out = cv2.cvtColor(kept, cv2.COLOR_YUV2BGR_I420)
+        out.setflags(write=False)
+        return out
 
     def frames(self, indices: Iterable[int]) -> Iterator[np.ndarray]:
         """Frames for ``indices`` in order (each read-only)."""
         for i in indices:
             yield self.frame(int(i))
+
+    def preload(self) -> int:
+        """Decode every GOP the store will keep for good (all of them when the video fits); returns how many.
+
+        A live service calls it at start, beside the model's warm-up, so the first
+        pass of every session's walk costs no decode either.
+        """
+        self._ensure_index()
+        done = 0
+        for g in range(len(self._gop_starts)):
+            with self._lock:
+                if g in self._pinned:
+                    continue
+                if len(self._pinned) >= self._pin_limit:
+                    break
+                self._pinned[g] = self._gops.pop(g, None)
+                if self._pinned[g] is None:
+                    self._pinned[g] = self._decode_gop(g)
+                done += 1
+        return done
 
     def _decode_gop(self, g: int) -> np.ndarray:
         import av
@@ -157,7 +228,7 @@ class FrameStore:
             self._container.streams.video[0].thread_type = "AUTO"
         c = self._container
         st = c.streams.video[0]
-        out = np.empty((end - start, self.height, self.width, 3), np.uint8)
+        out: np.ndarray | None = None
         got = np.zeros(end - start, bool)
         try:
             c.seek(self._pts[start], stream=st, backward=True, any_frame=False)
@@ -166,17 +237,24 @@ class FrameStore:
                 if idx >= end:
                     break
                 if idx >= start:
-                    out[idx - start] = _to_bgr(fr)
+                    if self._i420 and fr.format.name != "yuv420p":  # never for a package's own video
+                        raise AvatarPackageError(f"{self.path}: frame {idx} is {fr.format.name}, the stream yuv420p")
+                    pixels = fr.to_ndarray() if self._i420 else _to_bgr(fr)
+                    if out is None:
+                        out = np.empty((end - start, *pixels.shape), np.uint8)
+                    out[idx - start] = pixels
                     got[idx - start] = True
                     if got.all():
                         break
         except av.FFmpegError as exc:
             raise AvatarPackageError(f"cannot decode {self.path} near frame {start}: {exc}") from None
-        if not got.all():
+        if out is None or not got.all():
             missing = start + int(np.flatnonzero(~got)[0])
             raise AvatarPackageError(f"{self.path}: frame {missing} could not be decoded; re-import the avatar")
         out.setflags(write=False)
         self.decoded_gops += 1
+        self.decoded_frames += end - start
+        self.frame_decodes[start:end] += 1
         return out
 
     def close(self) -> None:
@@ -185,6 +263,7 @@ class FrameStore:
                 self._container.close()
                 self._container = None
             self._gops.clear()
+            self._pinned.clear()
 
 
 #: frame codecs a package can store its background frames in: (file name, lossless)

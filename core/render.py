@@ -15,51 +15,24 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .compose import (
+    SinkSpec,
+    feature_source_for,
+    make_feature_source,
+    make_sinks,
+    model_batch,
+    open_backend,
+    package_padding,
+)
 from .contract import check_feature_match, read_contract
+from .framestore import DEFAULT_MEMORY_BUDGET_MB
 from .engine import RenderOptions, RenderReport, Renderer
-from .errors import BackendUnavailable, ConfigError, Interrupted
-from .interfaces import Backend, BackendOptions, FeatureSource, Sink
-from .plugins import get_plugin_manager
+from .errors import ConfigError, Interrupted
+from .interfaces import Backend, BackendOptions, FeatureSource
 
 log = logging.getLogger(__name__)
 
-SinkSpec = Sink | str | tuple[str, Mapping[str, Any]]
-
-
-def open_backend(name: str, model: str | Path, options: BackendOptions | None = None) -> tuple[Backend, str]:
-    """Load ``model`` on backend ``name``; ``auto`` tries backends by declared priority.
-
-    ``auto`` takes the usable backend with the highest ``priority`` class attribute
-    that loads the model (onnx-cuda 100, cpu 10; None: never chosen by auto) and
-    logs which one and why. Returns the backend and the name actually used.
-    """
-    pm = get_plugin_manager()
-    options = options or BackendOptions()
-    if name != "auto":
-        return pm.backend_class(name)(model, options), name
-    skipped: list[str] = []
-    for reg in pm.auto_backends():
-        prio = reg.obj.priority  # type: ignore[attr-defined]
-        avail = reg.availability()
-        if not avail.usable:
-            skipped.append(f"{reg.name} (priority {prio}): {avail.reason}")
-            continue
-        try:
-            # a backend may make its own choice of options under auto, or decline (openvino: no passing gate)
-            opener, opts = getattr(reg.obj, "open_auto", None), options
-            if opener is None:
-                opener = reg.obj
-                if options.precision == "auto":  # a backend without a choice of its own runs auto as fp32
-                    opts = replace(options, precision="fp32")
-            backend = opener(model, opts)
-        except BackendUnavailable as exc:
-            skipped.append(f"{reg.name} (priority {prio}): {exc}")
-            continue
-        why = f"; skipped {'; '.join(skipped)}" if skipped else ""
-        log.info("backend auto: chose %s, the usable backend of highest priority (%s)%s", reg.name, prio, why)
-        return backend, reg.name  # type: ignore[return-value]
-    tried = "; ".join(skipped) or "no backend declares a priority"
-    raise BackendUnavailable(f"no usable backend for --backend auto ({tried}); name one with --backend")
+__all__ = ["SinkSpec", "make_feature_source", "make_sinks", "open_backend", "package_padding", "render"]
 
 
 class LentBackend(Backend):
@@ -84,29 +57,6 @@ class LentBackend(Backend):
         return self.inner.run(feeds)
 
 
-def make_feature_source(name: str, options: Mapping[str, Any] | None = None) -> FeatureSource:
-    """Instantiate a registered feature source with its options."""
-    return get_plugin_manager().feature_source(name, **dict(options or {}))
-
-
-def make_sinks(specs: SinkSpec | Sequence[SinkSpec]) -> list[Sink]:
-    """Sink instances from instances, names, or ``(name, options)`` pairs."""
-    if isinstance(specs, (Sink, str, tuple)):
-        specs = [specs]  # type: ignore[list-item]
-    pm = get_plugin_manager()
-    out: list[Sink] = []
-    for spec in specs:  # type: ignore[union-attr]
-        if isinstance(spec, Sink):
-            out.append(spec)
-        elif isinstance(spec, str):
-            out.append(pm.sink(spec))
-        elif isinstance(spec, tuple) and len(spec) == 2:
-            out.append(pm.sink(spec[0], **dict(spec[1])))
-        else:
-            raise ConfigError(f"a sink must be a Sink, a name, or (name, options); got {spec!r}")
-    if not out:
-        raise ConfigError("at least one sink is needed")
-    return out
 
 
 def render(
@@ -122,7 +72,7 @@ def render(
     batch_size: int = 8,
     progress: bool = False,
     frame_limit: int | None = None,
-    memory_budget_mb: int = 512,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     output_rounding: str = "nearest",
     walk_start: int = 0,
 ) -> RenderReport:
@@ -195,28 +145,9 @@ def _render(
 
     if options.output_rounding not in ROUNDINGS:
         raise ConfigError(f"output_rounding must be one of {', '.join(ROUNDINGS)}, not {options.output_rounding!r}")
-    if contract.fixed_batch is not None and batch_size != contract.fixed_batch:
-        raise ConfigError(
-            f"the model has a fixed batch of {contract.fixed_batch}; use --batch {contract.fixed_batch} "
-            "or export it with a dynamic batch axis"
-        )
-    if isinstance(features, FeatureSource):
-        source = features
-    else:
-        opts = dict(feature_options or {})
-        if not opts.get("padding"):
-            padding = package_padding(package, contract.feature_type)
-            if padding:
-                opts["padding"] = padding
-        if features == "ave" and not opts.get("encoder"):
-            enc = getattr(package, "audio_encoder_path", None)
-            if enc is None:
-                raise ConfigError(
-                    "the ave feature source needs an audio-encoder model: pass --ave-encoder ENCODER.onnx "
-                    "(made by `avatar export audio-encoder` or `avatar make-test-model --kind audio-encoder`)"
-                )
-            opts["encoder"] = str(enc)
-        source = make_feature_source(features, opts)
+    batch_size = model_batch(contract, batch_size)  # a fixed-batch model runs at its batch, as in a live service
+    options = replace(options, batch_size=batch_size)
+    source = feature_source_for(package, features, feature_options, contract.feature_type)
     be: Backend | None = None
     try:
         # A signal while the audio decodes or the model loads is held and acted on after the
@@ -292,20 +223,3 @@ def _whole_audio(audio: Any, source: FeatureSource) -> Any:
     if isinstance(audio, np.ndarray):
         check_one_frame(audio.reshape(-1), source.sample_rate, float(source.fps), name)
     return audio
-
-
-def package_padding(package: Any, feature_type: str) -> str | None:
-    """The audio window padding the package records for its model, if it applies to ``feature_type``.
-
-    A model is trained with one edge padding; using the other changes the first
-    and last frames of every render. The record describes the package's model,
-    so it is not applied to a model of another feature type.
-    """
-    manifest = getattr(package, "manifest", None)
-    padding = getattr(manifest, "padding", None)
-    recorded_type = getattr(manifest, "feature_type", None)
-    if padding and recorded_type and recorded_type != feature_type:
-        log.info("the package's padding %r is for its %s model, not this %s model; not used",
-                 padding, recorded_type, feature_type)  # fmt: skip
-        return None
-    return padding

@@ -404,7 +404,9 @@ def test_fixed_batch_model_renders_any_length(models: dict[str, Path], demo_avat
     kw = dict(avatar=demo_avatar, audio=speechlike_audio(0.44), feature_options={"encoder": str(models["encoder"])}, backend="cpu")
     a, report = collect(model=fixed, batch_size=4, **kw)  # 11 frames: two full batches and one of 3
     b, _ = collect(model=models["unet"], batch_size=4, **kw)
-    assert report.frames == 11 and report.backend_calls == 3
+    # 11 frames: two full batches and one of 3 — or one more partial batch where the features stage did not
+    # fill a batch within the scheduler's bounded wait (a busy machine sees it; frames are the same either way)
+    assert report.frames == 11 and 3 <= report.backend_calls <= 4
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
 
 

@@ -141,3 +141,19 @@ def test_source_is_closed_when_the_backend_fails_to_close(assets: dict[str, Path
             speechlike_audio(0.4)
         )
     assert closed == ["source"]
+
+
+def test_a_frame_limit_ends_a_render_of_audio_longer_than_the_held_audio(assets: dict[str, Path]) -> None:
+    """The feeder holds audio back while the features lag; a frame limit ends the features early."""
+    import threading
+
+    from avatar.demo import speechlike_audio
+
+    sink = Keep()
+    reports: list[Any] = []
+    t = threading.Thread(target=lambda: reports.append(renderer(assets, [sink], frame_limit=5).run(speechlike_audio(6.0))),
+                         daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the render did not end"
+    assert reports[0].frames == len(sink.frames) == 5

@@ -327,7 +327,11 @@ def test_close_leaves_no_thread_behind(assets: dict[str, Path]) -> None:
 
 
 def test_ten_minutes_on_a_fast_clock_keep_audio_and_video_together(assets: dict[str, Path]) -> None:
-    """600 s of output at 40x speed: utterances between idle stretches; the model cannot keep up, frames are skipped."""
+    """600 s of output at 40x speed: utterances between idle stretches, audio and pictures together.
+
+    Whether frames are skipped depends on how fast this machine is (overload is tested with a backend
+    that really is slow, in test_live_load.py); what must hold either way is checked here.
+    """
     minutes = 10
     with service(speed=40.0) as svc:
         s, rec = open_session(svc, assets)
@@ -352,8 +356,8 @@ def test_ten_minutes_on_a_fast_clock_keep_audio_and_video_together(assets: dict[
             assert np.array_equal(f.audio, pcm[j * SHARE:(j + 1) * SHARE])
             if f.face is not None:  # ... and a rendered picture shows that same frame (A/V offset 0)
                 assert f.avatar_index == pingpong(p0 + j, 12)
-    assert sum(1 for f in frames if f.face is not None) < 5 * 75  # the fast clock made it skip
-    assert s.skipped + s.late > 0
+    rendered = sum(1 for f in frames if f.face is not None)
+    assert rendered + s.skipped + s.late == 5 * 75  # every speech frame was shown, or skipped with its audio kept
 
 
 def test_idle_through_the_model_differs_from_the_avatar_frames(assets: dict[str, Path]) -> None:

@@ -165,7 +165,7 @@ def test_auto_picks_the_usable_backend_of_highest_priority(global_pm, job, caplo
     order = [r.name for r in global_pm.auto_backends()]
     assert order.index("test-absent") < order.index("test-broken") < order.index("onnx-cuda") < order.index("test-mid")
     assert order[-1] == "cpu" and "test-never" not in order and "tensorrt" not in order
-    with caplog.at_level(logging.INFO, logger="avatar.render"):
+    with caplog.at_level(logging.INFO, logger="avatar.compose"):
         be, used = open_backend("auto", job["unet"])
     be.close()
     best_builtin = "onnx-cuda" if global_pm.get("backend", "onnx-cuda").availability().usable else None
@@ -179,10 +179,10 @@ def test_auto_picks_the_usable_backend_of_highest_priority(global_pm, job, caplo
 def test_auto_without_any_usable_backend_says_why(job) -> None:  # type: ignore[no-untyped-def]
     pm = PluginManager()  # only throwaway backends: none usable
     _register_backends(pm, _backend("test-absent", 5, usable=False))
-    import avatar.render as render_mod
+    import avatar.compose as compose_mod  # (the composition root render() and the service share)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(render_mod, "get_plugin_manager", lambda: pm)
+        mp.setattr(compose_mod, "get_plugin_manager", lambda: pm)
         with pytest.raises(BackendUnavailable, match=r"test-absent \(priority 5\): test-absent needs hardware"):
             open_backend("auto", job["unet"])
 

@@ -89,7 +89,10 @@ def test_health_page_and_metrics(server: ServeProcess) -> None:
     status, health = http("GET", server.url + "/health")
     assert status == 200 and health["status"] == "ok"
     assert health["capacity"] == {"sessions": MAX_SESSIONS, "source": "configured",
-                                  "throughput_fps": health["capacity"]["throughput_fps"], "fps": 25.0}
+                                  "throughput_fps": health["capacity"]["throughput_fps"], "fps": 25.0, "basis": ""}
+    engine = health["engine"]  # the engine's own figure and how it was decided, and its scheduler threads
+    assert engine["capacity"]["sessions"] >= 1 and "per frame" in engine["capacity"]["basis"]
+    assert engine["schedulers"] and all(s["alive"] for s in engine["schedulers"])
     assert [a["name"] for a in health["avatars"]] == ["demo"]
     status, page = http("GET", server.url + "/")
     assert status == 200 and "RTCPeerConnection" in page and "/v1/sessions" in page

@@ -58,7 +58,7 @@ def _coerce(v: str) -> Any:
 @click.option("--rtmp-url", envvar="AVATAR_RTMP_URL", show_envvar=True, help="rtmp://host/app/KEY for the rtmp sink (the key is never printed; a command line is visible in `ps`: prefer the environment variable or --rtmp-url-file).")
 @click.option("--rtmp-url-file", type=click.Path(dir_okay=False), help="File whose first line is the RTMP URL, for the rtmp sink (keeps the key out of `ps` and shell history).")
 @click.option("--sink-opt", multiple=True, help="Extra sink option KEY=VALUE for every sink, or SINK.KEY=VALUE for one (e.g. file.crf=18, rtmp.bitrate=2500k, rtmp.on_lag=stall); repeatable.")
-@click.option("--memory-budget", "memory_budget_mb", default=512, show_default=True, help="MB of decoded avatar frames kept in memory.")
+@click.option("--memory-budget", "memory_budget_mb", default=1024, show_default=True, help="MB of decoded avatar frames kept in memory (a 720p frame costs 1.32 MB).")
 @click.option("--frames", "frame_limit", type=click.IntRange(min=1), help="Stop after this many frames.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
@@ -89,7 +89,7 @@ def run(
     rtmp_url: str | None,
     rtmp_url_file: str | None,
     sink_opt: tuple[str, ...],
-    memory_budget_mb: int,
+    memory_budget_mb: float,
     frame_limit: int | None,
     progress: bool,
     walk_start: int,

@@ -17,10 +17,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
 
+from ..compose import model_batch
 from ..contract import ModelContract, check_feature_match
 from ..errors import AvatarError, ConfigError
 from ..interfaces import Backend, FeatureSource, Sink
@@ -37,6 +38,7 @@ class RenderOptions:
     """Engine options that are not plugin options."""
 
     batch_size: int = 8
+    #: the look-ahead: batches in flight between the features and the sinks (beyond it the audio waits as PCM)
     queue_batches: int = 3
     progress: bool = False
     frame_limit: int | None = None
@@ -82,11 +84,8 @@ class Renderer:
         if self.options.walk_start < 0:
             raise ConfigError(f"walk_start must be >= 0, got {self.options.walk_start}")
         check_feature_match(contract, source.name, tuple(source.window_shape))
-        if contract.fixed_batch is not None and self.options.batch_size != contract.fixed_batch:
-            raise ConfigError(
-                f"the model has a fixed batch of {contract.fixed_batch}; use --batch {contract.fixed_batch} "
-                "or export it with a dynamic batch axis"
-            )
+        # a fixed-batch model runs at its own batch (partial batches padded), as in a live service
+        self.options = replace(self.options, batch_size=model_batch(contract, self.options.batch_size))
 
     @property
     def paced(self) -> bool:
@@ -126,6 +125,7 @@ class Renderer:
             session = Session(
                 self.package, self.source, scheduler, self.sinks,
                 SessionOptions(idle="none", paced=self.paced, walk_start=opts.walk_start,
+                               lookahead_frames=(max(1, opts.queue_batches) + 1) * opts.batch_size,
                                frame_limit=opts.frame_limit, remainder=True, clock=opts.clock,
                                output_rounding=opts.output_rounding),
                 name="render", frame_count=expected,
@@ -190,6 +190,7 @@ class Renderer:
             backend_calls=self.backend.stats.calls,
             skipped=session.skipped,
             late=session.late,
+            speech_frames=session.speech_frames,
         )
         if error is not None:
             with contextlib.suppress(AttributeError):  # what was done before the failure, for `avatar run --report`
@@ -210,7 +211,7 @@ def _feed(session: Session, chunks: Iterator[Any], rate: int) -> None:
         for chunk in chunks:
             if not session.alive:
                 return
-            session.push_audio(chunk, rate)
+            session.push_audio(chunk, rate, wait=True)  # blocks while the look-ahead is full: memory stays bounded
         session.end_input()
     except BaseException as exc:  # bad audio ends the render with its error
         session.fail(exc)

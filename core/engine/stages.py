@@ -19,11 +19,14 @@ runs on the shared :class:`~avatar.engine.scheduler.InferenceScheduler`)::
   go to every sink in order.
 
 Memory is bounded by the avatar frame store's budget, the memory-mapped face
-cache and the look-ahead in flight.
+cache and each session's look-ahead budget (frames in flight between the
+features and the sinks, :attr:`SessionOptions.lookahead_frames`); audio beyond
+it waits as PCM (an offline feeder blocks; live pushes are held as samples).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -36,6 +39,7 @@ import numpy as np
 
 from ..interfaces import RowStream, SinkReport
 from ..windows import WindowAssembler
+from .cpu import StageCpu, cpu_per_frame
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +49,26 @@ STAGES = ("features", "visual", "inference", "decode", "composite", "sink")
 # --------------------------------------------------------------------------- reports
 
 
+#: the CPU accounting's name of a wall-time stage (the sinks' time is their encoding)
+_CPU_NAME = {"sink": "encode"}
+
+
 @dataclass
 class StageTimes:
-    """Busy time per stage (seconds) and how many items each handled."""
+    """Busy time per stage (seconds) and how many items each handled; CPU time by stage and frame kind in ``cpu``."""
 
     seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     items: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STAGES})
+    cpu: StageCpu = field(default_factory=StageCpu, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, stage: str, seconds: float, items: int = 1) -> None:
+    def add(self, stage: str, seconds: float, items: int = 1, *, cpu_s: float | None = None, kind: str = "speech") -> None:
+        """``seconds`` of wall time (and ``cpu_s`` of CPU time, when measured) spent in ``stage`` on ``items``."""
         with self._lock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
             self.items[stage] = self.items.get(stage, 0) + items
+        if cpu_s is not None:
+            self.cpu.add(_CPU_NAME.get(stage, stage), cpu_s, kind)
 
     def per_frame_ms(self, frames: int) -> dict[str, float]:
         return {s: 1000.0 * v / frames for s, v in self.seconds.items()} if frames else {}
@@ -83,6 +95,8 @@ class RenderReport:
     skipped: int = 0
     #: frames rendered too late for a real-time sink (their audio went out with the previous image)
     late: int = 0
+    #: frames delivered that went through the model (the rest were idle or held frames)
+    speech_frames: int | None = None
 
     @property
     def video_s(self) -> float:
@@ -96,6 +110,11 @@ class RenderReport:
     def realtime_factor(self) -> float:
         """Seconds of video made per second of wall time (> 1 is faster than real time)."""
         return self.video_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def cpu_ms_per_frame(self) -> dict[str, dict[str, float]]:
+        """CPU ms per delivered frame by stage, for speech and idle frames (see :mod:`.cpu`)."""
+        speech = self.frames if self.speech_frames is None else self.speech_frames
+        return cpu_per_frame(self.stages.cpu, speech, self.frames - speech)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +135,7 @@ class RenderReport:
             "late": self.late,
             "stage_s": dict(self.stages.seconds),
             "stage_ms_per_frame": self.stages.per_frame_ms(self.frames),
+            "cpu_ms_per_frame": self.cpu_ms_per_frame(),
             "sinks": {k: vars(v) for k, v in self.sinks.items()},
         }
 
@@ -165,16 +185,43 @@ class _AudioClock:
         self.rate = sample_rate
         self.fps = fps
         self._buf: list[np.ndarray] = []
+        self._when: list[float] = []  # when each kept chunk was pushed
         self._base = 0  # absolute sample index of the first kept sample
         self._total = 0
+        self._read = 0  # samples the feature stage has read (chunks before it and before the shares taken go)
         self.closed = False
         self._lock = threading.Condition()
 
-    def add(self, chunk: np.ndarray) -> None:
+    def add(self, chunk: np.ndarray, when: float = 0.0) -> None:
         with self._lock:
             self._buf.append(chunk)
+            self._when.append(when)
             self._total += len(chunk)
             self._lock.notify_all()
+
+    @property
+    def unread(self) -> int:
+        """Samples the feature stage has not read yet."""
+        return self._total - self._read
+
+    def read(self, max_samples: int) -> tuple[np.ndarray, float]:
+        """The next unread samples (at most ``max_samples``) for the feature stage, and when the last was pushed."""
+        with self._lock:
+            start, end = self._read, min(self._total, self._read + max_samples)
+            parts: list[np.ndarray] = []
+            when = 0.0
+            pos = self._base
+            for chunk, t in zip(self._buf, self._when):
+                if pos >= end:
+                    break
+                lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
+                if hi > lo:
+                    parts.append(chunk[lo:hi])
+                    when = t
+                pos += len(chunk)
+            self._read = end
+        piece = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.float32))
+        return piece, when
 
     def close(self) -> None:
         with self._lock:
@@ -209,10 +256,11 @@ class _AudioClock:
                 # the last frame carries the rounding remainder (less than a share);
                 # audio far beyond the last frame (features shorter than the audio) is cut
                 end = max(end, min(self._total, 2 * end - start))
-            # drop whole chunks before ``start``
-            while self._buf and self._base + len(self._buf[0]) <= start:
+            # drop whole chunks before ``start`` that the feature stage has read
+            while self._buf and self._base + len(self._buf[0]) <= min(start, self._read):
                 self._base += len(self._buf[0])
                 self._buf.pop(0)
+                self._when.pop(0)
             parts: list[np.ndarray] = []
             pos = self._base
             for chunk in self._buf:
@@ -231,13 +279,18 @@ class _AudioClock:
 # --------------------------------------------------------------------------- stage bodies
 
 
-def assemble_windows(stream: RowStream, assembler: WindowAssembler, chunk: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
-    """Feed one PCM chunk (``None``: the end of the audio); the ``(frame, window)`` pairs now final."""
+def assemble_windows(stream: RowStream, assembler: WindowAssembler, chunk: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
+    """Feed one PCM chunk (``None``: the end of the audio); the ``(frame, window)`` pairs now final.
+
+    The rows are computed now; the windows are made as the iterator is consumed
+    (a source of precomputed rows yields them all at once: the caller's
+    look-ahead budget decides how many windows exist at a time).
+    """
     if chunk is None:
         rows = stream.finish()
-        return list(assembler.push(rows)) + list(assembler.finish())
+        return itertools.chain(assembler.push(rows), assembler.finish())
     rows = stream.push(chunk)
-    return list(assembler.push(rows)) if len(rows) else []
+    return assembler.push(rows) if len(rows) else iter(())
 
 
 def composite_faces(
@@ -247,19 +300,22 @@ def composite_faces(
     times: StageTimes,
     keep_face: bool = False,
     rounding: str = "nearest",
+    kind: str = "speech",
 ) -> list[tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int]]]:
     """Model outputs ``[n, 3, 320, 320]`` pasted into their avatar frames: (image, face or None, box) each."""
     from ..vision import composite, output_to_uint8
 
+    c0 = time.thread_time()
     faces_u8 = output_to_uint8(faces, rounding=rounding)
+    times.add("composite", 0.0, 0, cpu_s=time.thread_time() - c0, kind=kind)
     out = []
     for a, face in zip(av_idx, faces_u8):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         frame = package.frame(a)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         box = tuple(int(v) for v in package.boxes[a])
         image = composite(frame, box, face, interpolation=package.crop_interpolation)
-        times.add("decode", t1 - t)
-        times.add("composite", time.perf_counter() - t1)
+        times.add("decode", t1 - t, cpu_s=c1 - c, kind=kind)
+        times.add("composite", time.perf_counter() - t1, cpu_s=time.thread_time() - c1, kind=kind)
         out.append((image, face if keep_face else None, box))
     return out

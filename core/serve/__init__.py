@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from ..errors import AvatarError, MissingDependency
-from .admission import Capacity, measured_capacity
+from .admission import Capacity
 from .config import AvatarSpec, Limits, ServeConfig, resolve_token
 
 __all__ = ["AvatarSpec", "Limits", "ServeConfig", "require_extra", "resolve_token", "serve", "start_service"]
@@ -45,7 +45,7 @@ def start_service(config: ServeConfig) -> tuple[Any, Capacity]:
                                 float(service.fps(service.avatars[0])))
         else:
             fps = max(float(service.fps(a)) for a in service.avatars)
-            capacity = measured_capacity(service.throughput_fps, fps)
+            capacity = service.capacity(fps)  # end to end: backend bound and each session's CPU work
     except BaseException:
         service.close()
         raise

@@ -25,10 +25,12 @@ class Capacity:
     source: str
     throughput_fps: float = 0.0
     fps: float = 25.0
+    #: how the engine decided it (backend bound and per-frame CPU work; see avatar.engine.capacity)
+    basis: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return {"sessions": self.sessions, "source": self.source,
-                "throughput_fps": round(self.throughput_fps, 1), "fps": self.fps}
+                "throughput_fps": round(self.throughput_fps, 1), "fps": self.fps, "basis": self.basis}
 
 
 def measured_capacity(throughput_fps: float, fps: float, headroom: float = HEADROOM) -> Capacity:
@@ -73,8 +75,8 @@ class Admission:
                 raise Refused(f"{self.draining}; it takes no new session")
             if self._n >= self.capacity.sessions:
                 c = self.capacity
-                why = (f"measured backend throughput {c.throughput_fps:.0f} frames/s holds "
-                       f"{c.sessions} real-time session(s) at {c.fps:g} fps" if c.source == "measured"
+                why = ((c.basis or f"measured backend throughput {c.throughput_fps:.0f} frames/s holds "
+                        f"{c.sessions} real-time session(s) at {c.fps:g} fps") if c.source == "measured"
                        else f"--max-sessions is {c.sessions}")
                 raise Refused(f"the server is at capacity ({self._n} of {c.sessions} sessions; {why}); "
                               "try again when a session ends")

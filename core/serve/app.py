@@ -170,6 +170,7 @@ class _Api:
             "status": "draining" if adm.draining else "ok",
             "sessions": len(self.manager.sessions),
             "capacity": adm.capacity.to_dict(),
+            "engine": self.service.engine_health(adm.capacity.fps),
             "avatars": [{"name": a, "fps": float(self.service.fps(a))} for a in self.service.avatars],
             "backend": self.service.backend_name,
             "auth": self.config.token is not None,

@@ -80,6 +80,8 @@ class LiveSession:
             "lag_p99_s": float(st.lag_p99_s),
             "latency_s": [round(float(x), 4) for x in st.latency_s[-20:]],  # the last utterances
             "position_s": float(st.position_s),
+            # CPU seconds by kind (speech/idle) and stage, for /metrics
+            "cpu_s": self._s.times.cpu.snapshot(),
         }
 
     def close(self) -> None:
@@ -167,6 +169,19 @@ class LiveService:
             return best
         finally:
             backend.close()
+
+    def capacity(self, fps: float) -> Any:
+        """The engine's capacity figure for sessions of ``fps`` (see avatar.engine.capacity), as admission uses it."""
+        from .admission import Capacity
+
+        cap = self._service.capacity(fps)
+        return Capacity(cap.sessions, "measured", self.throughput_fps, fps, basis=cap.basis)
+
+    def engine_health(self, fps: float) -> dict[str, Any]:
+        """For /health: the engine's current capacity figure and whether its scheduler threads run."""
+        if self._service is None:
+            return {}
+        return {"capacity": self._service.capacity(fps).to_dict(), **self._service.health()}
 
     def close(self) -> None:
         if self._service is not None:

@@ -36,6 +36,11 @@ class ServerMetrics:
         self.lag = Histogram("avatar_frame_lag_seconds", "How late each frame reached the outputs", buckets=LAG_BUCKETS, registry=r)
         self.batch = Histogram("avatar_batch_size", "Frames per backend call", buckets=BATCH_BUCKETS, registry=r)
         self.inference = Histogram("avatar_inference_seconds", "Time of one backend call", buckets=INFER_BUCKETS, registry=r)
+        # CPU ms per delivered frame by stage: rate(avatar_stage_cpu_seconds_total) / rate(avatar_frames_kind_total)
+        self.stage_cpu = Counter("avatar_stage_cpu_seconds", "CPU time of the sessions' stages (thread CPU time)",
+                                 ["stage", "kind"], registry=r)
+        self.frames_kind = Counter("avatar_frames_kind", "Frames delivered, speech (through the model) or idle",
+                                   ["kind"], registry=r)
         self.latency = Histogram("avatar_speech_latency_seconds", "Push of an utterance's audio to its first frame",
                                  buckets=LAG_BUCKETS, registry=r)
 

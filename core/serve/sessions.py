@@ -101,6 +101,8 @@ class ServerSession:
     queued_s: float = 0.0
     drained_at: float = field(default_factory=time.monotonic)
     skipped_seen: int = 0
+    cpu_seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    frames_seen: dict[str, int] = field(default_factory=dict)
     ended: str | None = None
     #: forgets the session in the engine's event callback (set by the manager)
     unhold: Any = field(default=None, repr=False)
@@ -340,12 +342,29 @@ class SessionManager:
             self.metrics.inference.observe(seconds)
         fps = []
         for s in self.sessions.values():
-            skipped = int(s.live.stats().get("skipped", 0))
+            st = s.live.stats()
+            skipped = int(st.get("skipped", 0))
             if skipped > s.skipped_seen:
                 self.metrics.skipped.inc(skipped - s.skipped_seen)
                 s.skipped_seen = skipped
+            _collect_cpu(self.metrics, s, st)
             fps.append(s.meter.fps())
         self.metrics.delivered_fps.set(sum(fps) / len(fps) if fps else 0.0)
+
+
+def _collect_cpu(metrics: Any, s: Any, st: dict[str, Any]) -> None:
+    """Per-stage CPU and frames by kind since the last collection, into the counters."""
+    for kind, row in st.get("cpu_s", {}).items():
+        for stage, seconds in row.items():
+            old = s.cpu_seen.get((kind, stage), 0.0)
+            if seconds > old:
+                metrics.stage_cpu.labels(stage, kind).inc(seconds - old)
+                s.cpu_seen[(kind, stage)] = seconds
+    speech = int(st.get("speech_frames", 0))
+    for kind, n in (("speech", speech), ("idle", int(st.get("frames", 0)) - speech)):
+        if n > s.frames_seen.get(kind, 0):
+            metrics.frames_kind.labels(kind).inc(n - s.frames_seen.get(kind, 0))
+            s.frames_seen[kind] = n
 
 
 def _stats_event(st: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,8 @@ _COMMON_EXTRA = {
     "fp16_min_psnr": "minimum PSNR (dB) of the fp16 model against fp32 at load (default 40; 0 skips the check)",
     "optimization": "ONNX Runtime graph optimisation level: all (default), extended, basic, disabled",
     "profile": "write an ONNX Runtime profile JSON with this file prefix",
+    "spin": "whether idle intra-op threads spin waiting for work: 1 (ONNX Runtime's default) or 0 (they sleep and "
+            "leave the cores to other threads; the thread budget's choice when sessions share the CPU)",
 }
 _CUDA_EXTRA = {
     "io_binding": "run with device buffers bound once per batch size (default True)",
@@ -116,6 +118,11 @@ def session_options(options: BackendOptions):  # type: ignore[no-untyped-def]
             raise ConfigError(f"threads must be at least 1, not {options.threads}")
         so.intra_op_num_threads = int(options.threads)
         so.inter_op_num_threads = 1
+    spin = str(options.extra.get("spin", "1"))
+    if spin not in ("0", "1"):
+        raise ConfigError(f"spin must be 0 or 1, not {spin!r}")
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     if options.extra.get("profile"):
         so.enable_profiling = True
         so.profile_file_prefix = str(options.extra["profile"])

@@ -81,6 +81,10 @@ class AveSource(FeatureSource):
         backend: registered backend that runs it (default ``"cpu"``).
         batch: most windows per encoder call (default 64).
         device_id: accelerator index handed to the backend (default 0).
+        batch_wait_s: how long a partial encoder batch waits for the windows of other
+            sessions sharing this source (default 0.003; 0: never wait). Sessions of
+            one service share the source, so their windows go through ONE encoder
+            call when they arrive together (see :class:`avatar.batching.CallBatcher`).
         stft_pad: STFT centre padding, ``"constant"`` (librosa >= 0.10, SyncTalk_2D)
             or ``"reflect"`` (librosa < 0.10, Wav2Lip-era features).
         padding: window edge padding, ``"replicate"`` (the specification's, default)
@@ -104,13 +108,14 @@ class AveSource(FeatureSource):
         stft_pad: str = "constant",
         padding: str | None = None,
         threads: int | None = None,
+        batch_wait_s: float = 0.003,
         **options: Any,
     ) -> None:
         super().__init__(padding=padding)
         if options:
             raise ConfigError(
                 f"unknown option(s) for feature source 'ave': {', '.join(sorted(options))} "
-                "(valid: encoder, backend, batch, device_id, stft_pad, padding, threads)"
+                "(valid: encoder, backend, batch, batch_wait_s, device_id, stft_pad, padding, threads)"
             )
         if encoder is None or str(encoder) == "":
             raise ConfigError(f"the 'ave' feature source needs an audio-encoder model: pass encoder=PATH; {_MAKE_ENCODER}")
@@ -140,6 +145,17 @@ class AveSource(FeatureSource):
         except FeatureError:
             self._backend.close()
             raise
+        try:
+            wait = float(batch_wait_s)
+        except (TypeError, ValueError):
+            wait = -1.0
+        if not wait >= 0:
+            self._backend.close()
+            raise ConfigError(f"batch_wait_s must be a number of seconds >= 0, not {batch_wait_s!r}")
+        from avatar.batching import CallBatcher
+
+        #: the shared front of the encoder: concurrent streams' windows run as one call
+        self.batcher = CallBatcher(self._encode_now, max_batch=self._fixed_batch or self.batch, max_wait_s=wait)
         log.debug("ave: encoder %s on backend %s, batch %d, stft_pad %s", path, backend, self.batch, stft_pad)
 
     @classmethod
@@ -178,7 +194,18 @@ class AveSource(FeatureSource):
         return info, be.outputs[0].name, fixed
 
     def encode(self, windows: np.ndarray) -> np.ndarray:
-        """Run the encoder on mel windows ``[k, 1, 80, 16]``; return rows ``[k, 512]`` float32."""
+        """Run the encoder on mel windows ``[k, 1, 80, 16]``; return rows ``[k, 512]`` float32.
+
+        Windows that other threads (sessions) encode at the same moment go
+        through the same call (:attr:`batcher`); each caller gets its own rows.
+        """
+        if self._backend is None:
+            raise FeatureError("the 'ave' feature source was closed; create a new one")
+        if len(windows) == 0:
+            return np.zeros((0, ROW_SIZE), np.float32)
+        return self.batcher(np.ascontiguousarray(windows, dtype=np.dtype(self._input.dtype)))
+
+    def _encode_now(self, windows: np.ndarray) -> np.ndarray:
         if self._backend is None:
             raise FeatureError("the 'ave' feature source was closed; create a new one")
         k = len(windows)
