@@ -25,7 +25,7 @@ ENCODER = DEMO_DIR / "ave_encoder_demo.onnx"
 RECORD = DEMO_DIR / "unet_demo.json"
 SECONDS = 30.0
 #: the training arguments (after AVATAR_DIR -o MODEL), fixed so a rerun reproduces the model
-TRAIN_ARGS = ["--tiny", "--steps", "150", "--batch", "4", "--lr", "2e-3", "--mouth-weight", "4",
+TRAIN_ARGS = ["--tiny", "--steps", "400", "--batch", "4", "--lr", "2e-3", "--mouth-weight", "4",
               "--eval-every", "50", "--checkpoint-every", "50", "--seed", "0"]
 
 

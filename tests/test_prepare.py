@@ -265,3 +265,17 @@ def test_smoothing_removes_jitter_without_lag_and_lists_jumps() -> None:
     centre = (track.boxes[:, 0] + track.boxes[:, 2]) / 2
     assert np.abs(centre - (190 + 4 * np.arange(n))).max() <= 1.0  # follows a moving head without lag
     assert (track.boxes[:, 2] - track.boxes[:, 0] == track.boxes[:, 3] - track.boxes[:, 1]).all()
+
+
+def test_missing_mediapipe_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from avatar.errors import AvatarError, MissingDependency
+    from avatar.prepare.faces import require_mediapipe
+
+    monkeypatch.setitem(sys.modules, "mediapipe", None)
+    with pytest.raises(MissingDependency, match=r"\[prepare\]"):
+        require_mediapipe()
+    monkeypatch.setattr(sys, "version_info", (3, 13, 1, "final", 0))
+    with pytest.raises(AvatarError, match=r"wheels for Python 3.9-3.12 only; this is Python 3.13"):
+        require_mediapipe()

@@ -10,7 +10,7 @@ corners, 33-263, so they scale with the face), were chosen and fitted on the
 sanders dataset's own landmarks, frames 0-459 in the mesh's tracking mode:
 the points whose offset-corrected coordinate varied least against PFLD's.
 On the held-out frames 460-522 the boxes match the dataset's own with a
-median IoU of about 0.94 (``tests/test_prepare.py`` checks it).
+median IoU of 0.97, worst 0.95 (``tests/test_prepare.py`` checks >= 0.85 / 0.7).
 
 Smoothing is offline and centred (Savitzky-Golay on the box centre and side),
 so a moving head is not followed with a lag and a still head does not jitter.
@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import AvatarPackageError, MissingDependency
+from ..errors import AvatarPackageError, ConfigError, MissingDependency
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,12 @@ def require_mediapipe() -> Any:
 
         mp.solutions.face_mesh  # noqa: B018 - absent from MediaPipe >= 0.10.30
     except (ModuleNotFoundError, AttributeError):
-        if sys.version_info >= (3, 13):
-            raise MissingDependency(
-                "mediapipe", None,
-                feature=(f"avatar prepare (MediaPipe {MEDIAPIPE_VERSION}, the last release whose wheel carries its face "
-                         f"models, has wheels for Python 3.9-3.12 only; this is Python "
-                         f"{sys.version_info.major}.{sys.version_info.minor}: run `avatar prepare` in a Python 3.12 "
-                         "environment — the package it writes works with any Python)"),
+        if tuple(sys.version_info[:2]) >= (3, 13):
+            major, minor = sys.version_info[0], sys.version_info[1]
+            raise ConfigError(
+                f"avatar prepare needs MediaPipe {MEDIAPIPE_VERSION}, the last release whose wheel carries its face "
+                f"models, and it has wheels for Python 3.9-3.12 only; this is Python {major}.{minor}: run "
+                "`avatar prepare` in a Python 3.12 environment (the package it writes works with any Python)"
             ) from None
         raise MissingDependency("mediapipe", "prepare", feature="avatar prepare (face detection and landmarks)") from None
     return mp
