@@ -18,8 +18,8 @@ rendered when its face is back (plus 2 ms of compositing) by its tick + 10 ms.
 
 Profiles: ``unet328-fp32`` and ``openvino-bf16`` take ``a`` and ``b`` from a
 least-squares fit of the committed model-only medians in
-``benchmarks/results/cpu-2core-amd-epyc-openvino.json`` (2-core AMD EPYC, batch
-1/4/8); ``issue-example`` is issue 18's 40 ms + 10 ms/frame; ``gpu-like`` is ``a`` = 2 ms, ``b`` = 0.4 ms (no GPU measurement was
+``benchmarks/results/cpu-2core-amd-epyc-openvino-interleaved-idle.json`` (2-core AMD EPYC,
+idle machine, batch 1/4/8); ``issue-example`` is issue 18's 40 ms + 10 ms/frame; ``gpu-like`` is ``a`` = 2 ms, ``b`` = 0.4 ms (no GPU measurement was
 committed). Reported per N: sessions sustained (every session renders ≥ 95 % of
 its speech frames and p95 added latency < 200 ms), mean batch, the spread of
 per-session shares (min / mean), p95 added latency (first window final → first
@@ -53,10 +53,11 @@ CHUNK_S = 0.02
 
 def fit_profile(backend: str) -> tuple[float, float, str]:
     """(a, b) in seconds from the committed model-only medians of ``backend``, and where they came from."""
-    src = RESULTS / "cpu-2core-amd-epyc-openvino.json"
-    rows = [r for r in json.loads(src.read_text())["model_only"] if r["backend"] == backend]
-    x = np.array([r["batch"] for r in rows], float)
-    y = np.array([r["median_ms"] for r in rows], float) / 1000
+    # the idle machine's run (the other committed runs were taken while the machine was shared, 4-5x slower)
+    src = RESULTS / "cpu-2core-amd-epyc-openvino-interleaved-idle.json"
+    model_only = json.loads(src.read_text())["model_only"]  # {batch: {backend: {"fps": frames per second}}}
+    x = np.array(sorted(int(k) for k in model_only), float)
+    y = np.array([v / model_only[str(int(v))][backend]["fps"] for v in x], float)  # seconds per call
     b, a = np.polyfit(x, y, 1)
     a, b = max(a, 0.0), max(b, 1e-6)
     return float(a), float(b), f"{src.relative_to(HERE.parent)} ({backend}, batch {', '.join(str(int(v)) for v in x)})"

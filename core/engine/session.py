@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import contextlib
 import queue
 import threading
 import time
@@ -258,6 +259,18 @@ class Session(_Output):
                     self._on_close(self)
                 except Exception:
                     log.warning("session %s: releasing its shared parts failed", self.name, exc_info=True)
+            self._release_refs()
+
+    def _release_refs(self) -> None:
+        # what a closed session still holds can point back at it (subscribers' closures, queued work items,
+        # utterances): drop it so reference counting frees the session, not only the cyclic collector
+        with self._cv:
+            self._subs.clear()
+            self._utts.clear()
+            self._on_close = None
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._faces.get_nowait()
 
     def __enter__(self) -> "Session":
         return self
@@ -583,9 +596,16 @@ class Session(_Output):
                 if part > 0:
                     self.times.add(stage, seconds[i] * part, round(len(items) * part),
                                    cpu_s=None if cpu is None else cpu * part, kind=kind)
-        try:
-            self._faces.put_nowait((items, av_idx, faces))
-        except queue.Full:  # (the look-ahead bounds what is in flight; this is a bug, and ends this session only)
+        with self._cv:
+            if self._torn_down:  # a batch that comes back after the close: nobody will take it
+                return
+            try:
+                self._faces.put_nowait((items, av_idx, faces))
+            except queue.Full:  # (the look-ahead bounds what is in flight; this is a bug, and ends this session only)
+                full = True
+            else:
+                full = False
+        if full:
             from ..errors import AvatarError
 
             self._fail(AvatarError(f"session {self.name}: more frames came back than its look-ahead holds"))

@@ -306,7 +306,7 @@ class FrontDoor:
         from aiohttp import web
 
         self._server_auth(request)
-        fields = await _json_body(request)
+        fields = await _json_body(request, self.config.limits.max_json_bytes)
         names = sorted({a["name"] for r in self.replicas.values() if not r.dead for a in r.info.get("avatars", [])})
         if names and fields.get("avatar") is not None and fields.get("avatar") not in names:
             # checked here too, so a bad request is a 400 even when every replica is full

@@ -181,6 +181,11 @@ class _Api:
         from aiohttp import web
 
         self._server_auth(request)
+        sched = self.service.scheduler_health()
+        if sched:
+            self.metrics.scheduler_restarts.set(sum(x["restarts"] for x in sched["schedulers"])
+                                                + sched["replaced_schedulers"])
+            self.metrics.schedulers_dead.set(sum(not x["alive"] for x in sched["schedulers"]))
         body, ctype = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": ctype})
 

@@ -183,6 +183,10 @@ class LiveService:
             return {}
         return {"capacity": self._service.capacity(fps).to_dict(), **self._service.health()}
 
+    def scheduler_health(self) -> dict[str, Any]:
+        """The engine's scheduler threads: alive, and how often one was replaced (for /metrics)."""
+        return {} if self._service is None else self._service.health()
+
     def close(self) -> None:
         if self._service is not None:
             self._service.close()

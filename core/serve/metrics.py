@@ -41,6 +41,12 @@ class ServerMetrics:
                                  ["stage", "kind"], registry=r)
         self.frames_kind = Counter("avatar_frames_kind", "Frames delivered, speech (through the model) or idle",
                                    ["kind"], registry=r)
+        # a dead scheduler thread is replaced (avatar.engine.scheduler); these make that visible to alerts
+        self.scheduler_restarts = Gauge("avatar_scheduler_restarts", "Times a shared inference scheduler thread died and "
+                                        "was replaced (threads and whole schedulers), since the server started",
+                                        registry=r)
+        self.schedulers_dead = Gauge("avatar_schedulers_dead", "Shared inference schedulers whose thread is not running",
+                                     registry=r)
         self.latency = Histogram("avatar_speech_latency_seconds", "Push of an utterance's audio to its first frame",
                                  buckets=LAG_BUCKETS, registry=r)
 
