@@ -145,6 +145,8 @@ class _Retimer:
         self.samples = 0
         self.buf = np.zeros(0, np.int16)
         self.buf_start = 0
+        # bounded by the re-timing itself: every frame arrives with its own audio, and _drain emits output frames
+        # as soon as the audio covers them, so these hold about one input frame (and the events between two)
         self.images: collections.deque[tuple[int, np.ndarray, bool]] = collections.deque()
         self.events: collections.deque[tuple[int, Any]] = collections.deque()
 
@@ -215,6 +217,7 @@ class AgentAvatar:
         self._gen = 0  # interrupts so far: output-thread items of an older generation are stale
         self._speaking = False
         self._retimer: _Retimer | None = None
+        # bounded: _hand_over drops the oldest frames beyond ``_cap`` (queue_s of frames); events are a few per segment
         self._items: collections.deque[tuple[int, Any]] = collections.deque()
         self._cap = 1
         self._wake: asyncio.Event | None = None

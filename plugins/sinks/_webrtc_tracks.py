@@ -25,6 +25,7 @@ class _QueueTrack(MediaStreamTrack):
     def __init__(self, kind: str, size: int) -> None:
         super().__init__()
         self.kind = kind
+        # bounded by put(): it drops the oldest frames to stay within ``size`` (plus the end marker)
         self._q: asyncio.Queue[Any] = asyncio.Queue()
         self._size = size
         self.sent = 0
