@@ -160,6 +160,7 @@ def _console_script() -> Path:
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130() -> None:
     """SIGINT while NumPy is being imported (the first fraction of a second) — the probe saw a traceback."""
     script = _console_script()
+    interrupted = 0
     for delay in (0.0, 0.05, 0.2):  # just as NumPy loads, and deeper into the imports
         p = subprocess.Popen([str(script), "plugins"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
@@ -173,7 +174,12 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130() -> None:
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
-        assert (p.returncode, err) == (130, "interrupted\n"), err
+        if p.returncode == 0:  # a fast machine finished the command first: the signal is then ignored (the launcher)
+            assert err == "" and "distribution" in out, (out, err)
+        else:
+            assert (p.returncode, err) == (130, "interrupted\n"), err
+            interrupted += 1
+    assert interrupted, "no SIGINT landed while the command started up"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
