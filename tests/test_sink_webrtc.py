@@ -130,3 +130,27 @@ def test_queue_frames_bounds_what_a_slow_peer_holds() -> None:
 
     stats = asyncio.run(main())
     assert stats["video_dropped"] == 7 and stats["audio_dropped"] == 0
+
+
+def test_a_full_track_queue_stays_bounded_and_still_ends() -> None:
+    """put() keeps at most ``size`` frames (oldest dropped); the end marker gets in even when the queue is full."""
+    import asyncio
+
+    from aiortc.mediastreams import MediaStreamError
+
+    from avatar_plugins.sinks._webrtc_tracks import _QueueTrack
+
+    async def main() -> tuple[list[int], int, int]:
+        track = _QueueTrack("video", 2)
+        for i in range(5):
+            track.put(i)
+        track.finish()
+        track.finish()  # twice, on a full queue: still bounded
+        got: list[int] = []
+        with pytest.raises(MediaStreamError):
+            while True:
+                got.append(await track.recv())
+        return got, track.dropped, track._q.maxsize
+
+    got, dropped, maxsize = asyncio.run(main())
+    assert got == [4] and dropped == 4 and maxsize == 3

@@ -25,8 +25,8 @@ class _QueueTrack(MediaStreamTrack):
     def __init__(self, kind: str, size: int) -> None:
         super().__init__()
         self.kind = kind
-        # bounded by put(): it drops the oldest frames to stay within ``size`` (plus the end marker)
-        self._q: asyncio.Queue[Any] = asyncio.Queue()
+        # ``size`` frames and the end marker; put() drops the oldest frames to make room
+        self._q: asyncio.Queue[Any] = asyncio.Queue(maxsize=size + 1)
         self._size = size
         self.sent = 0
         self.dropped = 0
@@ -38,6 +38,9 @@ class _QueueTrack(MediaStreamTrack):
         self._q.put_nowait(frame)
 
     def finish(self) -> None:
+        if self._q.full():  # the end marker always gets in: the oldest frame makes room
+            self._q.get_nowait()
+            self.dropped += 1
         self._q.put_nowait(None)
 
     async def recv(self) -> Any:
