@@ -530,4 +530,6 @@ def test_hostile_clients_leave_the_server_memory_bounded(demo_dir: Path) -> None
     # and buffers); unbounded growth (an hour of audio decoded per upload: 230 MB; an event per flooded byte)
     # crosses it within seconds
     assert peak - warm < 200, f"RSS peaked at {peak:.0f} MB, {peak - warm:.0f} MB above the warm phase's {warm:.0f} MB"
-    assert after < peak, f"RSS {after:.0f} MB after the sessions ended"
+    # after every session is deleted the same bound holds (the allocator keeps its pools, so "after" may sit a few
+    # MB above the sampled peak; what must not happen is growth the closed sessions left behind)
+    assert after - warm < 200, f"RSS {after:.0f} MB after the sessions ended, {after - warm:.0f} MB above the warm phase"

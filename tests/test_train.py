@@ -50,19 +50,33 @@ def _trainer(recording: dict[str, Path], ckpt: Path, steps: int, **cfg: object):
 
 
 def test_loss_goes_down_and_resume_repeats_the_curve(recording: dict[str, Path], tmp_path: Path) -> None:
-    straight, data = _trainer(recording, tmp_path / "a", 6)
+    # the run is cut short by a shorter --steps (a Ctrl-C stand-in); the learning rate's anneal follows --steps,
+    # so it is off here (an interrupted run keeps its --steps and with it the schedule)
+    straight, data = _trainer(recording, tmp_path / "a", 6, anneal=0.0)
     assert len(data.held_out) == 5 and data.held_out[0] == FRAMES - 5 and data.train[-1] == FRAMES - 6
     result = straight.run()
     losses = result.losses
     assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2]), losses
 
-    first, _ = _trainer(recording, tmp_path / "b", 3)
+    first, _ = _trainer(recording, tmp_path / "b", 3, anneal=0.0)
     first.run()
-    again, _ = _trainer(recording, tmp_path / "b", 6)
+    again, _ = _trainer(recording, tmp_path / "b", 6, anneal=0.0)
     again.resume()
     assert again.step == 3
     resumed = again.run().losses
     np.testing.assert_allclose(resumed, losses, rtol=1e-5)
+
+
+def test_learning_rate_is_held_then_annealed_to_the_end_of_the_run(recording: dict[str, Path], tmp_path: Path) -> None:
+    t, _ = _trainer(recording, tmp_path / "s", 10, lr=1e-3, anneal=0.3)
+    seen: list[float] = []
+    t.run(lambda p: seen.append(t.opt.param_groups[0]["lr"]))
+    # held for the first 70 % of the steps, then falling every step to near 5 % at the end
+    assert seen[:8] == [1e-3] * 8, seen
+    assert 1e-3 > seen[8] > seen[9] >= 5e-5, seen
+    assert t.set_lr(1.0) == pytest.approx(5e-5) and t.set_lr(0.0) == 1e-3
+    # a time budget counts too: halfway through the minutes anneals as halfway through the steps would
+    assert t.set_lr(0.85) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5)), "the cosine's midpoint"
 
 
 def test_resume_refuses_other_settings(recording: dict[str, Path], tmp_path: Path) -> None:

@@ -36,6 +36,8 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--minutes", type=click.FloatRange(min=0.05), help="Stop after this much training time (then export).")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--anneal", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Over this last fraction of the run (steps or --minutes) the learning rate falls (cosine) to 5 %.")
 @click.option("--mouth-weight", default=2.0, show_default=True, type=click.FloatRange(min=0),
               help="Extra L1 weight on the mouth box of the face.")
 @click.option("--syncnet-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
@@ -56,7 +58,7 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 @click.option("--no-install", is_flag=True, help="Do not write the model into the avatar package.")
 def train(avatar_dir: Path, output: Path, features: str, ave_encoder: str | None, features_file: str | None,
-          feature_opts: tuple[str, ...], steps: int, minutes: float | None, batch: int, lr: float, mouth_weight: float,
+          feature_opts: tuple[str, ...], steps: int, minutes: float | None, batch: int, lr: float, anneal: float, mouth_weight: float,
           syncnet_weight: float, tiny: bool, holdout: float, holdout_start: int | None, frames: int | None,
           allow_short: bool, seed: int, checkpoint_dir: Path | None, checkpoint_every: int, eval_every: int,
           resume: bool, device: str, no_install: bool) -> None:
@@ -86,7 +88,7 @@ def train(avatar_dir: Path, output: Path, features: str, ave_encoder: str | None
         if features_file is None:
             raise ConfigError("--features npy needs --features-file ROWS.npy ([N,512] AVE rows)")
         options["path"] = features_file
-    config = TrainConfig(steps=steps, batch=batch, lr=lr, mouth_weight=mouth_weight, syncnet_weight=syncnet_weight,
+    config = TrainConfig(steps=steps, batch=batch, lr=lr, anneal=anneal, mouth_weight=mouth_weight, syncnet_weight=syncnet_weight,
                          tiny=tiny, seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every,
                          minutes=minutes, device=device)
     tty = sys.stderr.isatty()

@@ -35,6 +35,7 @@ class TrainConfig:
     steps: int = 20000
     batch: int = 8
     lr: float = 1e-3
+    anneal: float = 0.3
     mouth_weight: float = 2.0
     syncnet_weight: float = 0.0
     tiny: bool = False
@@ -188,6 +189,19 @@ class Trainer:
         audio = self.torch.from_numpy(d.windows[idx]).to(self.device)
         return visual, audio, target, idx
 
+    def set_lr(self, progress: float) -> float:
+        """The learning rate at ``progress`` (0..1) through the run: ``lr`` held, then over the last ``anneal``
+        of the run a cosine down to 5 % of it (the last steps settle instead of jumping around a minimum)."""
+        import math
+
+        cfg = self.config
+        start = 1.0 - cfg.anneal
+        t = 0.0 if cfg.anneal <= 0 or progress <= start else min(1.0, (progress - start) / cfg.anneal)
+        lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return lr
+
     def train_step(self) -> float:
         visual, audio, target, idx = self.batch()
         self.model.train()
@@ -243,6 +257,10 @@ class Trainer:
         stopped = "steps"
         try:
             while self.step < cfg.steps:
+                progress = self.step / cfg.steps
+                if cfg.minutes is not None:  # a time budget: whichever of steps and time runs out first
+                    progress = max(progress, (time.monotonic() - start) / (cfg.minutes * 60))
+                self.set_lr(progress)
                 loss = self.train_step()
                 psnr = None
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
