@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
 import signal
@@ -23,16 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from serve_process import flac_silence, recvonly_offer, rss_mb  # tests/: on the path (probe_reliability.py)
 
 GROUP = "serve (hostile use, issue 20)"
 TOKEN = "probe-server-token-0123456789"
 
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _free_port() -> int:
@@ -69,38 +63,11 @@ def _chunked(data: bytes, size: int = 1 << 16) -> bytes:
                     for i in range(0, len(data), size)) + b"0\r\n\r\n"
 
 
-def _flac_silence(minutes: float, rate: int = 8000) -> bytes:
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="flac") as c:
-        st = c.add_stream("flac", rate=rate, layout="mono")
-        n = rate * 10
-        for i in range(int(minutes * 6)):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, n), np.int16), format="s16", layout="mono")
-            f.sample_rate, f.pts = rate, i * n
-            for p in st.encode(f):
-                c.mux(p)
-        for p in st.encode(None):
-            c.mux(p)
-    return buf.getvalue()
-
 
 def _tone(seconds: float) -> bytes:
     t = np.arange(int(seconds * 16000)) / 16000
     return (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes()
 
-
-async def _offer() -> str:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 class _Server:
@@ -195,7 +162,7 @@ async def _requests(work: Path, avatar: str, record: Callable[..., None], noise:
             st, b = await status("POST", "/v1/sessions", 400, json={"outputs": [{"type": "file", "path": name}]},
                                  headers=auth)
             case(f"file output name {name[:12]!r}", f"{st} {b}", st == 400, "not 400")
-        good = await _offer()
+        good = await recvonly_offer()
         media = next(x for x in good.splitlines() if x.startswith("m=video"))
         setup = next(x for x in good.splitlines() if x.startswith("a=setup"))
         for name, sdp in (("malformed m= line", good.replace(media, "m=video 9")),
@@ -226,11 +193,11 @@ async def _requests(work: Path, avatar: str, record: Callable[..., None], noise:
         # -- memory
         s = await session()
         sauth = {"Authorization": f"Bearer {s.get('token')}"}
-        flac = _flac_silence(60)
-        before = _rss_mb(srv.proc.pid)
+        flac = flac_silence(60)
+        before = rss_mb(srv.proc.pid)
         t = time.monotonic()
         st, b = await status("POST", f"/v1/sessions/{s.get('id')}/speak", 413, data=flac, headers=sauth)
-        grew = _rss_mb(srv.proc.pid) - before
+        grew = rss_mb(srv.proc.pid) - before
         case("/speak: 1 hour of FLAC silence (650 KB)", f"{st} in {time.monotonic() - t:.2f} s, RSS {grew:+.0f} MB",
              st == 413 and grew < 100, "not 413, or decoded whole")
         codes = []
@@ -262,7 +229,7 @@ async def _requests(work: Path, avatar: str, record: Callable[..., None], noise:
         flood = await loop.run_in_executor(None, _flood, srv.port, s)
         case("1-byte frames, never read", flood, flood.startswith("cut"), "the socket was kept open")
         await status("DELETE", f"/v1/sessions/{s.get('id')}", 200, headers=sauth)
-        warm = _rss_mb(srv.proc.pid)
+        warm = rss_mb(srv.proc.pid)
         for _ in range(20):
             s = await session()
             async with c.ws_connect(f"{srv.base.replace('http', 'ws')}/v1/sessions/{s.get('id')}/audio"
@@ -272,7 +239,7 @@ async def _requests(work: Path, avatar: str, record: Callable[..., None], noise:
                     await ws.send_bytes(_tone(1.0))
                 await asyncio.sleep(0.2)
             await status("DELETE", f"/v1/sessions/{s.get('id')}", 200, headers={"Authorization": f"Bearer {s.get('token')}"})
-        grew = _rss_mb(srv.proc.pid) - warm
+        grew = rss_mb(srv.proc.pid) - warm
         case("20 sessions: 5 s queued, then DELETE", f"RSS {grew:+.0f} MB", grew < 100, "memory not given back")
         async with c.post(srv.base + "/v1/sessions", json={}, headers=auth) as r:
             ice = (await r.json()).get("ice_servers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -106,3 +107,28 @@ async def recvonly_offer() -> str:
     sdp = pc.localDescription.sdp
     await pc.close()
     return sdp
+
+def flac_silence(minutes: float, rate: int = 8000) -> bytes:
+    """``minutes`` of silence as a FLAC file (tiny on the wire, an hour of PCM once decoded)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="flac") as c:
+        st = c.add_stream("flac", rate=rate, layout="mono")
+        n = rate * 10
+        for i in range(int(minutes * 6)):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, n), np.int16), format="s16", layout="mono")
+            f.sample_rate, f.pts = rate, i * n
+            for p in st.encode(f):
+                c.mux(p)
+        for p in st.encode(None):
+            c.mux(p)
+    return buf.getvalue()
+
+
+def rss_mb(pid: int) -> float:
+    """The resident set of process ``pid`` in MiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")

@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 pytest.importorskip("aiohttp")
 pytest.importorskip("aiortc")
 
-from serve_process import ServeProcess, http, recvonly_offer, tone
+from serve_process import ServeProcess, flac_silence, http, recvonly_offer, rss_mb, tone
 
 pytestmark = pytest.mark.slow
 
@@ -221,22 +220,6 @@ def test_bad_socket_text_gets_an_error_event_and_the_socket_stays_open(server: S
 # --------------------------------------------------------------------------- memory a client controls
 
 
-def _flac_silence(minutes: float, rate: int = 8000) -> bytes:
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="flac") as c:
-        st = c.add_stream("flac", rate=rate, layout="mono")
-        n = rate * 10
-        for i in range(int(minutes * 6)):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, n), np.int16), format="s16", layout="mono")
-            f.sample_rate, f.pts = rate, i * n
-            for p in st.encode(f):
-                c.mux(p)
-        for p in st.encode(None):
-            c.mux(p)
-    return buf.getvalue()
-
 
 async def _idle(ws: Any, seconds: float) -> None:
     """Wait, reading events (aiohttp's client answers the server's pings only while it reads)."""
@@ -254,7 +237,7 @@ def test_speak_stops_decoding_at_the_limit_and_idle_time_is_no_credit(server: Se
     s = _open(server)
     url = f"{server.url}/v1/sessions/{s['id']}"
     try:
-        status, body = http("POST", url + "/speak", raw=_flac_silence(60), token=s["token"])
+        status, body = http("POST", url + "/speak", raw=flac_silence(60), token=s["token"])
         assert status == 413 and body["error"]["code"] == "too_long" and f"{MAX_AHEAD_S}" in body["error"]["message"], body
         short = io.BytesIO()
         import wave
@@ -413,12 +396,6 @@ def test_a_port_in_use_is_one_line_and_exit_1(demo_dir: Path) -> None:
 # --------------------------------------------------------------------------- memory under hostile clients
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
 
 def _flood_unread(port: int, s: dict[str, Any], stop: threading.Event) -> str:
     """A raw WebSocket client that sends 1-byte frames as fast as it can and never reads: what does the server do?"""
@@ -454,7 +431,7 @@ def test_hostile_clients_leave_the_server_memory_bounded(demo_dir: Path) -> None
 
     p = ServeProcess(demo_dir, "--demo", "--tiny", "--backend", "cpu", "--max-sessions", "6", "--batch", "4",
                      "--max-ahead-s", str(MAX_AHEAD_S), "--client-timeout-s", "3").wait_ready()
-    flac = _flac_silence(60)
+    flac = flac_silence(60)
     second = tone(1.0).tobytes()
 
     def opened() -> dict[str, Any]:
@@ -506,7 +483,7 @@ def test_hostile_clients_leave_the_server_memory_bounded(demo_dir: Path) -> None
             work = [asyncio.ensure_future(x) for x in (pusher(c, sessions[2], until), pusher(c, sessions[3], until),
                                                        uploader(c, sessions[4], until), churn(c, until))]
             while time.monotonic() < until:
-                peak = max(peak, _rss_mb(p.proc.pid))
+                peak = max(peak, rss_mb(p.proc.pid))
                 await asyncio.sleep(0.25)
             results = await asyncio.gather(*work)
         stop.set()
@@ -518,7 +495,7 @@ def test_hostile_clients_leave_the_server_memory_bounded(demo_dir: Path) -> None
     try:
         warm, _, _ = asyncio.run(phase(8.0))  # warm: the same load, every code path, the allocator's pools filled
         peak, churned, cut = asyncio.run(phase(24.0))
-        after = _rss_mb(p.proc.pid)
+        after = rss_mb(p.proc.pid)
         print(f"RSS: warm peak {warm:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB; {churned} sessions churned")
     finally:
         rc = p.stop()
