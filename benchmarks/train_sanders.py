@@ -68,6 +68,13 @@ def encode_video(out: Path, frames_dir: Path, speech: Path, n: int) -> Path:
     return out
 
 
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=60.0, help="training budget")
@@ -90,16 +97,19 @@ def main() -> None:
     subprocess.run([*avatar, "prepare", str(video), "-o", str(pkg), "--allow-short", "--force"], check=True)
     t_prepare = time.monotonic() - t0
     model = work / "unet.onnx"
+    cpu0, t_train = _children_cpu_s(), time.monotonic()
     subprocess.run([*avatar, "train", str(pkg), "-o", str(model), "--features", "npy", "--features-file",
                     str(sanders / "aud_ave.npy"), "--holdout-start", "460", "--frames", "522", "--allow-short",
                     "--minutes", str(args.minutes), "--batch", str(args.batch), "--checkpoint-every", "100",
                     "--eval-every", "100", "--checkpoint-dir", str(work / "ckpt")], check=True)
+    # how much of the machine the training had: its CPU time over its wall time and the cores (1.0 = all of them)
+    cpu_share = (_children_cpu_s() - cpu0) / ((time.monotonic() - t_train) * (os.cpu_count() or 1))
     record = json.loads(model.with_suffix(".json").read_text())
     result = {
         "name": args.name, "note": args.note, "minutes_budget": args.minutes,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_before": [round(x, 2) for x in load_before],
-                    "load_after": [round(x, 2) for x in os.getloadavg()]},
+                    "load_after": [round(x, 2) for x in os.getloadavg()], "cpu_share": round(cpu_share, 3)},
         "prepare_s": round(t_prepare, 1), "train_s": record["seconds"], "steps": record["steps"],
         "device": record["device"], "gate": record["gate"], "psnr_curve": record["held_out_psnr_curve"],
         "reference_80min": {"face_psnr_db": 25.77, "mouth_psnr_db": 29.51, "mouth_psnr_shifted_db": 28.10,
@@ -113,7 +123,8 @@ def main() -> None:
         f"# train_sanders: {args.name}", "",
         f"`python benchmarks/train_sanders.py --minutes {args.minutes:g} --name {args.name}`", "",
         f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, device {record['device']}; "
-        f"load average before {result['machine']['load_before']}, after {result['machine']['load_after']}",
+        f"load average before {result['machine']['load_before']}, after {result['machine']['load_after']}; "
+        f"the training process used {cpu_share:.0%} of the machine's cores over its run",
         f"- {args.note}" if args.note else "",
         f"- prepare {t_prepare:.0f} s; training {record['seconds']:.0f} s, {record['steps']} steps of batch {args.batch}",
         "", "| | face PSNR (held-out 460-521) | mouth PSNR | mouth, audio 1 s off | lip-sync signal |",
