@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 MESH_LEFT, MESH_RIGHT, MESH_TOP = 137, 454, 195
 #: the outer eye corners: their distance is the face's scale for the offsets
 MESH_EYES = (33, 263)
-#: each used point's mirror image in the mesh's topology (the left/right pairs swap; 195 is on the midline)
-MIRROR = {MESH_LEFT: 366, MESH_RIGHT: 234, MESH_TOP: MESH_TOP, MESH_EYES[0]: MESH_EYES[1], MESH_EYES[1]: MESH_EYES[0]}
+#: the used points and their mirror images in the mesh's topology, both ways (left/right pairs swap;
+#: 195 is on the midline); checked on sanders: the mesh of a mirrored frame puts each at its partner's place
+_PAIRS = ((MESH_LEFT, 366), (MESH_RIGHT, 234), (MESH_TOP, MESH_TOP), MESH_EYES)
+MIRROR = {**dict(_PAIRS), **{b: a for a, b in _PAIRS}}
 #: offsets as fractions of the eye-corner distance (left, right, top), fitted on sanders frames 0-459
 #: with the mirror averaging (without it they were -0.0215, -0.0061, -0.0188)
 OFFSETS = (-0.0173, 0.0029, -0.0135)
