@@ -98,8 +98,9 @@ def test_prepared_boxes_match_the_datasets_own_landmarks(sanders_prepared: Path,
 def test_trained_sanders_model_scores_the_same_on_the_prepared_package(sanders_prepared: Path, sanders_dir: Path) -> None:
     """Face PSNR of the real trained model on held-out frames, prepared crops vs the dataset's own crops.
 
-    The issue's target is 0.5 dB; measured here 0.7-0.8 dB (the model is sensitive to a
-    few pixels of box difference). This bound records what is achieved, so a regression fails.
+    The issue's target: within 0.5 dB. The prepared crops come from the H.264-decoded video (about
+    0.15 dB of the gap), the imported ones from the source JPEGs. Before the mirror averaging of
+    the face mesh (avatar/prepare/faces.py) the gap was 0.7-0.8 dB.
     """
     import cv2
     import onnxruntime as ort
@@ -131,7 +132,29 @@ def test_trained_sanders_model_scores_the_same_on_the_prepared_package(sanders_p
     with AvatarPackage.open(sanders_prepared) as pkg:
         prepared = np.asarray(pkg.faces[[i - SANDERS_FIRST for i in HELD_OUT]])
     a, b = psnr(imported), psnr(prepared)
-    assert abs(a - b) <= 1.0, (a, b)
+    assert abs(a - b) <= 0.5, (a, b)
+
+
+def test_mirror_averaging_makes_the_mesh_points_mirror_symmetric(sanders_dir: Path) -> None:
+    """With the mirrored pass a point found in a mirrored frame is the mirror of its mirror vertex's point.
+
+    Without it the face mesh's error is not mirror-symmetric (its boxes sat 1.5 px too wide on sanders)."""
+    import cv2
+
+    from avatar.prepare.faces import MIRROR, FaceFinder
+
+    _mediapipe()
+    img = _sanders_frame(sanders_dir)
+    w = img.shape[1]
+
+    def asymmetry(mirror: bool) -> float:
+        with FaceFinder(static=True, mirror=mirror) as f:
+            (n, pts), (n_m, pts_m) = f.points(img), f.points(cv2.flip(img, 1))
+        assert n == n_m == 1 and pts is not None and pts_m is not None
+        return max(max(abs(pts_m[k][0] - (w - pts[MIRROR[k]][0])), abs(pts_m[k][1] - pts[MIRROR[k]][1])) for k in MIRROR)
+
+    assert asymmetry(True) < 0.01
+    assert asymmetry(False) > 0.5
 
 
 def test_synctalk_layout_reproduces_the_boxes(sanders_prepared: Path) -> None:

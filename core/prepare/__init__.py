@@ -138,8 +138,8 @@ def prepare(
         "source_fps": info.source_fps,
         "source_codec": info.codec,
         "duration_s": round(duration, 3),
-        "detector": f"mediapipe {MEDIAPIPE_VERSION} face_mesh (tracking), points {MESH_LEFT}/{MESH_RIGHT}/{MESH_TOP}, "
-                    f"offsets {list(OFFSETS)} x eye-corner distance",
+        "detector": f"mediapipe {MEDIAPIPE_VERSION} face_mesh (tracking, averaged with the mirrored frame), "
+                    f"points {MESH_LEFT}/{MESH_RIGHT}/{MESH_TOP}, offsets {list(OFFSETS)} x eye-corner distance",
         "smoothing": {"method": "savitzky-golay", "window": SMOOTH_WINDOW, "order": SMOOTH_ORDER},
         "excluded_frames": track.jumps,
         "audio": AUDIO_FILE,
