@@ -302,16 +302,21 @@ def in_time(s: TimedSession, due: list[tuple[int, float]]) -> float:
     return sum(1 for j, d in due if j in s.ready and s.ready[j] <= d) / len(due)
 
 
-@pytest.mark.parametrize("a, b, batch", [(0.04, 0.01, 8), (0.002, 0.0004, 32)], ids=["40ms+10ms-per-frame", "gpu-like"])
+@pytest.mark.parametrize("a, b, batch, alone", [(0.04, 0.01, 8, False), (0.002, 0.0004, 32, True), (0.0, 0.0195, 8, True)],
+                         ids=["40ms+10ms-per-frame", "gpu-like", "19.5ms-per-frame"])
 def test_at_light_load_an_utterance_starts_after_about_one_batch_not_two_full_ones(
-        contract: Any, a: float, b: float, batch: int) -> None:
+        contract: Any, a: float, b: float, batch: int, alone: bool) -> None:
     """One session present, five utterances with pauses: its start budget is less than one full batch plus a
-    single frame (the budget sized for admission paid two full batches: 273 ms / 42 ms), and every frame is in time."""
+    single frame (the budget sized for admission paid two full batches: 273 / 42 / 352 ms), and every frame is in
+    time. A session alone whose frame is done before its next one comes never waits for a running batch: its
+    budget is one single-frame call (and the batch wait), not two."""
     sched, time = sim_scheduler(contract, a, b, batch=batch)
     s = TimedSession("s", time)
     sched.attach(s, 25.0)
     budget = sched.start_budget_s(25.0)
     assert budget < (a + b * batch) + (a + b)
+    if alone:
+        assert budget < 1.5 * (a + b) + 0.01
     due = speak(sched, time, [(s, 0.5 + 3.0 * u, 50) for u in range(5)])
     assert in_time(s, due[s]) == 1.0 and not s.skipped
     assert sched.start_budget_s(25.0) == pytest.approx(budget)  # the same after its own speech (no stale demand)

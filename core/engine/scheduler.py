@@ -297,16 +297,21 @@ class InferenceScheduler:
         none is, the paced demand of the last second plus ``fps`` (the new
         utterance's own frames). The batch already running is that one or the
         largest that ran in the last two seconds (a burst, offline work filling
-        batches). With few sessions this is about twice one small batch's cost,
-        not twice the full batch's; it grows with the sessions present toward
-        the batch at the bound, never beyond it.
+        batches); none for a session alone whose frames each run alone and are
+        done before its next one comes. With few sessions this is one or two
+        small batches' cost, not two full batches'; it grows with the sessions
+        present toward the batch at the bound, never beyond it.
         """
         size, when = self._recent_batch
         if self.clock.now() - when > 2.0:
             size = 1
-        demand = self.present_fps() or self.demand_fps() + max(0.0, fps)
+        fps = max(0.0, fps)
+        demand = self.present_fps() or self.demand_fps() + fps
         b = self.planned_batch(demand)
-        return self._done_by(max(b, size), 0.0) + self._done_by(b, 0.0) + self.max_wait_s
+        own = self._done_by(b, 0.0) + self.max_wait_s
+        if b == size == 1 and demand <= fps * 1.001 and not self._unpaced and own <= 1.0 / max(fps, 1e-9):
+            return own  # a lone session whose frame is done before its next one comes never finds a batch running
+        return self._done_by(max(b, size), 0.0) + own
 
     def warm(self) -> None:
         """Run the backend on zeros at the full batch, then at 1, measuring both (before any session waits).
