@@ -11,7 +11,8 @@ simulated backend whose call costs ``t(B) = a + b·B``. Time is simulated
 and 128 sessions cost seconds. The sessions are simulated too: each streams
 utterances in real time (20 ms pushes; a frame's window is final when the audio
 8 frames after it has arrived; the last 8 at the flush) and applies the rules of
-``avatar.engine.session`` (start budget, deadlines, thinning on late frames) or
+``avatar.engine.session`` (all N open, i.e. attached to the scheduler, from the
+start; start budget, deadlines, thinning on late frames) or
 of the old session (deadline guessed from ``t(batch)`` before the start, start
 20 ms after the first frame is ready, thinning on every drop). A frame counts as
 rendered when its face is back (plus 2 ms of compositing) by its tick + 10 ms.
@@ -24,6 +25,11 @@ committed). Reported per N: sessions sustained (every session renders ≥ 95 % o
 its speech frames and p95 added latency < 200 ms), mean batch, the spread of
 per-session shares (min / mean), p95 added latency (first window final → first
 frame shown), and the cost model's bound ``max_B (B / t(B)) / fps``.
+
+Light load: N = 1, 2 and 4 sessions again over ``--light-seeds`` seeds (each
+seed draws other start phases, so the output tick's rounding varies), pooling
+every utterance's added latency: its p50 and p95, and the least-served
+session's share, per profile and scheduler.
 """
 
 from __future__ import annotations
@@ -123,6 +129,7 @@ def arrivals(n: int, seconds: float, utt_s: float, pause_s: float, rng: random.R
 
 def simulate(profile: dict[str, Any], n: int, new: bool, seconds: float, seed: int = 0,
              keep: list[Any] | None = None) -> dict[str, Any]:
+    """One point: N sessions on ``profile``, the new scheduler or the old; ``keep`` gets the sorted added latencies."""
     from avatar.engine import Clock, InferenceScheduler, WorkItem
 
     a, b, batch_size = profile["a"], profile["b"], profile["batch"]
@@ -142,6 +149,9 @@ def simulate(profile: dict[str, Any], n: int, new: bool, seconds: float, seed: i
     rng = random.Random(seed)
     arr = arrivals(n, seconds, 4.0, 1.0, rng)
     sessions = [SimSession(k, rng.random(), new, clock) for k in range(n)]
+    if new:  # every session is open from the start (as a service's are before they speak)
+        for s in sessions:
+            sched.attach(s, FPS)
     utt_frames = int(4.0 * FPS)
     seq = 0
     calls = items = 0
@@ -179,7 +189,7 @@ def simulate(profile: dict[str, Any], n: int, new: bool, seconds: float, seed: i
                     if prev is not None:
                         ps = prev.t0 if prev.t0 is not None else prev.t0_plan
                         time_b = max(time_b, (ps or state.t) + prev.frames / FPS)
-                    target = max(time_b, state.t + sched.start_budget_s() + allow)
+                    target = max(time_b, state.t + sched.start_budget_s(FPS) + allow)
                     u.t0_plan = time_b + math.ceil((target - time_b) * FPS - 1e-9) / FPS
             if not s.thinning.take(j):
                 u.dropped.add(j)
@@ -220,8 +230,6 @@ def simulate(profile: dict[str, Any], n: int, new: bool, seconds: float, seed: i
         if not nxt:
             break
         state.t = max(state.t, min(nxt)) + 1e-9
-    if keep is not None:
-        keep.extend(sessions)
     shares = []
     for s in sessions:
         total = shown = 0
@@ -233,6 +241,8 @@ def simulate(profile: dict[str, Any], n: int, new: bool, seconds: float, seed: i
                     shown += 1
         shares.append(shown / total if total else 1.0)
     added = sorted(x for s in sessions for x in s.added)
+    if keep is not None:
+        keep.append(added)
     p95 = added[min(len(added) - 1, int(round(0.95 * (len(added) - 1))))] if added else 0.0
     mean_share = sum(shares) / len(shares)
     return {"n": n, "scheduler": "new" if new else "old", "rendered_mean": mean_share, "rendered_min": min(shares),
@@ -248,6 +258,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: few N, 6 s")
     ap.add_argument("--seconds", type=float, default=21.0, help="simulated seconds per point")
+    ap.add_argument("--light-seeds", type=int, default=20, help="seeds of the light-load section (N = 1, 2, 4)")
     ap.add_argument("--out", type=Path, default=RESULTS / "scheduler-capacity-sim")
     args = ap.parse_args()
     from avatar.contract import read_contract
@@ -296,6 +307,7 @@ def main() -> None:
                               "bound_sessions": bound, "sustained_new": best["new"], "sustained_old": best["old"],
                               "sustained_new_p95_150ms": best["new_150ms"],
                               "new_over_bound": best["new_150ms"] / bound if bound else 0.0}
+        summary[p["name"]]["light"] = light_load(p, seconds, 3 if args.quick else args.light_seeds)
         del p["contract"]
     result = {"benchmark": "scheduler_capacity", "simulated_seconds": seconds, "fps": FPS, "grid": grid,
               "composite_s": COMPOSITE_S, "grace_s": GRACE_S, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -304,6 +316,27 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
+
+
+def light_load(p: dict[str, Any], seconds: float, seeds: int) -> list[dict[str, Any]]:
+    """N = 1, 2, 4 over ``seeds`` seeds, both schedulers: pooled added latency (p50, p95) and the least share."""
+    out = []
+    for n in (1, 2, 4):
+        for new in (True, False):
+            added: list[float] = []
+            least = 1.0
+            for seed in range(seeds):
+                keep: list[Any] = []
+                r = simulate(p, n, new, seconds, seed=seed, keep=keep)
+                added += keep[0]
+                least = min(least, r["rendered_min"])
+            added.sort()
+            pct = [added[min(len(added) - 1, int(round(q * (len(added) - 1))))] if added else 0.0 for q in (0.5, 0.95)]
+            out.append({"n": n, "scheduler": "new" if new else "old", "seeds": seeds, "utterances": len(added),
+                        "added_p50_s": pct[0], "added_p95_s": pct[1], "rendered_min": least})
+            print(f"{p['name']:14s} light {out[-1]['scheduler']} N={n} p50 {1000 * pct[0]:.0f} ms p95 {1000 * pct[1]:.0f} ms "
+                  f"least share {least:.3f}", flush=True)
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -320,6 +353,20 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {s['a_ms']:.1f} | {s['b_ms']:.1f} | {s['max_batch']} | {s['bound_sessions']:.2f} | "
                      f"{s['sustained_new']} | {s['sustained_new_p95_150ms']} | {100 * s['new_over_bound']:.0f} % | "
                      f"{s['sustained_old']} | {s['source']} |")
+    seeds = next((x["seeds"] for s in r["summary"].values() for x in s.get("light", [])), 0)
+    lines += ["", "## Light load", "",
+              f"N = 1, 2, 4 over {seeds} seeds (other start phases each), every utterance's added latency pooled "
+              "(first window final → first frame shown); least share: the least-served session's rendered fraction over "
+              "all seeds.", "",
+              "| profile | N | p50 added ms, new | p95 added ms, new | least share, new | p50 added ms, old | "
+              "p95 added ms, old | least share, old |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in r["summary"].items():
+        by = {(x["n"], x["scheduler"]): x for x in s.get("light", [])}
+        for n in sorted({k[0] for k in by}):
+            nw, od = by[(n, "new")], by[(n, "old")]
+            lines.append(f"| {name} | {n} | {1000 * nw['added_p50_s']:.0f} | {1000 * nw['added_p95_s']:.0f} | "
+                         f"{nw['rendered_min']:.3f} | {1000 * od['added_p50_s']:.0f} | {1000 * od['added_p95_s']:.0f} | "
+                         f"{od['rendered_min']:.3f} |")
     lines += ["", "## Every point", "", "| profile | scheduler | N | rendered (mean) | rendered (min) | share spread (min/mean) | "
               "mean batch | p95 added latency ms | sustained |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for p in r["points"]:

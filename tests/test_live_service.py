@@ -116,3 +116,19 @@ def test_a_session_that_cannot_open_a_sink_closes_the_ones_it_opened(assets: dic
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mp4"]
     with av.open(str(out)) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 5
+
+
+def test_the_shared_scheduler_plans_for_the_sessions_open(assets: dict[str, Path]) -> None:
+    """A live session counts for the start budget from its open to its close, speaking or not."""
+    with _service() as svc:
+        opts = {"encoder": str(assets["enc"])}
+        s = svc.open_session(assets["zero"], sinks=[_Frames()], feature_options=opts)
+        t = svc.open_session(assets["zero"], sinks=[_Frames()], feature_options=opts)
+        sched = s.scheduler
+        assert t.scheduler is sched and sched.present_fps() == 50.0
+        two = sched.start_budget_s(25.0)
+        t.close()
+        assert sched.present_fps() == 25.0
+        assert sched.start_budget_s(25.0) <= two
+        s.close()
+        assert sched.present_fps() == 0.0

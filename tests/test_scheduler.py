@@ -182,6 +182,8 @@ def test_batches_grow_under_load_before_frames_are_thinned(contract: Any) -> Non
     """40 ms + 10 ms/frame, 3 real-time sessions (75 frames/s): batch 1 serves 20/s, batch 8 about 67/s."""
     sched, time = sim_scheduler(contract, 0.04, 0.01)
     sessions = [FakeSession(str(k)) for k in range(3)]
+    for s in sessions:
+        sched.attach(s, 25.0)  # the sessions present: the start budget is sized for them
     simulate(sched, time, sessions, seconds=20.0, budget_s=sched.start_budget_s())
     shown = [len(s.faces) / 500 for s in sessions]
     assert sched.stats.mean_batch > 6
@@ -193,6 +195,8 @@ def test_overload_is_shared_fairly(contract: Any) -> None:
     """Six sessions at different phases on a backend that holds about half of them: no share below 80 % of the mean."""
     sched, time = sim_scheduler(contract, 0.02, 0.01)
     sessions = [FakeSession(str(k)) for k in range(6)]
+    for s in sessions:
+        sched.attach(s, 25.0)
     simulate(sched, time, sessions, seconds=20.0, budget_s=sched.start_budget_s(),
              offsets=[0.0, 0.001, 0.002, 0.013, 0.029, 0.031])
     shares = [len(s.faces) for s in sessions]
@@ -234,6 +238,149 @@ def test_the_pick_does_not_touch_everything_pending(contract: Any) -> None:
     assert len(batch) == 8 and not skipped
     assert sched.pending == 10_000 - 8
     assert len(calls) <= 16  # only the popped candidates were looked at
+
+
+# --------------------------------------------------------------------------- the start budget (fake clock)
+
+
+class TimedSession(FakeSession):
+    """Records when (simulated time) each frame's face came back."""
+
+    def __init__(self, name: str, time: SimTime) -> None:
+        super().__init__(name)
+        self.time = time
+        self.ready: dict[int, float] = {}
+
+    def on_faces(self, items: list[WorkItem], av: list[int], faces: np.ndarray, seconds: Any) -> None:
+        super().on_faces(items, av, faces, seconds)
+        for it in items:
+            self.ready[it.index] = self.time.t
+
+
+def speak(sched: InferenceScheduler, time: SimTime, utterances: list[tuple[TimedSession, float, int]],
+          fps: float = 25.0, budgets: list[float] | None = None) -> dict[TimedSession, list[tuple[int, float]]]:
+    """Utterances ``(session, start, frames)`` in real time: frame j's window arrives at ``start + j/fps``.
+
+    As a session plans one: at its first frame it asks for the start budget, and
+    frame j is due ``budget + j/fps`` after that (frame 0 is never skipped). Each
+    utterance's frames get indices of their own (``1000·u + j``). Returns each
+    session's (index, due time) of every frame; ``budgets`` gets each utterance's budget.
+    """
+    arrivals = sorted((start + j / fps, u, j) for u, (_, start, n) in enumerate(utterances) for j in range(n))
+    due: dict[TimedSession, list[tuple[int, float]]] = {s: [] for s, _, _ in utterances}
+    t0: dict[int, float] = {}
+    i = 0
+    while i < len(arrivals) or sched.pending:
+        while i < len(arrivals) and arrivals[i][0] <= time.t:
+            t, u, j = arrivals[i]
+            i += 1
+            s = utterances[u][0]
+            if j == 0:
+                t0[u] = time.t + sched.start_budget_s(fps)
+                if budgets is not None:
+                    budgets.append(t0[u] - time.t)
+            d = t0[u] + j / fps
+            due[s].append((1000 * u + j, d))
+            sched.submit(item(s, 1000 * u + j, deadline=d, skippable=j > 0))
+        batch, skipped, wake = sched.select(time.t)
+        for it in skipped:
+            it.client.on_skipped(it)
+        if batch:
+            sched.run_batch(batch)
+            continue
+        nxt = [arrivals[i][0]] if i < len(arrivals) else []
+        if wake is not None:
+            nxt.append(wake)
+        if not nxt:
+            break
+        time.t = max(time.t, min(nxt)) + 1e-9
+    return due
+
+
+def in_time(s: TimedSession, due: list[tuple[int, float]]) -> float:
+    """The fraction of ``s``'s frames whose face came back by their due time."""
+    return sum(1 for j, d in due if j in s.ready and s.ready[j] <= d) / len(due)
+
+
+@pytest.mark.parametrize("a, b, batch, alone", [(0.04, 0.01, 8, False), (0.002, 0.0004, 32, True), (0.0, 0.0195, 8, True)],
+                         ids=["40ms+10ms-per-frame", "gpu-like", "19.5ms-per-frame"])
+def test_at_light_load_an_utterance_starts_after_about_one_batch_not_two_full_ones(
+        contract: Any, a: float, b: float, batch: int, alone: bool) -> None:
+    """One session present, five utterances with pauses: its start budget is less than one full batch plus a
+    single frame (the budget sized for admission paid two full batches: 273 / 42 / 352 ms), and every frame is in
+    time. A session alone whose frame is done before its next one comes never waits for a running batch: its
+    budget is one single-frame call (and the batch wait), not two."""
+    sched, time = sim_scheduler(contract, a, b, batch=batch)
+    s = TimedSession("s", time)
+    sched.attach(s, 25.0)
+    budget = sched.start_budget_s(25.0)
+    assert budget < (a + b * batch) + (a + b)
+    if alone:
+        assert budget < 1.5 * (a + b) + 0.01
+    due = speak(sched, time, [(s, 0.5 + 3.0 * u, 50) for u in range(5)])
+    assert in_time(s, due[s]) == 1.0 and not s.skipped
+    assert sched.start_budget_s(25.0) == pytest.approx(budget)  # the same after its own speech (no stale demand)
+
+
+def test_the_start_budget_grows_with_the_sessions_present(contract: Any) -> None:
+    """40 ms + 10 ms/frame (batch 1 serves 20 frames/s, batch 8 about 67): each session present (25 frames/s) needs a
+    larger batch, and a larger budget; at overload it is the batch at the bound; a closed session no longer counts."""
+    sched, _ = sim_scheduler(contract, 0.04, 0.01)
+    sessions = [FakeSession(str(k)) for k in range(3)]
+    budgets = []
+    for s in sessions:
+        sched.attach(s, 25.0)
+        budgets.append(sched.start_budget_s(25.0))
+    assert budgets[0] < budgets[1] < budgets[2]
+    full = 0.04 + 0.01 * 8
+    assert budgets[0] < full + (0.04 + 0.01) < 2 * full <= budgets[2]  # 75 frames/s is beyond the bound: full batches
+    assert sched.present_fps() == 75.0
+    sched.cancel(sessions[2])
+    sched.cancel(sessions[1])
+    assert sched.present_fps() == 25.0 and sched.start_budget_s(25.0) == pytest.approx(budgets[0])
+
+
+def test_a_session_that_starts_speaking_does_not_make_anothers_utterance_late(contract: Any) -> None:
+    """Two sessions present on 40 ms + 10 ms/frame: A starts speaking, B 0.1 s later, and batches must grow from 2 to
+    about 4. Both budgets were planned for the sessions present, so every frame is in time; planned for the load
+    speaking when each started (A alone, then A just begun), both are too small (about 13 % of the frames late)."""
+    def run(attach: bool) -> tuple[float, float]:
+        sched, time = sim_scheduler(contract, 0.04, 0.01)
+        a, b = TimedSession("a", time), TimedSession("b", time)
+        if attach:
+            sched.attach(a, 25.0)
+            sched.attach(b, 25.0)
+        due = speak(sched, time, [(a, 0.5, 100), (b, 0.6, 75)])
+        return in_time(a, due[a]), in_time(b, due[b])
+
+    assert min(run(attach=True)) == 1.0
+    assert max(run(attach=False)) < 0.95  # (the contrast: what the sessions present add is what keeps them in time)
+
+
+def test_a_backend_that_gains_nothing_from_batching_gets_no_wait_for_a_batch(contract: Any) -> None:
+    """19.5 ms per frame at any batch (OpenVINO bf16 on 2 cores, a = 0) with two sessions present (98 % of the bound):
+    no batch serves more than batch 1, so the budget is batch 1's, not the full batch's (which cost 416 ms p95)."""
+    sched, time = sim_scheduler(contract, 0.0, 0.0195)
+    s = [TimedSession(str(k), time) for k in range(2)]
+    for x in s:
+        sched.attach(x, 25.0)
+    budgets: list[float] = []
+    due = speak(sched, time, [(s[0], 0.5, 100), (s[1], 1.5, 100), (s[0], 5.0, 50)], budgets=budgets)
+    assert max(budgets) < 0.0195 * 4  # about twice batch 1's cost (the full batch's: 0.35 s)
+    assert min(in_time(x, due[x]) for x in s) >= 0.95
+
+
+def test_the_measured_demand_forgets_a_pause(contract: Any) -> None:
+    """25 frames in a second, then 3 s of silence: the demand is 0 (the window rolls only on a submit)."""
+    sched, time = sim_scheduler(contract, 0.04, 0.01)
+    s = FakeSession("s")
+    for j in range(25):
+        time.t = j / 25
+        sched.submit(item(s, j, deadline=10.0))
+    assert sched.demand_fps() > 20
+    time.t = 4.0
+    assert sched.demand_fps() == 0.0
+    assert sched.start_budget_s(25.0) < 0.2  # one session's budget again, not an overload's
 
 
 # --------------------------------------------------------------------------- failures (real thread)

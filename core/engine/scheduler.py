@@ -150,6 +150,8 @@ class InferenceScheduler:
         self._closed = False
         self._run_est: dict[int, float] = {}
         self._served: weakref.WeakKeyDictionary[Any, list[float]] = weakref.WeakKeyDictionary()
+        #: the paced sessions present (open, speaking or not) and their frame rates
+        self._present: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._rate_window = [0.0, 0, 0.0]  # [window start, paced items in it, items/s of the last window]
         self._restart_times: list[float] = []
         self._in_hand: list[WorkItem] = []
@@ -187,6 +189,21 @@ class InferenceScheduler:
         if closed:  # (sessions are closed before their scheduler: only a failed scheduler gets here)
             _safe(item.client.on_failure, BackendError("the shared inference has stopped"))
 
+    def attach(self, client: Any, fps: float) -> None:
+        """``client`` (a paced session) is open and may submit ``fps`` frames a second from now on.
+
+        The start budget plans for every session present, speaking or not: one
+        that starts speaking during another's utterance must not make it late.
+        :meth:`cancel` without a generation detaches it.
+        """
+        with self._cv:
+            self._present[client] = max(0.0, float(fps))
+
+    def present_fps(self) -> float:
+        """Frames per second the attached sessions submit when they all speak."""
+        with self._cv:
+            return float(sum(list(self._present.values())))
+
     def cancel(self, client: Any, below_generation: int | None = None) -> int:
         """Drop ``client``'s pending items (those of older generations only, if given); returns how many."""
 
@@ -201,6 +218,7 @@ class InferenceScheduler:
             heapq.heapify(self._unpaced)
             if below_generation is None:
                 self._served.pop(client, None)
+                self._present.pop(client, None)
             return n - len(self._paced) - len(self._unpaced)
 
     @property
@@ -241,17 +259,25 @@ class InferenceScheduler:
     def demand_fps(self) -> float:
         """Paced frames submitted per second (a sliding one-second window)."""
         start, cur, prev = self._rate_window
-        f = min(1.0, max(0.0, self.clock.now() - start))
-        return float(prev * (1.0 - f) + cur) if prev or f >= 0.25 else cur / 0.25
+        age = max(0.0, self.clock.now() - start)
+        if age >= 2.0:  # nothing submitted for a second or more (the window only rolls on a submit)
+            return 0.0
+        if age >= 1.0:  # the window is complete: it is the one before, and the current one is empty
+            prev, cur, age = cur, 0, age - 1.0
+        return float(prev * (1.0 - age) + cur) if prev or age >= 0.25 else cur / 0.25
 
-    def planned_batch(self) -> int:
-        """The smallest batch whose throughput covers the paced demand (the full batch when none does)."""
-        demand = self.demand_fps()
+    def planned_batch(self, demand_fps: float | None = None) -> int:
+        """The smallest batch whose throughput covers ``demand_fps`` (default: the paced demand) with 10 % headroom.
+
+        When no batch covers it (overload), the smallest batch within 1 % of the
+        bound: a larger one serves no more frames per second, it only waits longer.
+        """
+        demand = self.demand_fps() if demand_fps is None else demand_fps
         for b in range(1, self.batch_size + 1):
             t = self.estimate_s(b)
             if t <= 0 or b / t >= demand * 1.1:
                 return b
-        return self.batch_size
+        return self.capacity_batch(0.99)
 
     def capacity_batch(self, share: float = 0.9) -> int:
         """The smallest batch whose throughput reaches ``share`` of the bound."""
@@ -262,19 +288,30 @@ class InferenceScheduler:
                 return b
         return self.batch_size
 
-    def start_budget_s(self) -> float:
+    def start_budget_s(self, fps: float = 0.0) -> float:
         """What a new utterance's first frame needs: a batch already running, its own batch, the wait to fill it.
 
-        The batch is the one at which the backend reaches its bound (the load
-        admission allows), or a larger one the current load needs or ran in the
-        last two seconds: a budget made while the load was light still holds
-        when it grows to what was admitted.
+        Its own batch is the one the load present needs (:meth:`planned_batch`):
+        that of the sessions attached (:meth:`attach`, speaking or not: one that
+        starts speaking during this utterance must not make it late), or when
+        none is, the paced demand of the last second plus ``fps`` (the new
+        utterance's own frames). The batch already running is that one or the
+        largest that ran in the last two seconds (a burst, offline work filling
+        batches); none for a session alone whose frames each run alone and are
+        done before its next one comes. With few sessions this is one or two
+        small batches' cost, not two full batches'; it grows with the sessions
+        present toward the batch at the bound, never beyond it.
         """
         size, when = self._recent_batch
         if self.clock.now() - when > 2.0:
             size = 1
-        b = max(self.planned_batch(), size, self.capacity_batch(0.99))
-        return 2.0 * (self._done_by(b, 0.0)) + self.max_wait_s
+        fps = max(0.0, fps)
+        demand = self.present_fps() or self.demand_fps() + fps
+        b = self.planned_batch(demand)
+        own = self._done_by(b, 0.0) + self.max_wait_s
+        if b == size == 1 and demand <= fps * 1.001 and not self._unpaced and own <= 1.0 / max(fps, 1e-9):
+            return own  # a lone session whose frame is done before its next one comes never finds a batch running
+        return self._done_by(max(b, size), 0.0) + own
 
     def warm(self) -> None:
         """Run the backend on zeros at the full batch, then at 1, measuring both (before any session waits).

@@ -165,6 +165,8 @@ class Session(_Output):
             self._opened.append(s)
         self.opened_at = self.clock.now()
         self._origin = self.opened_at
+        if self.options.paced:  # its start budget and every other's plan for it from now on (until _halt)
+            self.scheduler.attach(self, float(self.fps))
         self.state = "idle"
         self._spawn("features", self._features)
         self._spawn("composite", self._composite)
@@ -523,7 +525,7 @@ class Session(_Output):
         """
         budget = self.options.start_budget_s
         if budget is None:
-            budget = self.scheduler.start_budget_s() + self._composite_allowance()
+            budget = self.scheduler.start_budget_s(float(self.fps)) + self._composite_allowance()
         fps = float(self.fps)
         prev = None
         for u in self._utts:
