@@ -1,0 +1,240 @@
+"""CPU time of the AVE feature stage per 25 fps frame, this checkout against a baseline commit, in one run.
+
+The feature stage of a live session (``Session._features``) pushes PCM as it
+arrives (20 ms chunks by default) into an ``ave`` row stream and a
+:class:`~avatar.windows.WindowAssembler`. This measures its **thread CPU time**
+(:func:`time.thread_time`: the calling thread only, so other load on the
+machine changes the figures less than wall time would) per video frame, in
+four parts:
+
+* ``mel``: the streaming mel spectrogram (:class:`avatar.mel.MelStream`) alone;
+* ``stage w/o encoder``: mel, encoder windows, the shared-encoder front
+  (:class:`avatar.batching.CallBatcher`) and the model windows, with the
+  encoder call replaced by zeros: the per-frame cost around the encoder;
+* ``stage``: the same with the real encoder (ONNX Runtime, ``--threads``);
+* ``encoder batch B``: the encoder alone, CPU ms per window.
+
+The baseline is the code of ``core/mel.py``, ``core/windows.py`` and
+``plugins/features/ave.py`` at ``--baseline`` (read with ``git show``), loaded
+beside this checkout's; both run in the same process, interleaved repeat by
+repeat, and their windows are compared (they must agree within 1e-5).
+
+    python benchmarks/feature_cost.py --seconds 20 --repeats 7 --out benchmarks/results/feature-cost-cpu-2core
+    python benchmarks/feature_cost.py --seconds 2 --repeats 2 --tiny     # a smoke run
+
+The encoder is the full-size AVE network with seeded weights (the real
+weights are not public; the cost is the same); ``--tiny`` uses the small test
+encoder. Timing figures need a quiet machine: the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("AVATAR_SHARED_DATA", ROOT.parent / "shared" / "data"))
+#: main before the feature-stage rework (issue 19): the default baseline
+BASELINE = "2a868ea"
+FPS_SAMPLES = 640  # 16 kHz samples per 25 fps frame
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_baseline(ref: str, workdir: Path) -> dict[str, ModuleType]:
+    """The feature-stage modules at commit ``ref``, importable beside the current ones."""
+
+    def show(path: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{path}"], capture_output=True, text=True,
+                                  check=True).stdout
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise SystemExit(f"cannot read {path} at {ref} (a git checkout is needed for the baseline): {exc}") from None
+
+    sources = {
+        "_fc_base_mel": show("core/mel.py").replace("from .errors import", "from avatar.errors import"),
+        "_fc_base_windows": show("core/windows.py").replace("from .interfaces import", "from avatar.interfaces import"),
+        "_fc_base_ave": show("plugins/features/ave.py").replace("from avatar.mel import", "from _fc_base_mel import"),
+    }
+    for name, text in sources.items():
+        (workdir / f"{name}.py").write_text(text)
+    sys.path.insert(0, str(workdir))
+    mods = {name: importlib.import_module(name) for name in sources}
+    return {"mel": mods["_fc_base_mel"], "windows": mods["_fc_base_windows"], "ave": mods["_fc_base_ave"]}
+
+
+def current() -> dict[str, ModuleType]:
+    import avatar.mel
+    import avatar.windows
+    import avatar_plugins.features.ave
+
+    return {"mel": avatar.mel, "windows": avatar.windows, "ave": avatar_plugins.features.ave}
+
+
+def speech(seconds: float) -> np.ndarray:
+    from avatar.audio import load_audio
+    from avatar.demo import speechlike_audio
+
+    real = DATA / "audio" / "talk_hb.wav"
+    pcm = load_audio(real, 16000) if real.exists() else speechlike_audio(max(seconds, 1.0), seed=2)
+    reps = int(np.ceil(seconds * 16000 / len(pcm)))
+    return np.tile(pcm, reps)[: int(seconds * 16000)].astype(np.float32)
+
+
+def run_mel(mods: dict[str, ModuleType], pcm: np.ndarray, chunk: int) -> np.ndarray:
+    m = mods["mel"].MelStream()
+    rows = [m.push(pcm[i : i + chunk]) for i in range(0, len(pcm), chunk)]
+    return np.concatenate([*rows, m.finish()])
+
+
+def run_stage(mods: dict[str, ModuleType], source: Any, pcm: np.ndarray, chunk: int) -> np.ndarray:
+    """What ``Session._features`` does per chunk: rows now final, then the windows now final."""
+    stream, asm = source.open_stream(), mods["windows"].WindowAssembler(source)
+    out = []
+    for i in range(0, len(pcm), chunk):
+        rows = stream.push(pcm[i : i + chunk])
+        if len(rows):
+            out.extend(w for _, w in asm.push(rows))
+    out.extend(w for _, w in asm.push(stream.finish()))
+    out.extend(w for _, w in asm.finish())
+    return np.stack(out)
+
+
+def cpu_ms(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.thread_time()
+    result = fn()
+    return (time.thread_time() - t) * 1000.0, result
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", default=BASELINE, help=f"git commit of the old code (default {BASELINE})")
+    p.add_argument("--seconds", type=float, default=20.0, help="speech per repeat")
+    p.add_argument("--chunk", type=int, default=320, help="samples per push (320: 20 ms)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="encoder intra-op threads (the thread budget's 1)")
+    p.add_argument("--encoder", help="AVE encoder ONNX (default: a seeded full-size one)")
+    p.add_argument("--tiny", action="store_true", help="the small test encoder (a smoke run)")
+    p.add_argument("--out", help="write OUT.json and OUT.md")
+    args = p.parse_args()
+
+    from avatar.models.synthetic import make_audio_encoder
+
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="feature-cost-") as tmp:
+        workdir = Path(tmp)
+        impls = {"baseline": load_baseline(args.baseline, workdir), "current": current()}
+        encoder = Path(args.encoder) if args.encoder else make_audio_encoder(workdir / "ave.onnx", seed=0, tiny=args.tiny)
+        pcm = speech(args.seconds)
+        frames = -(-len(pcm) // FPS_SAMPLES)
+        sources = {k: m["ave"].AveSource(encoder=encoder, threads=args.threads) for k, m in impls.items()}
+        stubbed = {k: m["ave"].AveSource(encoder=encoder, threads=args.threads) for k, m in impls.items()}
+        for s in stubbed.values():  # the encoder call only: the batcher and everything around it still run
+            s.batcher._fn = lambda x: np.zeros((len(x), 512), np.float32)
+        parts: dict[str, Callable[[str], Callable[[], Any]]] = {
+            "mel": lambda k: lambda: run_mel(impls[k], pcm, args.chunk),
+            "stage w/o encoder": lambda k: lambda: run_stage(impls[k], stubbed[k], pcm, args.chunk),
+            "stage": lambda k: lambda: run_stage(impls[k], sources[k], pcm, args.chunk),
+        }
+        samples: dict[str, dict[str, list[float]]] = {part: {k: [] for k in impls} for part in parts}
+        diffs: dict[str, float] = {}
+        for rep in range(args.warmup + args.repeats):
+            outs: dict[str, dict[str, np.ndarray]] = {}
+            for part, make in parts.items():
+                order = list(impls) if rep % 2 == 0 else list(reversed(impls))  # alternate who goes first
+                for k in order:
+                    ms, out = cpu_ms(make(k))
+                    outs.setdefault(part, {})[k] = out
+                    if rep >= args.warmup:
+                        samples[part][k].append(ms / frames)
+            for part, o in outs.items():
+                d = float(np.abs(o["baseline"] - o["current"]).max()) if o["baseline"].shape == o["current"].shape else float("inf")
+                diffs[part] = max(diffs.get(part, 0.0), d)
+        enc = sources["current"]
+        rng = np.random.default_rng(0)
+        encoder_ms: dict[int, list[float]] = {}
+        for b in (1, 4):
+            x = rng.standard_normal((b, 1, 80, 16)).astype(np.float32)
+            n = max(1, 100 // b)
+            for rep in range(args.warmup + args.repeats):
+                ms, _ = cpu_ms(lambda: [enc.encode(x) for _ in range(n)])
+                if rep >= args.warmup:
+                    encoder_ms.setdefault(b, []).append(ms / (n * b))
+        for s in [*sources.values(), *stubbed.values()]:
+            s.close()
+
+    rows = []
+    for part, by in samples.items():
+        ratios = [c / b for b, c in zip(by["baseline"], by["current"])]
+        rows.append({"part": part, "baseline_median": statistics.median(by["baseline"]), "baseline_p90": pct(by["baseline"], 90),
+                     "current_median": statistics.median(by["current"]), "current_p90": pct(by["current"], 90),
+                     "ratio_median": statistics.median(ratios), "max_abs_diff": diffs[part]})
+    result = {
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_start": [round(x, 2) for x in load_start],
+                    "load_end": [round(x, 2) for x in os.getloadavg()]},
+        "baseline": args.baseline, "seconds": args.seconds, "chunk": args.chunk, "repeats": args.repeats,
+        "warmup": args.warmup, "threads": args.threads, "encoder": "tiny" if args.tiny else (args.encoder or "seeded full-size AVE"),
+        "frames_per_repeat": frames, "parts": rows,
+        "encoder_ms_per_window": {str(b): {"median": statistics.median(v), "p90": pct(v, 90)} for b, v in encoder_ms.items()},
+    }
+    md = markdown(result)
+    print(md)
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out + ".md").write_text(md)
+    worst = max(r["max_abs_diff"] for r in rows)
+    if worst > 1e-5:
+        raise SystemExit(f"the current feature stage differs from the baseline by {worst:g} (more than 1e-5)")
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"# AVE feature stage — CPU per frame, {r['baseline']} against this checkout",
+        "",
+        f"{m['cpu']} ({m['cores']} cores). {r['seconds']:g} s of speech pushed in {r['chunk']}-sample chunks, "
+        f"{r['frames_per_repeat']} frames per repeat, {r['warmup']} warm-up + {r['repeats']} repeats, interleaved; "
+        f"encoder: {r['encoder']}, {r['threads']} thread(s). Thread CPU time (the calling thread). "
+        f"Load average at start {m['load_start']}, at end {m['load_end']}.",
+        "",
+        "| part | baseline ms/frame (median, p90) | current ms/frame (median, p90) | current / baseline | max abs diff |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in r["parts"]:
+        lines.append(f"| {row['part']} | {row['baseline_median']:.3f}, {row['baseline_p90']:.3f} | "
+                     f"{row['current_median']:.3f}, {row['current_p90']:.3f} | {row['ratio_median']:.2f} | "
+                     f"{row['max_abs_diff']:.1e} |")
+    lines += ["", "| encoder alone, batch | CPU ms per window (median, p90) |", "|---:|---:|"]
+    for b, v in r["encoder_ms_per_window"].items():
+        lines.append(f"| {b} | {v['median']:.3f}, {v['p90']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
