@@ -1,4 +1,4 @@
-"""CPU time of the AVE feature stage per 25 fps frame, this checkout against a baseline commit, in one run.
+"""CPU time of a speech frame outside the model and the output encoder, this checkout against a baseline commit.
 
 The feature stage of a live session (``Session._features``) pushes PCM as it
 arrives (20 ms chunks by default) into an ``ave`` row stream and a
@@ -12,15 +12,21 @@ four parts:
   (:class:`avatar.batching.CallBatcher`) and the model windows, with the
   encoder call replaced by zeros: the per-frame cost around the encoder;
 * ``stage``: the same with the real encoder (ONNX Runtime, ``--threads``);
-* ``encoder batch B``: the encoder alone, CPU ms per window.
+* ``visual input``: the model's visual input of one face (``vision.visual_batch``);
+* ``output to face + composite (720p)``: the model output to a uint8 face and
+  the face pasted into a 1280x720 frame converted from I420, as
+  ``composite_faces`` does (before: into a copy of the read-only frame);
+* ``encoder alone``: CPU ms per window at batch 1 and 4 (process CPU time);
+  with ``--bf16`` also on OpenVINO bf16 (ungated: informational only).
 
 The baseline is the code of ``core/mel.py``, ``core/windows.py`` and
-``plugins/features/ave.py`` at ``--baseline`` (read with ``git show``), loaded
+``plugins/features/ave.py`` and ``core/vision.py`` at ``--baseline`` (read with ``git show``), loaded
 beside this checkout's; both run in the same process, interleaved repeat by
-repeat, and their windows are compared (they must agree within 1e-5).
+repeat, and their outputs are compared (they must agree within 1e-5; they are
+in fact identical).
 
-    python benchmarks/feature_cost.py --seconds 20 --repeats 7 --out benchmarks/results/feature-cost-cpu-2core
-    python benchmarks/feature_cost.py --seconds 2 --repeats 2 --tiny     # a smoke run
+    python benchmarks/speech_frame_cost.py --seconds 20 --repeats 7 --bf16 --out benchmarks/results/speech-frame-cost-cpu-2core
+    python benchmarks/speech_frame_cost.py --seconds 2 --repeats 2 --tiny     # a smoke run
 
 The encoder is the full-size AVE network with seeded weights (the real
 weights are not public; the cost is the same); ``--tiny`` uses the small test
@@ -76,20 +82,30 @@ def load_baseline(ref: str, workdir: Path) -> dict[str, ModuleType]:
         "_fc_base_mel": show("core/mel.py").replace("from .errors import", "from avatar.errors import"),
         "_fc_base_windows": show("core/windows.py").replace("from .interfaces import", "from avatar.interfaces import"),
         "_fc_base_ave": show("plugins/features/ave.py").replace("from avatar.mel import", "from _fc_base_mel import"),
+        "_fc_base_vision": show("core/vision.py").replace("from .errors import", "from avatar.errors import"),
     }
     for name, text in sources.items():
         (workdir / f"{name}.py").write_text(text)
     sys.path.insert(0, str(workdir))
     mods = {name: importlib.import_module(name) for name in sources}
-    return {"mel": mods["_fc_base_mel"], "windows": mods["_fc_base_windows"], "ave": mods["_fc_base_ave"]}
+    return {"mel": mods["_fc_base_mel"], "windows": mods["_fc_base_windows"], "ave": mods["_fc_base_ave"],
+            "vision": mods["_fc_base_vision"], "writable_frames": False}
+
+
+def cv2_i420(bgr: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420)
 
 
 def current() -> dict[str, ModuleType]:
     import avatar.mel
+    import avatar.vision
     import avatar.windows
     import avatar_plugins.features.ave
 
-    return {"mel": avatar.mel, "windows": avatar.windows, "ave": avatar_plugins.features.ave}
+    return {"mel": avatar.mel, "windows": avatar.windows, "ave": avatar_plugins.features.ave, "vision": avatar.vision,
+            "writable_frames": True}
 
 
 def speech(seconds: float) -> np.ndarray:
@@ -121,6 +137,56 @@ def run_stage(mods: dict[str, ModuleType], source: Any, pcm: np.ndarray, chunk: 
     return np.stack(out)
 
 
+def openvino_bf16(encoder: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """CPU ms per window of the encoder alone on OpenVINO bf16 (process CPU: OpenVINO may run on its own thread)."""
+    from avatar.interfaces import BackendOptions
+    from avatar.plugins import get_plugin_manager
+
+    try:
+        cls = get_plugin_manager().backend_class("openvino")
+        be = cls(encoder, BackendOptions(precision="bf16", precision_explicit=True, max_batch=4, threads=args.threads,
+                                         extra={"allow_failed_gate": True}))
+    except Exception as exc:  # not installed, or no bf16 on this CPU: the row is left out
+        print(f"openvino bf16 not measured: {exc}", file=sys.stderr)
+        return {}
+    out: dict[str, list[float]] = {}
+    rng = np.random.default_rng(0)
+    for b in (1, 4):
+        feeds = {be.inputs[0].name: rng.standard_normal((b, 1, 80, 16)).astype(np.float32)}
+        n = max(1, 100 // b)
+        for rep in range(args.warmup + args.repeats):
+            t = time.process_time()
+            for _ in range(n):
+                be.run(feeds)
+            if rep >= args.warmup:
+                out.setdefault(f"{b} (openvino bf16, ungated)", []).append((time.process_time() - t) * 1000.0 / (n * b))
+    be.close()
+    return out
+
+
+def run_frames(mods: dict[str, Any], frames: int, stored: np.ndarray, box: tuple[int, int, int, int],
+               faces: np.ndarray, outputs: np.ndarray, part: str) -> np.ndarray:
+    """Per-frame work after the features for ``frames`` speech frames: the model's visual input, or the
+    model output to a face and the face pasted into a 720p frame converted from the store's I420."""
+    import cv2
+
+    v = mods["vision"]
+    last = None
+    for i in range(frames):
+        k = i % len(faces)
+        if part == "visual":
+            last = v.visual_batch(faces[k : k + 1])
+            continue
+        face = v.output_to_uint8(outputs[k : k + 1])[0]
+        frame = cv2.cvtColor(stored, cv2.COLOR_YUV2BGR_I420)  # FrameStore.frame: new memory either way
+        if mods["writable_frames"]:  # composite_faces now: paste into it
+            last = v.composite(frame, box, face, interpolation="area", inplace=True)
+        else:  # before: the frame was read-only, composite() copied it
+            frame.setflags(write=False)
+            last = v.composite(frame, box, face, interpolation="area")
+    return np.asarray(last)
+
+
 def cpu_ms(fn: Callable[[], Any]) -> tuple[float, Any]:
     t = time.thread_time()
     result = fn()
@@ -141,6 +207,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="encoder intra-op threads (the thread budget's 1)")
     p.add_argument("--encoder", help="AVE encoder ONNX (default: a seeded full-size one)")
     p.add_argument("--tiny", action="store_true", help="the small test encoder (a smoke run)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time the encoder alone on OpenVINO bf16 (ungated: its rows differ; informational)")
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args()
 
@@ -157,7 +225,15 @@ def main() -> None:
         stubbed = {k: m["ave"].AveSource(encoder=encoder, threads=args.threads) for k, m in impls.items()}
         for s in stubbed.values():  # the encoder call only: the batcher and everything around it still run
             s.batcher._fn = lambda x: np.zeros((len(x), 512), np.float32)
+        rng = np.random.default_rng(1)
+        stored = cv2_i420(rng.integers(0, 256, (720, 1280, 3), np.uint8))
+        box = (490, 120, 810, 440)
+        faces = rng.integers(0, 256, (8, 320, 320, 3), np.uint8)
+        outputs = rng.random((8, 3, 320, 320), dtype=np.float32)
         parts: dict[str, Callable[[str], Callable[[], Any]]] = {
+            "visual input": lambda k: lambda: run_frames(impls[k], frames, stored, box, faces, outputs, "visual"),
+            "output to face + composite (720p)":
+                lambda k: lambda: run_frames(impls[k], frames, stored, box, faces, outputs, "composite"),
             "mel": lambda k: lambda: run_mel(impls[k], pcm, args.chunk),
             "stage w/o encoder": lambda k: lambda: run_stage(impls[k], stubbed[k], pcm, args.chunk),
             "stage": lambda k: lambda: run_stage(impls[k], sources[k], pcm, args.chunk),
@@ -178,16 +254,21 @@ def main() -> None:
                 diffs[part] = max(diffs.get(part, 0.0), d)
         enc = sources["current"]
         rng = np.random.default_rng(0)
-        encoder_ms: dict[int, list[float]] = {}
+        encoder_ms: dict[str, list[float]] = {}
         for b in (1, 4):
             x = rng.standard_normal((b, 1, 80, 16)).astype(np.float32)
             n = max(1, 100 // b)
             for rep in range(args.warmup + args.repeats):
-                ms, _ = cpu_ms(lambda: [enc.encode(x) for _ in range(n)])
+                t = time.process_time()  # the whole process: an encoder with --threads > 1 has a pool
+                for _ in range(n):
+                    enc.encode(x)
                 if rep >= args.warmup:
-                    encoder_ms.setdefault(b, []).append(ms / (n * b))
+                    encoder_ms.setdefault(f"{b} (onnxruntime fp32, as the source runs it)", []).append(
+                        (time.process_time() - t) * 1000.0 / (n * b))
         for s in [*sources.values(), *stubbed.values()]:
             s.close()
+        if args.bf16:
+            encoder_ms.update(openvino_bf16(encoder, args))
 
     rows = []
     for part, by in samples.items():
@@ -216,7 +297,7 @@ def main() -> None:
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
-        f"# AVE feature stage — CPU per frame, {r['baseline']} against this checkout",
+        f"# A speech frame outside the model and the output encoder — CPU per frame, {r['baseline']} against this checkout",
         "",
         f"{m['cpu']} ({m['cores']} cores). {r['seconds']:g} s of speech pushed in {r['chunk']}-sample chunks, "
         f"{r['frames_per_repeat']} frames per repeat, {r['warmup']} warm-up + {r['repeats']} repeats, interleaved; "
@@ -230,7 +311,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {row['part']} | {row['baseline_median']:.3f}, {row['baseline_p90']:.3f} | "
                      f"{row['current_median']:.3f}, {row['current_p90']:.3f} | {row['ratio_median']:.2f} | "
                      f"{row['max_abs_diff']:.1e} |")
-    lines += ["", "| encoder alone, batch | CPU ms per window (median, p90) |", "|---:|---:|"]
+    lines += ["", "| encoder alone, batch | CPU ms per window (median, p90) |", "|---|---:|"]
     for b, v in r["encoder_ms_per_window"].items():
         lines.append(f"| {b} | {v['median']:.3f}, {v['p90']:.3f} |")
     return "\n".join(lines) + "\n"
