@@ -302,7 +302,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"{m['cpu']} ({m['cores']} cores). {r['seconds']:g} s of speech pushed in {r['chunk']}-sample chunks, "
         f"{r['frames_per_repeat']} frames per repeat, {r['warmup']} warm-up + {r['repeats']} repeats, interleaved; "
         f"encoder: {r['encoder']}, {r['threads']} thread(s). Thread CPU time (the calling thread). "
-        f"Load average at start {m['load_start']}, at end {m['load_end']}.",
+        f"Load average at start {m['load_start']}, at end {m['load_end']}."
+        + (" **A loaded machine: CPU time moves less than wall time, but re-measure on a quiet one.**"
+           if max(m["load_start"][0], m["load_end"][0]) > (m["cores"] or 1) else ""),
         "",
         "| part | baseline ms/frame (median, p90) | current ms/frame (median, p90) | current / baseline | max abs diff |",
         "|---|---:|---:|---:|---:|",
