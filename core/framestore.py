@@ -163,8 +163,13 @@ class FrameStore:
         with self._lock:
             return sum(a.nbytes for a in self._pinned.values()) + sum(a.nbytes for a in self._gops.values())
 
-    def frame(self, i: int) -> np.ndarray:
-        """Frame ``i`` as BGR uint8 ``[H, W, 3]`` (read-only)."""
+    def frame(self, i: int, *, writable: bool = False) -> np.ndarray:
+        """Frame ``i`` as BGR uint8 ``[H, W, 3]``: read-only, or with ``writable`` a new array the caller owns.
+
+        An I420 store converts every call into new memory, so ``writable``
+        costs nothing there (a caller that would copy the frame to paste into
+        it saves that copy); a store of BGR frames copies the kept frame.
+        """
         self._ensure_index()
         n = len(self._pts)
         if not 0 <= i < n:
@@ -186,11 +191,12 @@ class FrameStore:
                     self._gops.move_to_end(g)
         kept = gop[i - self._gop_starts[g]]
         if not self._i420:
-            return kept
+            return kept.copy() if writable else kept
         import cv2
 
         out = cv2.cvtColor(kept, cv2.COLOR_YUV2BGR_I420)
-        out.setflags(write=False)
+        if not writable:
+            out.setflags(write=False)
         return out
 
     def frames(self, indices: Iterable[int]) -> Iterator[np.ndarray]:

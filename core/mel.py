@@ -108,18 +108,41 @@ def _hann() -> np.ndarray:
 # ----------------------------------------------------------------- offline
 
 
+@lru_cache(maxsize=1)
+def _basis() -> np.ndarray:
+    # the filterbank as the float64 right-hand side of the product, made once
+    # (the layout of ``mel_filterbank().T.astype(float64)``: the same sums)
+    out = mel_filterbank().T.astype(np.float64)
+    out.setflags(write=False)
+    return out
+
+
 def _frames_to_mel(padded: np.ndarray, n_frames: int) -> np.ndarray:
-    """Normalised mel rows ``[n_frames, 80]`` of frames starting at ``padded[200 t]``."""
+    """Normalised mel rows ``[n_frames, 80]`` of frames starting at ``padded[200 t]``.
+
+    A live stream calls this for one or two frames at a time, so the fixed
+    cost per call matters as much as the arithmetic: the basis is cached, the
+    frames are a strided view and the scaling runs in place (the same float64
+    operations in the same order as the expression in the module notes).
+    """
     out = np.empty((max(n_frames, 0), N_MELS), np.float32)
-    basis = mel_filterbank().T.astype(np.float64)
+    basis, hann = _basis(), _hann()
     # blocks bound the float64 frame matrix (an hour of audio would need 1.8 GB at once)
     for b0 in range(0, n_frames, _BLOCK_FRAMES):
         b1 = min(n_frames, b0 + _BLOCK_FRAMES)
         seg = padded[b0 * HOP : (b1 - 1) * HOP + N_FFT]
-        frames = np.lib.stride_tricks.sliding_window_view(seg, N_FFT)[::HOP]
-        mel = np.abs(np.fft.rfft(frames * _hann(), axis=1)) @ basis
-        db = 20.0 * np.log10(np.maximum(1e-5, mel)) - 20.0
-        out[b0:b1] = np.clip(8.0 * (db + 100.0) / 100.0 - 4.0, -4.0, 4.0)
+        step = seg.strides[0]
+        frames = np.lib.stride_tricks.as_strided(seg, (b1 - b0, N_FFT), (HOP * step, step), writeable=False)
+        mel = np.abs(np.fft.rfft(frames * hann, axis=1)) @ basis
+        np.maximum(mel, 1e-5, out=mel)
+        np.log10(mel, out=mel)
+        mel *= 20.0  # dB less the reference level: 20 log10(x) - 20
+        mel -= 20.0
+        mel += 100.0  # normalised: 8 (dB + 100) / 100 - 4, clipped to [-4, 4]
+        mel *= 8.0
+        mel /= 100.0
+        mel -= 4.0
+        np.clip(mel, -4.0, 4.0, out=out[b0:b1])
     return out
 
 
@@ -175,6 +198,11 @@ class MelStream:
         self._started = pad_mode == "constant"  # reflect waits for 401 samples
         self._tail = np.zeros(0)  # last 401 pre-emphasised samples (reflect end pad)
         self._finished = False
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples held for rows not yet out (under one STFT frame plus the last push's)."""
+        return len(self._buf)
 
     @staticmethod
     def rows_final_after(n_samples: int) -> int:

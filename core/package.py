@@ -589,9 +589,9 @@ class AvatarPackage:
             raise AvatarPackageError(f"avatar package {self.path} is invalid:\n  - " + "\n  - ".join(problems))
 
     # frames
-    def frame(self, i: int) -> np.ndarray:
-        """Full frame ``i``, BGR uint8 (read-only view; copy before modifying)."""
-        return self.store.frame(i)
+    def frame(self, i: int, *, writable: bool = False) -> np.ndarray:
+        """Full frame ``i``, BGR uint8: read-only, or with ``writable`` a new array the caller owns."""
+        return self.store.frame(i, writable=writable)
 
     def frames(self, indices: Iterable[int]) -> Iterator[np.ndarray]:
         return self.store.frames(indices)

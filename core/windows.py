@@ -55,18 +55,26 @@ class WindowAssembler:
     def __init__(self, source: "FeatureSource") -> None:
         self.source = source
         # Only rows still needed are kept (live streams run for hours):
-        # self._rows[k] is row self._base + k.
-        self._rows: list[np.ndarray] = []
+        # self._rows[k] is row self._base + k, one array (a window inside it is one slice).
+        self._rows: np.ndarray = np.zeros((0, *source.row_shape), np.float32)
         self._base = 0
         self._next = 0
         self._first: np.ndarray | None = None
+
+    @property
+    def kept_rows(self) -> int:
+        """Rows held for windows not yet made (bounded by the window length, however long the stream)."""
+        return len(self._rows)
 
     def _emit(self, i: int, final_n: int | None) -> np.ndarray:
         s = self.source
         before, count = s.window_before, s.window_rows
         n_known = self._base + len(self._rows) if final_n is None else final_n
+        lo = i - before
+        if lo >= self._base and lo + count <= n_known:  # away from the edges: one copy of one slice
+            return self._rows[lo - self._base : lo - self._base + count].reshape(s.window_shape).copy()
         parts = []
-        for j in range(i - before, i - before + count):
+        for j in range(lo, lo + count):
             if 0 <= j < n_known:
                 parts.append(self._rows[j - self._base])
             elif s.padding == "replicate":
@@ -78,16 +86,19 @@ class WindowAssembler:
     def push(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """Add rows; yield ``(frame index, window)`` for every window now final."""
         rows = np.asarray(rows, dtype=np.float32)
-        if self._first is None and len(rows):
-            self._first = rows[0]
-        self._rows.extend(rows)
+        if len(rows):
+            if self._first is None:
+                self._first = rows[0]
+            # the rows kept from earlier pushes (a window's worth) and the new ones in one array;
+            # with none kept (the first push: an offline signal's rows at once) the rows are not copied
+            self._rows = np.concatenate([self._rows, rows]) if len(self._rows) else rows
         need_after = self.source.window_rows - self.source.window_before - 1
         while self._next + need_after < self._base + len(self._rows):
             yield self._next, self._emit(self._next, None)
             self._next += 1
         drop = self._next - self.source.window_before - self._base
         if drop > 0:
-            del self._rows[:drop]
+            self._rows = self._rows[drop:]
             self._base += drop
 
     def finish(self) -> Iterator[tuple[int, np.ndarray]]:

@@ -351,6 +351,37 @@ def test_streaming_windows_equal_offline(pm, models, padding: str) -> None:  # t
     assert np.abs(np.stack([got[i] for i in range(len(offline))]) - offline).max() <= 1e-5
 
 
+def test_a_long_live_stream_stays_bounded_and_equals_one_push(pm, models) -> None:  # type: ignore[no-untyped-def]
+    """A minute pushed in 20 ms chunks, as a live session does: what each stage holds stays within one
+    window all along, and the rows and windows are those of the whole signal pushed at once."""
+    src = pm.feature_source("ave", encoder=models["enc0"])
+    pcm = _speechish(16000 * 60 + 123, seed=21)
+    stream, asm = src.open_stream(), WindowAssembler(src)
+    rows, windows = [], {}
+    held = {"samples": 0, "mel rows": 0, "rows": 0}
+    for i in range(0, len(pcm), 320):
+        r = stream.push(pcm[i : i + 320])
+        rows.append(r)
+        windows.update(asm.push(r))
+        held["samples"] = max(held["samples"], stream.pending_samples)
+        held["mel rows"] = max(held["mel rows"], stream.kept_mel_rows)
+        held["rows"] = max(held["rows"], asm.kept_rows)
+    tail = stream.finish()
+    rows.append(tail)
+    windows.update(asm.push(tail))
+    windows.update(asm.finish())
+    # under one STFT frame of samples; one encoder window of mel rows (16) and the 2 of one push; one model window of rows
+    assert 0 < held["samples"] < 800 and 0 < held["mel rows"] <= 16 + 2 and 0 < held["rows"] <= src.window_rows
+    once = src.rows(pcm)
+    got = np.concatenate(rows)
+    assert got.shape == once.shape == (frame_count(len(pcm)), 512)
+    assert np.abs(got - once).max() <= 1e-5
+    offline = make_windows(once, src)
+    assert sorted(windows) == list(range(len(offline)))
+    assert np.abs(np.stack([windows[i] for i in range(len(offline))]) - offline).max() <= 1e-5
+    src.close()
+
+
 # ----------------------------------------------------------------- real speech end to end
 
 

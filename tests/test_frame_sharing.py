@@ -127,3 +127,33 @@ def test_n_live_sessions_of_one_avatar_decode_each_frame_once(pkg: Path, session
     assert len(pinned) >= 2 * GOP and decodes[pinned].tolist() == [1] * len(pinned)
     visits = 2 * (max(k.n for k in sinks) // (2 * N) + 1)  # a ping-pong pass visits a GOP twice
     assert decodes.max() <= sessions * visits
+
+
+@pytest.mark.parametrize("codec", ["h264", "ffv1"])
+def test_writable_frames_are_new_memory_and_composite_pastes_into_them(pkg: Path, tmp_path: Path, codec: str) -> None:
+    """A writable frame equals the kept one and is the caller's own (I420 store: the conversion's new
+    memory, no extra copy; BGR store: a copy); compositing pastes into it and leaves the store's frames alone."""
+    from avatar.demo import synthetic_frames
+    from avatar.engine.stages import StageTimes, composite_faces
+    from avatar.package import AvatarPackage
+    from avatar.vision import composite, output_to_uint8
+
+    path = pkg
+    if codec != "h264":
+        frames, boxes = synthetic_frames(8, width=W, height=H)
+        path = write_package(tmp_path / "ffv1", iter(frames), boxes, fps=25, name="ffv1", frames_codec=codec)
+    with AvatarPackage.open(path) as p:
+        before = [np.array(p.frame(i)) for i in range(4)]
+        for i in range(4):
+            w = p.frame(i, writable=True)
+            assert w.flags.writeable and not p.frame(i).flags.writeable
+            np.testing.assert_array_equal(w, before[i])
+            w[:] = 7
+            np.testing.assert_array_equal(p.frame(i), before[i])
+        faces = np.random.default_rng(3).random((4, 3, 320, 320), dtype=np.float32)
+        got = composite_faces(p, [0, 1, 2, 3], faces, StageTimes())
+        for i, (image, _, box) in enumerate(got):
+            want = composite(before[i], box, output_to_uint8(faces[i]), interpolation=p.crop_interpolation)
+            np.testing.assert_array_equal(image, want)
+            assert not np.array_equal(image, before[i])  # the face is in it
+            np.testing.assert_array_equal(p.frame(i), before[i])

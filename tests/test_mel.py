@@ -156,6 +156,17 @@ def test_stream_random_chunks_and_short_signals(pad_mode: str) -> None:
         assert np.abs(on - off).max() <= 1e-5, n
 
 
+def test_streamed_mel_is_bit_identical_to_one_push_for_any_chunking() -> None:
+    """The per-frame mel arithmetic does not depend on how many frames one call makes."""
+    pcm = _speechish(16000 * 5 + 77, seed=22)
+    for pad in ("constant", "reflect"):
+        once = melspectrogram(pcm, pad)
+        for size in (1, 160, 320, 333, 10240):
+            s = MelStream(pad)
+            parts = [s.push(pcm[i : i + size]) for i in range(0, len(pcm), size)]
+            np.testing.assert_array_equal(np.concatenate([*parts, s.finish()]), once)
+
+
 def test_stream_releases_rows_as_soon_as_final() -> None:
     """Row t needs samples up to 200 t + 400: after n samples, (n - 400) // 200 + 1 rows are out."""
     wav = _speechish(4000, seed=6)

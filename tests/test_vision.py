@@ -192,6 +192,30 @@ def test_output_to_uint8_rounds_clips_and_transposes() -> None:
     assert np.array_equal(vision.output_to_uint8(u8), u8.transpose(1, 2, 0))
 
 
+
+def test_channel_moves_are_the_bytes_of_a_transpose_for_any_layout() -> None:
+    """output_to_uint8 and visual_batch interleave/split channels with OpenCV: every byte equals numpy's
+    transpose, for batches, single images, strided inputs and empty batches, in new contiguous memory."""
+    rng = np.random.default_rng(7)
+    floats = rng.random((3, 3, 320, 320), dtype=np.float32) * 1.2 - 0.1
+    for x in (floats, floats[1], floats[::2], floats[:0]):
+        axes = (1, 2, 0) if x.ndim == 3 else (0, 2, 3, 1)
+        for rounding, add in (("nearest", 0.5), ("truncate", 0.0)):
+            want = np.clip(x * np.float32(255.0) + np.float32(add), 0, 255).astype(np.uint8).transpose(axes)
+            got = vision.output_to_uint8(x, rounding=rounding)
+            assert got.shape == want.shape and got.flags.c_contiguous and np.array_equal(got, want)
+    u8 = rng.integers(0, 256, (2, 3, 320, 320), dtype=np.uint8)
+    strided = np.asfortranarray(u8)
+    got = vision.output_to_uint8(strided)
+    assert np.array_equal(got, u8.transpose(0, 2, 3, 1)) and not np.shares_memory(got, strided)
+    faces = rng.integers(0, 256, (3, 320, 320, 3), dtype=np.uint8)
+    for f in (faces, np.asfortranarray(faces), faces[::2]):
+        v = vision.visual_batch(f)
+        assert np.array_equal(v[:, :3], f.transpose(0, 3, 1, 2))
+        assert np.array_equal(v[:, 3:], np.stack([vision.mask_face(one) for one in f]).transpose(0, 3, 1, 2))
+    assert vision.visual_batch(faces[:0]).shape == (0, 6, 320, 320)
+
+
 # --------------------------------------------------------------------------- compositing
 
 

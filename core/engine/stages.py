@@ -311,10 +311,10 @@ def composite_faces(
     out = []
     for a, face in zip(av_idx, faces_u8):
         t, c = time.perf_counter(), time.thread_time()
-        frame = package.frame(a)
+        frame = package.frame(a, writable=True)  # new memory: the face is pasted into it, not into a copy
         t1, c1 = time.perf_counter(), time.thread_time()
         box = tuple(int(v) for v in package.boxes[a])
-        image = composite(frame, box, face, interpolation=package.crop_interpolation)
+        image = composite(frame, box, face, interpolation=package.crop_interpolation, inplace=True)
         times.add("decode", t1 - t, cpu_s=c1 - c, kind=kind)
         times.add("composite", time.perf_counter() - t1, cpu_s=time.thread_time() - c1, kind=kind)
         out.append((image, face if keep_face else None, box))

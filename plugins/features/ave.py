@@ -267,18 +267,32 @@ class AveRowStream(RowStream):
         self._next = 0  # next row to emit
         self._done = False
 
+    @property
+    def pending_samples(self) -> int:
+        """Samples the mel stream holds for rows not yet out (under one STFT frame)."""
+        return self._mel.pending_samples
+
+    @property
+    def kept_mel_rows(self) -> int:
+        """Mel rows held for rows not yet out (about one encoder window, however long the stream)."""
+        return len(self._rows_mel)
+
     def _windows(self, starts: np.ndarray) -> np.ndarray:
         """Encoder inputs ``[k, 1, 80, 16]`` for absolute mel start rows (unique ones encoded once)."""
         idx = starts[:, None] - self._mel_base + np.arange(MEL_WINDOW)[None, :]
         return self._rows_mel[idx].transpose(0, 2, 1)[:, None]
 
     def _emit(self, starts: np.ndarray) -> np.ndarray:
-        uniq, inverse = np.unique(starts, return_inverse=True)
+        # starts never decrease; they repeat only for the first two rows and the
+        # end's shift-back, so the live case (one new window) skips the de-duplication
+        repeats = len(starts) > 1 and bool((starts[1:] == starts[:-1]).any())
+        uniq, inverse = np.unique(starts, return_inverse=True) if repeats else (starts, None)
         # windows are materialised a slice at a time: an hour of audio pushed at
         # once would otherwise hold 90,000 x 5 KB of copies
         step = self.source.batch * max(1, _WINDOW_SLICE // self.source.batch)
         parts = [self.source.encode(self._windows(uniq[i : i + step])) for i in range(0, len(uniq), step)]
-        return np.concatenate(parts)[inverse]
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return rows if inverse is None else rows[inverse]
 
     def push(self, pcm: np.ndarray) -> np.ndarray:
         if self._done:
