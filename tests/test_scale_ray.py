@@ -184,6 +184,8 @@ def _drive(base: str, s: dict[str, Any], pcm: Any) -> tuple[list[dict[str, Any]]
                                                                    token=s["token"]))
             assert status[0] == 200 and final[0] == 200, (status, final)
             await _until(ws, "ended", 10, seen)
+            msg = await ws.receive(timeout=10)  # and the socket closes, with its code and why
+            seen.append({"type": "<socket>", "kind": msg.type.name, "code": msg.data, "message": msg.extra})
         return seen, status[1], final[1]
 
     return asyncio.run(main())
@@ -281,7 +283,8 @@ class TestTwoReplicas:
         events = {k: _events(seen, s["id"]) for k, (s, seen, _, _, _) in runs.items()}
         s0, seen0, status0, final0, _ = runs["single"]
         assert [e["type"] for e in events["single"]] == ["ready", "error", "error", "speech_started",
-                                                         "speech_ended", "ended"], events["single"]
+                                                         "speech_ended", "ended", "<socket>"], events["single"]
+        assert events["single"][-1] == {"type": "<socket>", "kind": "CLOSE", "code": 1000, "message": "session ended"}
         for name in ("a", "b"):
             s, seen, status, final, _ = runs[name]
             assert set(s) == set(s0) | {"replica"} and same(s) == same(s0), (s, s0)  # the create answer
