@@ -235,8 +235,12 @@ class _Api:
                 shown.append({"type": "rtmp", "url": sink.safe_url})
             elif kind == "file":
                 path = self._file_path(o.get("path"))
-                sinks.append(pm.sink("file", path=str(path)))
-                shown.append({"type": "file", "path": str(path.name)})
+                crf = o.get("crf", 20)
+                if isinstance(crf, bool) or not isinstance(crf, (int, float)) or not 0 <= crf <= 51:
+                    raise HttpError(400, "bad_request", "a file output's crf is a number from 0 (lossless) to 51 "
+                                    f"(smallest), not {crf!r:.40}")
+                sinks.append(pm.sink("file", path=str(path), crf=crf))
+                shown.append({"type": "file", "path": str(path.name), **({"crf": crf} if "crf" in o else {})})
             else:
                 raise HttpError(400, "bad_request", f"unknown output type {kind!r}; use webrtc, rtmp or file")
         return sinks, webrtc, shown
