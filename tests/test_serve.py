@@ -446,10 +446,14 @@ def test_server_token_lifetime_limit_and_ice_servers(demo_dir: Path) -> None:
         status, health = http("GET", p.url + "/health")  # open: load balancers probe it
         cap = health["capacity"]
         assert status == 200 and cap["source"] == "measured" and cap["throughput_fps"] > 0
-        # the engine's end-to-end figure: never above what the backend alone holds, and it says how it was decided
+        # the engine's end-to-end figure: never above what its own backend bound holds (the figure its basis states;
+        # throughput_fps is a second, separate timing and may differ under load), and it says how it was decided
         # (its CPU side depends on the machine's load, so the exact count is not fixed here)
-        assert 1 <= cap["sessions"] <= max(1, int(cap["throughput_fps"] * 0.9 // 25))
-        assert "backend bound" in cap["basis"] and "CPU" in cap["basis"]
+        import re
+
+        held = re.search(r"backend bound \S+ frames/s x \S+ holds (\S+) session", cap["basis"])
+        assert held and "CPU" in cap["basis"], cap["basis"]
+        assert 1 <= cap["sessions"] <= max(1, int(float(held.group(1)))), cap
         status, body = http("POST", p.url + "/v1/sessions", {"avatar": "demo"})
         assert status == 401 and "bearer token" in body["error"]["message"]
         assert http("POST", p.url + "/v1/sessions", {"avatar": "demo"}, token="x" * 22)[0] == 401
