@@ -6,15 +6,17 @@
 Each case runs in a fresh process and reports its peak RSS (``ru_maxrss``).
 What is measured is the engine's memory, so the model is a cheap stand-in (a
 backend that returns a constant face instantly) and the sinks drop the frames;
-the avatar is 1280x720. The offline render uses precomputed (npy) features,
-written for the whole audio; the live session uses the tiny seeded AVE encoder
-and is paced on the real clock for ``--live-run-s`` seconds after the push.
+the avatar is 1280x720. The offline render takes a 16 kHz WAV file (as
+``avatar run --audio`` does) and precomputed (npy) features for the whole audio,
+both written beforehand by a separate process; the live session uses the tiny
+seeded AVE encoder and is paced on the real clock for ``--live-run-s`` seconds
+after the push.
 
-Inputs count: the offline render holds its whole audio (16 kHz float32: 230 MB
-per hour) and its npy rows as the caller gave them; the live session holds the
-pushed PCM until it is shown (64 KB/s). Everything else — windows, faces,
-composited frames — is bounded by the look-ahead, so the figures should differ
-by about the inputs' size only. Memory, not timing: machine load matters little.
+The offline render decodes the file chunk by chunk and reads the npy rows a
+block at a time, and everything else — windows, faces, composited frames — is
+bounded by the look-ahead, so its figure should not depend on the audio's
+length. The live session holds the pushed PCM until it is shown (64 KB/s).
+Memory, not timing: machine load matters little.
 """
 
 from __future__ import annotations
@@ -100,14 +102,15 @@ def run_offline(d: Path, seconds: float) -> dict[str, Any]:
 
     a = _assets(d)
     pm = get_plugin_manager()
-    pcm = _noise(seconds)
-    npy = d / f"rows-{int(seconds)}.npy"  # (written by a separate process: making it is not the render's memory)
+    # both written by a separate process (making them is not the render's memory); the audio is a file, as
+    # `avatar run --audio` gives it: the render decodes it chunk by chunk and reads the npy rows block by block
+    wav, npy = d / f"audio-{int(seconds)}.wav", d / f"rows-{int(seconds)}.npy"
     contract = read_contract(a["unet"])
     source = pm.feature_source("npy", path=str(npy))
     sink = _Drop()
     t = time.perf_counter()
     report = Renderer(AvatarPackage.open(a["pkg"]), _fake_backend(contract), contract, source, [sink],
-                      RenderOptions(batch_size=8), backend_name="constant").run(pcm)
+                      RenderOptions(batch_size=8), backend_name="constant").run(wav)
     return {"case": "offline", "audio_s": seconds, "frames": report.frames, "wall_s": time.perf_counter() - t}
 
 
@@ -117,17 +120,37 @@ def _noise(seconds: float) -> Any:
     return (0.1 * np.random.default_rng(0).standard_normal(int(seconds * 16000))).astype(np.float32)
 
 
-def prepare_rows(d: Path, seconds: float) -> dict[str, Any]:
-    """The npy rows of the offline case's audio (precomputed features, as a user would have them)."""
+def _noise_chunks(seconds: float, chunk_s: float = 60.0) -> Any:
+    """The same noise, a minute at a time."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n, step = int(seconds * 16000), int(chunk_s * 16000)
+    for i in range(0, n, step):
+        yield (0.1 * rng.standard_normal(min(step, n - i))).astype(np.float32)
+
+
+def prepare_inputs(d: Path, seconds: float) -> dict[str, Any]:
+    """The offline case's audio file (16-bit WAV) and its npy rows (precomputed features, as a user would have them)."""
+    import wave
+
     import numpy as np
     from avatar.plugins import get_plugin_manager
 
     a = _assets(d)
-    pcm = _noise(seconds)
     ave = get_plugin_manager().feature_source("ave", encoder=str(a["enc"]))
-    rows = np.concatenate([ave.rows(pcm[i:i + 16000 * 60]) for i in range(0, len(pcm), 16000 * 60)])
-    np.save(d / f"rows-{int(seconds)}.npy", rows.astype(np.float32))
-    return {"case": "prepare", "audio_s": seconds, "rows": int(len(rows))}
+    stream, rows = ave.open_stream(), []
+    with wave.open(str(d / f"audio-{int(seconds)}.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        for chunk in _noise_chunks(seconds):
+            w.writeframes(np.clip(np.round(chunk * 32767), -32768, 32767).astype("<i2").tobytes())
+            rows.append(stream.push(chunk))
+    rows.append(stream.finish())
+    out = np.concatenate(rows).astype(np.float32)
+    np.save(d / f"rows-{int(seconds)}.npy", out)
+    return {"case": "prepare", "audio_s": seconds, "rows": int(len(out))}
 
 
 def run_live(d: Path, seconds: float, run_s: float) -> dict[str, Any]:
@@ -156,7 +179,7 @@ def run_live(d: Path, seconds: float, run_s: float) -> dict[str, Any]:
 def _child(args: argparse.Namespace) -> None:
     d = Path(args.dir)
     if args.case == "prepare":
-        r = prepare_rows(d, args.seconds)
+        r = prepare_inputs(d, args.seconds)
     elif args.case == "offline":
         r = run_offline(d, args.seconds)
     else:
@@ -200,8 +223,8 @@ def main() -> None:
     lines = ["# Peak RSS against audio length", "",
              "Produced by `python benchmarks/memory_bounded.py`; each row is a fresh process; 1280x720 avatar; "
              "a constant stand-in backend (memory, not model cost, is measured); frames are dropped by the sink. "
-             "The offline input (whole audio 230 MB/h, npy rows) and the live PCM held (64 KB/s) are part of the "
-             "figures: the rest is bounded by the look-ahead.", "",
+             "The offline render reads a WAV file chunk by chunk and its npy rows a block at a time; the live PCM "
+             "held (64 KB/s) is part of its figures: the rest is bounded by the look-ahead.", "",
              "| case | audio s | frames | peak RSS MiB |", "|---|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['case']} | {r['audio_s']:g} | {r['frames']} | {r['peak_rss_mb']:.0f} |")
