@@ -80,8 +80,10 @@ def render(
 
     :param avatar: an avatar package directory (see ``docs/avatar-package.md``)
         or an opened :class:`avatar.package.AvatarPackage`.
-    :param audio: an audio file path, a float32 16 kHz mono array, or an
-        iterable of such chunks (live input).
+    :param audio: an audio file path (checked in one streaming pass, then
+        decoded chunk by chunk as the render goes: memory does not grow with
+        the file), a float32 16 kHz mono array, or an iterable of such chunks
+        (live input).
     :param sinks: where frames go: a :class:`Sink`, a registered sink name, a
         ``(name, options)`` pair, or a list of those.
     :param model: the UNet-328 ONNX file; defaults to the package's model.

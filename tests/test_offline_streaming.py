@@ -254,3 +254,37 @@ def test_what_an_offline_render_holds_does_not_grow_with_its_length(small_render
     long = _held_at(small_render_kit, tmp_path, 1400, monkeypatch)
     assert short > 100  # (it counts something)
     assert long - short < 400, f"held {short} items at 200 frames, {long} at 1400"
+
+
+def test_the_audio_clock_lets_go_of_the_audio_frames_took_even_if_the_features_never_read_it() -> None:
+    """Precomputed rows make frames before their audio is read: the audio they took must not stay for a reader.
+
+    The previous clock kept every chunk the feature stage had not read, so an
+    npy render held all of its audio (and a timestamp per chunk) to the end.
+    """
+    from fractions import Fraction
+
+    from avatar.engine import _AudioClock
+
+    clock = _AudioClock(16000, Fraction(25))
+    pcm = np.arange(16000 * 60, dtype=np.float32)  # a minute, fed as an offline feeder does (0.64 s chunks)
+    shares, kept = [], []
+    j = 0
+    for i in range(0, len(pcm), 10240):
+        clock.add(pcm[i : i + 10240])
+        while clock.total >= clock.bounds(j)[1]:
+            shares.append(clock.take(j, last=False))
+            j += 1
+        kept.append(len(clock._buf) + len(clock._when))
+    np.testing.assert_array_equal(np.concatenate(shares), pcm)
+    assert max(kept) <= 4, f"chunks kept: up to {max(kept) // 2} of {len(kept)}"
+    # a reader that comes late reads on from what is still there (the chunk of the last share taken)
+    piece, _ = clock.read(640)
+    assert len(piece) == 640 and clock.bounds(j - 1)[0] - 10240 < piece[0] <= clock.bounds(j - 1)[0]
+    # audio that has not been taken stays for the reader, whole and in order
+    live = _AudioClock(16000, Fraction(25))
+    for i in range(0, 32000, 999):
+        live.add(pcm[i : min(i + 999, 32000)])
+    got = [live.read(1000)[0] for _ in range(32)]
+    np.testing.assert_array_equal(np.concatenate(got), pcm[:32000])
+    assert live.unread == 0
