@@ -2,6 +2,7 @@
 
     python benchmarks/memory_bounded.py                       # 1 h offline vs 10 s; 10 min live push vs 10 s
     python benchmarks/memory_bounded.py --offline-s 600       # a shorter long render
+    python benchmarks/memory_bounded.py --inputs /tmp/mb      # keep the prepared inputs, reuse them next time
 
 Each case runs in a fresh process and reports its peak RSS (``ru_maxrss``).
 What is measured is the engine's memory, so the model is a cheap stand-in (a
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -176,6 +178,16 @@ def run_live(d: Path, seconds: float, run_s: float) -> dict[str, Any]:
             "in_flight": st.in_flight, "lookahead_frames": st.lookahead_frames}
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _child(args: argparse.Namespace) -> None:
     d = Path(args.dir)
     if args.case == "prepare":
@@ -195,6 +207,8 @@ def main() -> None:
     ap.add_argument("--short-s", type=float, default=10.0, help="the short run both are compared with")
     ap.add_argument("--live-run-s", type=float, default=15.0, help="seconds the live session runs after the push")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "memory-bounded")
+    ap.add_argument("--inputs", type=Path, help="keep the prepared inputs (avatar, models, WAV, npy rows) in this "
+                    "folder and reuse those already there (default: a temporary folder)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
@@ -203,9 +217,14 @@ def main() -> None:
         _child(args)
         return
     results = []
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = str(args.inputs or tmp)
+        Path(d).mkdir(parents=True, exist_ok=True)
         for case, secs in (("prepare", args.short_s), ("prepare", args.offline_s), ("offline", args.short_s),
                            ("offline", args.offline_s), ("live", args.short_s), ("live", args.live_s)):
+            made = all((Path(d) / f"{k}-{int(secs)}.{x}").is_file() for k, x in (("audio", "wav"), ("rows", "npy")))
+            if case == "prepare" and made:
+                continue
             cmd = [sys.executable, __file__, "--case", case, "--seconds", str(secs), "--dir", d,
                    "--live-run-s", str(args.live_run_s)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -216,7 +235,8 @@ def main() -> None:
     import platform
 
     doc = {"benchmark": "memory_bounded", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
+           "machine": f"{_cpu_name() or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                      f"{platform.system()} {platform.release()}",
            "avatar": "1280x720, 50 frames", "backend": "constant (no model cost)", "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
@@ -225,9 +245,11 @@ def main() -> None:
              "a constant stand-in backend (memory, not model cost, is measured); frames are dropped by the sink. "
              "The offline render reads a WAV file chunk by chunk and its npy rows a block at a time; the live PCM "
              "held (64 KB/s) is part of its figures: the rest is bounded by the look-ahead.", "",
-             "| case | audio s | frames | peak RSS MiB |", "|---|---:|---:|---:|"]
+             f"Machine: {doc['machine']}; run {doc['created']}.", "",
+             "| case | audio s | frames | peak RSS MiB | wall s |", "|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['case']} | {r['audio_s']:g} | {r['frames']} | {r['peak_rss_mb']:.0f} |")
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
+        lines.append(f"| {r['case']} | {r['audio_s']:g} | {r['frames']} | {r['peak_rss_mb']:.0f} | {wall} |")
     by = {(r["case"], r["audio_s"]): r["peak_rss_mb"] for r in results}
     lines += ["", f"Offline: {by[('offline', args.offline_s)] - by[('offline', args.short_s)]:+.0f} MiB for "
               f"{args.offline_s:g} s against {args.short_s:g} s. Live: "
