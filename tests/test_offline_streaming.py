@@ -253,7 +253,9 @@ def test_what_an_offline_render_holds_does_not_grow_with_its_length(small_render
     short = _held_at(small_render_kit, tmp_path, 200, monkeypatch)
     long = _held_at(small_render_kit, tmp_path, 1400, monkeypatch)
     assert short > 100  # (it counts something)
-    assert long - short < 400, f"held {short} items at 200 frames, {long} at 1400"
+    # (the look-ahead's 32 frames in flight, if a loaded machine has not settled them, are a few hundred items;
+    # main held 3,300 more in the longer render)
+    assert long - short < 1000, f"held {short} items at 200 frames, {long} at 1400"
 
 
 def test_the_audio_clock_lets_go_of_the_audio_frames_took_even_if_the_features_never_read_it() -> None:
