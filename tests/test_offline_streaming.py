@@ -290,3 +290,19 @@ def test_the_audio_clock_lets_go_of_the_audio_frames_took_even_if_the_features_n
     got = [live.read(1000)[0] for _ in range(32)]
     np.testing.assert_array_equal(np.concatenate(got), pcm[:32000])
     assert live.unread == 0
+
+
+def test_the_shown_rate_is_counted_in_fixed_memory() -> None:
+    """Session.stats().fps: frames shown over the last interval, from 10 counters (not a timestamp per frame:
+    an unpaced render shows thousands of frames a second)."""
+    from avatar.engine.pacing import RateWindow
+
+    w = RateWindow(1.0, buckets=10)
+    for k in range(5000):  # 5,000 frames in half a second
+        w.add(100.0 + k * 1e-4)
+    assert len(w._counts) == 10
+    assert w.rate(100.5) == 5000
+    assert w.rate(101.45) == 0  # a second later they are out of the window
+    for k in range(50):  # 25 fps for 2 s
+        w.add(102.0 + k * 0.04)
+    assert 22 <= w.rate(104.0 - 1e-9) <= 25
