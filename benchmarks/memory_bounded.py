@@ -2,25 +2,29 @@
 
     python benchmarks/memory_bounded.py                       # 1 h offline vs 10 s; 10 min live push vs 10 s
     python benchmarks/memory_bounded.py --offline-s 600       # a shorter long render
+    python benchmarks/memory_bounded.py --inputs /tmp/mb      # keep the prepared inputs, reuse them next time
 
 Each case runs in a fresh process and reports its peak RSS (``ru_maxrss``).
 What is measured is the engine's memory, so the model is a cheap stand-in (a
 backend that returns a constant face instantly) and the sinks drop the frames;
-the avatar is 1280x720. The offline render uses precomputed (npy) features,
-written for the whole audio; the live session uses the tiny seeded AVE encoder
-and is paced on the real clock for ``--live-run-s`` seconds after the push.
+the avatar is 1280x720. The offline render takes a 16 kHz WAV file (as
+``avatar run --audio`` does) and precomputed (npy) features for the whole audio,
+both written beforehand by a separate process; the live session uses the tiny
+seeded AVE encoder and is paced on the real clock for ``--live-run-s`` seconds
+after the push.
 
-Inputs count: the offline render holds its whole audio (16 kHz float32: 230 MB
-per hour) and its npy rows as the caller gave them; the live session holds the
-pushed PCM until it is shown (64 KB/s). Everything else — windows, faces,
-composited frames — is bounded by the look-ahead, so the figures should differ
-by about the inputs' size only. Memory, not timing: machine load matters little.
+The offline render decodes the file chunk by chunk and reads the npy rows a
+block at a time, and everything else — windows, faces, composited frames — is
+bounded by the look-ahead, so its figure should not depend on the audio's
+length. The live session holds the pushed PCM until it is shown (64 KB/s).
+Memory, not timing: machine load matters little.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -100,14 +104,15 @@ def run_offline(d: Path, seconds: float) -> dict[str, Any]:
 
     a = _assets(d)
     pm = get_plugin_manager()
-    pcm = _noise(seconds)
-    npy = d / f"rows-{int(seconds)}.npy"  # (written by a separate process: making it is not the render's memory)
+    # both written by a separate process (making them is not the render's memory); the audio is a file, as
+    # `avatar run --audio` gives it: the render decodes it chunk by chunk and reads the npy rows block by block
+    wav, npy = d / f"audio-{int(seconds)}.wav", d / f"rows-{int(seconds)}.npy"
     contract = read_contract(a["unet"])
     source = pm.feature_source("npy", path=str(npy))
     sink = _Drop()
     t = time.perf_counter()
     report = Renderer(AvatarPackage.open(a["pkg"]), _fake_backend(contract), contract, source, [sink],
-                      RenderOptions(batch_size=8), backend_name="constant").run(pcm)
+                      RenderOptions(batch_size=8), backend_name="constant").run(wav)
     return {"case": "offline", "audio_s": seconds, "frames": report.frames, "wall_s": time.perf_counter() - t}
 
 
@@ -117,17 +122,37 @@ def _noise(seconds: float) -> Any:
     return (0.1 * np.random.default_rng(0).standard_normal(int(seconds * 16000))).astype(np.float32)
 
 
-def prepare_rows(d: Path, seconds: float) -> dict[str, Any]:
-    """The npy rows of the offline case's audio (precomputed features, as a user would have them)."""
+def _noise_chunks(seconds: float, chunk_s: float = 60.0) -> Any:
+    """The same noise, a minute at a time."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n, step = int(seconds * 16000), int(chunk_s * 16000)
+    for i in range(0, n, step):
+        yield (0.1 * rng.standard_normal(min(step, n - i))).astype(np.float32)
+
+
+def prepare_inputs(d: Path, seconds: float) -> dict[str, Any]:
+    """The offline case's audio file (16-bit WAV) and its npy rows (precomputed features, as a user would have them)."""
+    import wave
+
     import numpy as np
     from avatar.plugins import get_plugin_manager
 
     a = _assets(d)
-    pcm = _noise(seconds)
     ave = get_plugin_manager().feature_source("ave", encoder=str(a["enc"]))
-    rows = np.concatenate([ave.rows(pcm[i:i + 16000 * 60]) for i in range(0, len(pcm), 16000 * 60)])
-    np.save(d / f"rows-{int(seconds)}.npy", rows.astype(np.float32))
-    return {"case": "prepare", "audio_s": seconds, "rows": int(len(rows))}
+    stream, rows = ave.open_stream(), []
+    with wave.open(str(d / f"audio-{int(seconds)}.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        for chunk in _noise_chunks(seconds):
+            w.writeframes(np.clip(np.round(chunk * 32767), -32768, 32767).astype("<i2").tobytes())
+            rows.append(stream.push(chunk))
+    rows.append(stream.finish())
+    out = np.concatenate(rows).astype(np.float32)
+    np.save(d / f"rows-{int(seconds)}.npy", out)
+    return {"case": "prepare", "audio_s": seconds, "rows": int(len(out))}
 
 
 def run_live(d: Path, seconds: float, run_s: float) -> dict[str, Any]:
@@ -153,10 +178,20 @@ def run_live(d: Path, seconds: float, run_s: float) -> dict[str, Any]:
             "in_flight": st.in_flight, "lookahead_frames": st.lookahead_frames}
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _child(args: argparse.Namespace) -> None:
     d = Path(args.dir)
     if args.case == "prepare":
-        r = prepare_rows(d, args.seconds)
+        r = prepare_inputs(d, args.seconds)
     elif args.case == "offline":
         r = run_offline(d, args.seconds)
     else:
@@ -172,6 +207,8 @@ def main() -> None:
     ap.add_argument("--short-s", type=float, default=10.0, help="the short run both are compared with")
     ap.add_argument("--live-run-s", type=float, default=15.0, help="seconds the live session runs after the push")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "memory-bounded")
+    ap.add_argument("--inputs", type=Path, help="keep the prepared inputs (avatar, models, WAV, npy rows) in this "
+                    "folder and reuse those already there (default: a temporary folder)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
@@ -180,9 +217,14 @@ def main() -> None:
         _child(args)
         return
     results = []
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = str(args.inputs or tmp)
+        Path(d).mkdir(parents=True, exist_ok=True)
         for case, secs in (("prepare", args.short_s), ("prepare", args.offline_s), ("offline", args.short_s),
                            ("offline", args.offline_s), ("live", args.short_s), ("live", args.live_s)):
+            made = all((Path(d) / f"{k}-{int(secs)}.{x}").is_file() for k, x in (("audio", "wav"), ("rows", "npy")))
+            if case == "prepare" and made:
+                continue
             cmd = [sys.executable, __file__, "--case", case, "--seconds", str(secs), "--dir", d,
                    "--live-run-s", str(args.live_run_s)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -193,18 +235,21 @@ def main() -> None:
     import platform
 
     doc = {"benchmark": "memory_bounded", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
+           "machine": f"{_cpu_name() or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                      f"{platform.system()} {platform.release()}",
            "avatar": "1280x720, 50 frames", "backend": "constant (no model cost)", "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     lines = ["# Peak RSS against audio length", "",
              "Produced by `python benchmarks/memory_bounded.py`; each row is a fresh process; 1280x720 avatar; "
              "a constant stand-in backend (memory, not model cost, is measured); frames are dropped by the sink. "
-             "The offline input (whole audio 230 MB/h, npy rows) and the live PCM held (64 KB/s) are part of the "
-             "figures: the rest is bounded by the look-ahead.", "",
-             "| case | audio s | frames | peak RSS MiB |", "|---|---:|---:|---:|"]
+             "The offline render reads a WAV file chunk by chunk and its npy rows a block at a time; the live PCM "
+             "held (64 KB/s) is part of its figures: the rest is bounded by the look-ahead.", "",
+             f"Machine: {doc['machine']}; run {doc['created']}.", "",
+             "| case | audio s | frames | peak RSS MiB | wall s |", "|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['case']} | {r['audio_s']:g} | {r['frames']} | {r['peak_rss_mb']:.0f} |")
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
+        lines.append(f"| {r['case']} | {r['audio_s']:g} | {r['frames']} | {r['peak_rss_mb']:.0f} | {wall} |")
     by = {(r["case"], r["audio_s"]): r["peak_rss_mb"] for r in results}
     lines += ["", f"Offline: {by[('offline', args.offline_s)] - by[('offline', args.short_s)]:+.0f} MiB for "
               f"{args.offline_s:g} s against {args.short_s:g} s. Live: "

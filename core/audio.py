@@ -5,6 +5,9 @@ This module turns WAV (PCM 16/24/32 bit, float), MP3, FLAC, M4A/AAC, Ogg ... at
 any sample rate and channel count into exactly that, offline
 (:func:`load_audio`) or as a stream of fixed-size chunks
 (:func:`iter_audio_chunks`) so a long file never has to sit in memory twice.
+:func:`scan_audio` checks a whole file in one streaming pass and returns an
+:class:`AudioFile` (its length, its peak) that decodes again chunk by chunk:
+what an offline render uses, so its memory does not grow with the file.
 
 Value range: integer PCM lands in [-1, 1). Floating-point sources (float WAV,
 and lossy codecs that decode to float) are **passed through unscaled and
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -60,11 +64,68 @@ def load_audio(path: str | Path, sample_rate: int = DEFAULT_RATE) -> np.ndarray:
     if len(pcm) == 0:
         raise AudioError(f"{Path(path).name}: the audio stream holds no samples; use a file that contains sound")
     _check_finite(pcm, Path(path), sample_rate)
-    peak = float(np.max(np.abs(pcm)))
+    _warn_peak(Path(path), float(np.max(np.abs(pcm))))
+    return pcm
+
+
+def _warn_peak(path: Path, peak: float) -> None:
     if peak > 1.0:
         log.warning("%s: samples reach %.3f, beyond the nominal [-1, 1] range (passed through unclipped); "
-                    "normalise the file if this is not intended", Path(path).name, peak)
-    return pcm
+                    "normalise the file if this is not intended", path.name, peak)
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    """An audio file checked by :func:`scan_audio`: its length is known, its samples are decoded on demand.
+
+    :meth:`chunks` decodes the file again, chunk by chunk; their concatenation
+    equals :func:`load_audio` (the same decoder and resampler, run the same way),
+    so a render of an ``AudioFile`` equals a render of the loaded array while
+    holding a few chunks instead of the whole signal (230 MB per hour).
+    """
+
+    path: Path
+    sample_rate: int
+    #: samples at :attr:`sample_rate`
+    samples: int
+    #: the largest absolute sample
+    peak: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples / float(self.sample_rate)
+
+    def chunks(self, chunk_samples: int) -> Iterator[np.ndarray]:
+        """Mono float32 chunks of ``chunk_samples`` (the last may be shorter), decoded as they are taken."""
+        return _chunks(self.path, chunk_samples, self.sample_rate, warn=False)
+
+
+def scan_audio(path: str | Path, sample_rate: int = DEFAULT_RATE) -> AudioFile:
+    """Decode a file once, streaming, to check it and learn its length; keep none of its samples.
+
+    Raises what :func:`load_audio` raises, with the same messages (a missing,
+    undecodable, empty file; NaN or infinite samples, counted over the whole
+    file), and logs the same warnings (a truncated WAV, a peak above 1.0).
+    """
+    p = Path(path)
+    total = bad = 0
+    first = -1
+    peak = 0.0
+    for block in _decode(p, sample_rate):
+        finite = np.isfinite(block)
+        if not finite.all():
+            if first < 0:
+                first = total + int(np.argmin(finite))
+            bad += int(block.size - np.count_nonzero(finite))
+        elif len(block):
+            peak = max(peak, float(np.max(np.abs(block))))
+        total += len(block)
+    if total == 0:
+        raise AudioError(f"{p.name}: the audio stream holds no samples; use a file that contains sound")
+    if bad:
+        raise AudioError(_non_finite_message(p, bad, first, sample_rate, f"of {total}"))
+    _warn_peak(p, peak)
+    return AudioFile(p, int(sample_rate), total, peak)
 
 
 def _check_finite(pcm: np.ndarray, path: Path, sample_rate: int, offset: int = 0, partial: bool = False) -> None:
@@ -75,7 +136,11 @@ def _check_finite(pcm: np.ndarray, path: Path, sample_rate: int, offset: int = 0
     bad = int(pcm.size - np.count_nonzero(finite))
     first = offset + int(np.argmin(finite))
     where = "in the part decoded so far" if partial else f"of {pcm.size}"
-    raise AudioError(
+    raise AudioError(_non_finite_message(path, bad, first, sample_rate, where))
+
+
+def _non_finite_message(path: Path, bad: int, first: int, sample_rate: int, where: str) -> str:
+    return (
         f"{path.name}: {bad} sample(s) {where} (decoded at {sample_rate} Hz) are NaN or infinite, the first at "
         f"{first / sample_rate:.3f} s; the file is corrupt or was written from bad data — fix the source and "
         "re-export it (e.g. as 16-bit PCM WAV)"
@@ -93,12 +158,16 @@ def iter_audio_chunks(
     :class:`AudioError` when the generator is first advanced (or later, if the
     file breaks half-way).
     """
+    return _chunks(Path(path), chunk_samples, sample_rate, warn=True)
+
+
+def _chunks(path: Path, chunk_samples: int, sample_rate: int, *, warn: bool) -> Iterator[np.ndarray]:
     if chunk_samples <= 0:
         raise AudioError(f"chunk_samples must be positive, got {chunk_samples}")
     pending: list[np.ndarray] = []
     have = 0
     total = 0
-    for block in _decode(Path(path), sample_rate):
+    for block in _decode(Path(path), sample_rate, warn=warn):
         pending.append(block)
         have += len(block)
         if have < chunk_samples:
@@ -120,17 +189,18 @@ def iter_audio_chunks(
         raise AudioError(f"{Path(path).name}: the audio stream holds no samples; use a file that contains sound")
 
 
-def check_one_frame(pcm: np.ndarray, sample_rate: int, fps: float, name: str = "the audio") -> None:
-    """Refuse audio that holds some sound but less than one video frame's share.
+def check_one_frame(pcm: np.ndarray | int, sample_rate: int, fps: float, name: str = "the audio") -> None:
+    """Refuse audio (samples, or their count) that holds some sound but less than one video frame's share.
 
     Such a render makes one frame whose few samples the AAC encoder turns into
     no packet at all: an MP4 without an audio stream. Empty audio is left to
     the caller's own "no frames" error.
     """
     need = sample_rate / float(fps)
-    if 0 < len(pcm) < need:
+    n = int(pcm) if isinstance(pcm, (int, np.integer)) else len(pcm)
+    if 0 < n < need:
         raise AudioError(
-            f"{name} holds {len(pcm)} sample(s) ({1000.0 * len(pcm) / sample_rate:.2f} ms at {sample_rate} Hz); "
+            f"{name} holds {n} sample(s) ({1000.0 * n / sample_rate:.2f} ms at {sample_rate} Hz); "
             f"one video frame at {float(fps):g} fps needs {1000.0 / float(fps):.0f} ms of sound — use a longer recording"
         )
 
@@ -184,8 +254,8 @@ def _warn_if_truncated(path: Path, decoded: int, sample_rate: int) -> None:
         )  # fmt: skip
 
 
-def _decode(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
-    """Yield resampled mono float32 blocks of the file's first audio stream."""
+def _decode(path: Path, sample_rate: int, warn: bool = True) -> Iterator[np.ndarray]:
+    """Yield resampled mono float32 blocks of the file's first audio stream (``warn``: about a truncated WAV)."""
     import av  # lazily: importing PyAV loads all of FFmpeg
 
     if sample_rate <= 0:
@@ -216,7 +286,8 @@ def _decode(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
             for out in resampler.resample(None):  # flush the filter's delay line
                 decoded += out.samples
                 yield _mono(out)
-            _warn_if_truncated(path, decoded, sample_rate)
+            if warn:
+                _warn_if_truncated(path, decoded, sample_rate)
         except AudioError:
             raise
         except (av.FFmpegError, ValueError) as exc:

@@ -7,13 +7,14 @@ the Python API can pass user options straight through.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -75,6 +76,19 @@ class RowStream(ABC):
     @abstractmethod
     def finish(self) -> np.ndarray:
         """Signal the end of the audio; return all remaining rows."""
+
+    def push_blocks(self, pcm: np.ndarray) -> Iterator[np.ndarray]:
+        """:meth:`push` as blocks of rows, which a stream may produce as they are taken.
+
+        The engine uses this. The default computes ``push(pcm)`` now and
+        yields it as one block; a stream whose rows exist already (precomputed
+        rows) reads them block by block, so a long file is never in memory at once.
+        """
+        return iter((self.push(pcm),))
+
+    def finish_blocks(self) -> Iterator[np.ndarray]:
+        """:meth:`finish` as blocks of rows (see :meth:`push_blocks`)."""
+        return iter((self.finish(),))
 
 
 class FeatureSource(Component):
@@ -161,6 +175,10 @@ class TensorInfo:
         return f"{self.name}[{dims}] {np.dtype(self.dtype).name}"
 
 
+#: per-call times a backend keeps (:attr:`BackendStats.call_s`)
+RECENT_CALLS = 64
+
+
 @dataclass
 class BackendStats:
     """What a backend measured about itself (for the benchmark harness)."""
@@ -169,14 +187,14 @@ class BackendStats:
     calls: int = 0
     items: int = 0
     run_s: float = 0.0
-    call_s: list[float] = field(default_factory=list)
+    #: the newest calls' seconds (a fixed number: a backend serves for hours)
+    call_s: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=RECENT_CALLS))
 
     def record(self, seconds: float, items: int) -> None:
         self.calls += 1
         self.items += items
         self.run_s += seconds
-        if len(self.call_s) < 100_000:
-            self.call_s.append(seconds)
+        self.call_s.append(seconds)
 
 
 @dataclass(frozen=True)

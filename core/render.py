@@ -80,8 +80,10 @@ def render(
 
     :param avatar: an avatar package directory (see ``docs/avatar-package.md``)
         or an opened :class:`avatar.package.AvatarPackage`.
-    :param audio: an audio file path, a float32 16 kHz mono array, or an
-        iterable of such chunks (live input).
+    :param audio: an audio file path (checked in one streaming pass, then
+        decoded chunk by chunk as the render goes: memory does not grow with
+        the file), a float32 16 kHz mono array, or an iterable of such chunks
+        (live input).
     :param sinks: where frames go: a :class:`Sink`, a registered sink name, a
         ``(name, options)`` pair, or a list of those.
     :param model: the UNet-328 ONNX file; defaults to the package's model.
@@ -155,7 +157,7 @@ def _render(
         with _signals_held() as held:
             # cheap checks before the backend loads the model (a TensorRT build takes minutes)
             check_feature_match(contract, source.name, tuple(source.window_shape))
-            audio = _whole_audio(audio, source)
+            audio = _open_audio(audio, source)
             held.check()
             sink_objs = make_sinks(sinks)
             bopts = backend_options or BackendOptions(max_batch=max(batch_size, 1))
@@ -209,17 +211,26 @@ def _signals_held() -> Iterator[_Held]:
     held.check()
 
 
-def _whole_audio(audio: Any, source: FeatureSource) -> Any:
-    """A file decoded now (a bad file fails before a model loads), checked to cover one frame.
+def _open_audio(audio: Any, source: FeatureSource) -> Any:
+    """A file checked now (a bad file fails before a model loads) and checked to cover one frame.
 
-    Arrays are checked as they are; live iterables pass through.
+    For a source that streams exactly the file is scanned, not kept: the
+    render decodes it again chunk by chunk (an :class:`~avatar.audio.AudioFile`),
+    so memory does not grow with its length. A source that needs the whole
+    signal at once (``exact_streaming`` False) gets it decoded. Arrays are
+    checked as they are; live iterables pass through.
     """
-    from .audio import check_one_frame, load_audio
+    from .audio import check_one_frame, load_audio, scan_audio
 
-    name = "the audio"
     if isinstance(audio, (str, Path)):
+        if getattr(source, "exact_streaming", True):
+            audio = scan_audio(audio, sample_rate=source.sample_rate)
+            check_one_frame(audio.samples, source.sample_rate, float(source.fps), audio.path.name)
+            return audio
         name = Path(audio).name
         audio = load_audio(audio, sample_rate=source.sample_rate)
-    if isinstance(audio, np.ndarray):
         check_one_frame(audio.reshape(-1), source.sample_rate, float(source.fps), name)
+        return audio
+    if isinstance(audio, np.ndarray):
+        check_one_frame(audio.reshape(-1), source.sample_rate, float(source.fps), "the audio")
     return audio

@@ -95,7 +95,8 @@ class Renderer:
         return any(getattr(s, "realtime", False) for s in self.sinks)
 
     def run(self, audio: Any) -> RenderReport:
-        """Render ``audio`` (path, float32 array at 16 kHz, or iterable of chunks)."""
+        """Render ``audio``: a path or :class:`~avatar.audio.AudioFile` (decoded chunk by chunk as the
+        render goes), a float32 array at 16 kHz, or an iterable of chunks."""
         rate = self.source.sample_rate
         fps = Fraction(self.source.fps)
         opts = self.options
@@ -109,12 +110,14 @@ class Renderer:
         first: list[float] = []
         signals = _InterruptSignals()
         try:
-            chunks, whole = _pcm_chunks(audio, rate)
-            if whole is not None and not getattr(self.source, "exact_streaming", True):
+            exact = getattr(self.source, "exact_streaming", True)
+            # a file is decoded as the render takes its chunks (memory does not grow with its length)
+            chunks, samples, whole = _pcm_chunks(audio, rate, exact=exact)
+            if whole is not None and not exact:
                 # chunked extraction only approximates this source's offline result: one push
                 chunks = iter([whole]) if len(whole) else iter([])
             # the source knows what it yields: precomputed rows need not match the audio
-            expected = self.source.expected_frames(len(whole) if whole is not None else None)
+            expected = self.source.expected_frames(samples)
             if expected is not None and opts.frame_limit is not None:
                 expected = min(expected, opts.frame_limit)
             scheduler = InferenceScheduler(

@@ -195,9 +195,7 @@ class _Output:
         self._last = (image, a)
         self.speech_frames += 1
         now = self.clock.now()
-        self._window_rendered.append(now)
-        while self._window_rendered[0] < now - self.options.stats_interval_s:
-            self._window_rendered.popleft()
+        self._window_rendered.add(now)
         self.thinning.in_time()
         return VideoFrame(index=k, pts=pts, image=image, audio=share, avatar_index=a, face=face, box=box), True
 

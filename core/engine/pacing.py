@@ -49,6 +49,37 @@ def wait_until(clock: Clock, due: float, stop: threading.Event, step: float = 0.
     return False
 
 
+class RateWindow:
+    """Events per second over about the last ``interval_s`` (fixed memory: ``buckets`` counters, not timestamps).
+
+    The window is whole buckets, so it spans between ``(buckets - 1) / buckets``
+    of the interval and all of it. Not thread-safe: call it under the owner's lock.
+    """
+
+    def __init__(self, interval_s: float = 1.0, buckets: int = 10) -> None:
+        self.interval_s = float(interval_s)
+        self._width = self.interval_s / buckets
+        self._counts = [0] * buckets
+        self._slot: int | None = None  # the absolute bucket index of the newest counter
+
+    def _advance(self, now: float) -> int:
+        b = int(now // self._width)
+        if self._slot is None:
+            self._slot = b
+        n = len(self._counts)
+        for k in range(1, min(b - self._slot, n) + 1):
+            self._counts[(self._slot + k) % n] = 0
+        self._slot = max(self._slot, b)
+        return self._slot % n
+
+    def add(self, now: float) -> None:
+        self._counts[self._advance(now)] += 1
+
+    def rate(self, now: float) -> float:
+        self._advance(now)
+        return sum(self._counts) / self.interval_s
+
+
 class Percentiles:
     """Values kept for percentiles (bounded memory and time: about the newest ``cap`` are kept)."""
 

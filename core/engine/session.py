@@ -50,7 +50,7 @@ from ..windows import WindowAssembler
 from .events import EventStream, SessionEvent
 from .intake import AudioIntake
 from .output import _Output
-from .pacing import Percentiles, Thinning
+from .pacing import Percentiles, RateWindow, Thinning
 from .scheduler import InferenceScheduler, WorkItem
 from .stages import StageTimes, _Stop, assemble_windows, composite_faces
 from .utterance import IDLE_MODES, SessionClosed, SessionOptions, SessionStats, _Utterance
@@ -131,7 +131,7 @@ class Session(_Output):
         self.audio_samples = 0
         self.first_frame_at: float | None = None
         self.opened_at = 0.0
-        self._window_rendered: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._window_rendered = RateWindow(self.options.stats_interval_s)  # frames shown per second, O(1)
         self._idle_utt: _Utterance | None = None
         self._silent_window: np.ndarray | None = None
         self._close_lock = threading.Lock()
@@ -396,13 +396,11 @@ class Session(_Output):
         now = self.clock.now()
         with self._cv:
             cur = self._utts[0] if self._utts and self._utts[0].started else None
-            while self._window_rendered and self._window_rendered[0] < now - self.options.stats_interval_s:
-                self._window_rendered.popleft()
-            rendered = len(self._window_rendered)
+            fps = self._window_rendered.rate(now)
             in_flight = sum(u.in_flight for u in self._utts)
         return SessionStats(
             state=self.state, frames=self.frames, speech_frames=self.speech_frames,
-            fps=rendered / self.options.stats_interval_s, skipped=self.skipped, late=self.late,
+            fps=fps, skipped=self.skipped, late=self.late,
             underruns=self.underruns, position_s=cur.next_j / float(self.fps) if cur is not None else 0.0,
             **{f"{k}_s": v for k, v in self.lags.summary("lag").items()},
             latency_s=list(self.latencies), in_flight=in_flight, lookahead_frames=self.lookahead,

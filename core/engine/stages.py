@@ -150,17 +150,35 @@ class _Stop(Exception):
 # --------------------------------------------------------------------------- audio
 
 
-def _pcm_chunks(audio: Any, sample_rate: int, chunk_s: float = 0.64) -> tuple[Iterator[np.ndarray], np.ndarray | None]:
-    """(chunk iterator, whole signal if known) for a path, an array or an iterable of chunks."""
-    if isinstance(audio, (str, Path)):
-        from ..audio import load_audio
+def _pcm_chunks(
+    audio: Any, sample_rate: int, chunk_s: float = 0.64, *, exact: bool = True
+) -> tuple[Iterator[np.ndarray], int | None, np.ndarray | None]:
+    """(chunk iterator, samples if known, whole signal if in memory) for a path, a file, an array or chunks.
 
-        audio = load_audio(audio, sample_rate=sample_rate)
+    A file (a path, or an :class:`~avatar.audio.AudioFile`) is checked in one
+    streaming pass and decoded again as its chunks are taken: its samples are
+    never all in memory. Only a source whose chunked extraction is not exact
+    (``exact=False``) gets the whole signal, decoded at once.
+    """
+    from ..audio import AudioFile
+
+    step = max(1, int(chunk_s * sample_rate))
+    if isinstance(audio, (str, Path)):
+        from ..audio import load_audio, scan_audio
+
+        audio = scan_audio(audio, sample_rate=sample_rate) if exact else load_audio(audio, sample_rate=sample_rate)
+    if isinstance(audio, AudioFile):
+        if audio.sample_rate != sample_rate:
+            from ..errors import AudioError
+
+            raise AudioError(f"{audio.path.name} was scanned at {audio.sample_rate} Hz; the features need {sample_rate} Hz")
+        if exact:
+            return audio.chunks(step), audio.samples, None
+        audio = np.concatenate(list(audio.chunks(1 << 20)))
     if isinstance(audio, np.ndarray):
         pcm = _finite(np.ascontiguousarray(audio, dtype=np.float32).reshape(-1))
-        step = max(1, int(chunk_s * sample_rate))
-        return (pcm[i : i + step] for i in range(0, len(pcm), step)), pcm
-    return (_finite(np.asarray(c, dtype=np.float32).reshape(-1)) for c in audio), None
+        return (pcm[i : i + step] for i in range(0, len(pcm), step)), len(pcm), pcm
+    return (_finite(np.asarray(c, dtype=np.float32).reshape(-1)) for c in audio), None, None
 
 
 def _finite(pcm: np.ndarray) -> np.ndarray:
@@ -201,12 +219,13 @@ class _AudioClock:
 
     @property
     def unread(self) -> int:
-        """Samples the feature stage has not read yet."""
-        return self._total - self._read
+        """Samples the feature stage has not read yet (and still may: see :meth:`take`)."""
+        return self._total - max(self._read, self._base)
 
     def read(self, max_samples: int) -> tuple[np.ndarray, float]:
         """The next unread samples (at most ``max_samples``) for the feature stage, and when the last was pushed."""
         with self._lock:
+            self._read = max(self._read, self._base)  # (audio its frames took before it was read is gone)
             start, end = self._read, min(self._total, self._read + max_samples)
             parts: list[np.ndarray] = []
             when = 0.0
@@ -256,8 +275,11 @@ class _AudioClock:
                 # the last frame carries the rounding remainder (less than a share);
                 # audio far beyond the last frame (features shorter than the audio) is cut
                 end = max(end, min(self._total, 2 * end - start))
-            # drop whole chunks before ``start`` that the feature stage has read
-            while self._buf and self._base + len(self._buf[0]) <= min(start, self._read):
+            # drop whole chunks before ``start``: their frames are out. A frame is shown only after its window,
+            # which for a source that extracts rows from the audio needs the audio up to and past its share (so
+            # the feature stage has read these chunks); a source whose rows come before the audio (precomputed
+            # rows) does not need it, and holding it for a reader that never comes would keep all of it
+            while self._buf and self._base + len(self._buf[0]) <= start:
                 self._base += len(self._buf[0])
                 self._buf.pop(0)
                 self._when.pop(0)
@@ -283,14 +305,14 @@ def assemble_windows(stream: RowStream, assembler: WindowAssembler, chunk: np.nd
     """Feed one PCM chunk (``None``: the end of the audio); the ``(frame, window)`` pairs now final.
 
     The rows are computed now; the windows are made as the iterator is consumed
-    (a source of precomputed rows yields them all at once: the caller's
-    look-ahead budget decides how many windows exist at a time).
+    (a source of precomputed rows releases them all at once, read block by block
+    as the windows are taken: the caller's look-ahead budget decides how many
+    rows and windows exist at a time).
     """
     if chunk is None:
-        rows = stream.finish()
-        return itertools.chain(assembler.push(rows), assembler.finish())
-    rows = stream.push(chunk)
-    return assembler.push(rows) if len(rows) else iter(())
+        blocks = stream.finish_blocks()
+        return itertools.chain(itertools.chain.from_iterable(assembler.push(b) for b in blocks), assembler.finish())
+    return itertools.chain.from_iterable(assembler.push(b) for b in stream.push_blocks(chunk) if len(b))
 
 
 def composite_faces(
