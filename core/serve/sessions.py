@@ -281,6 +281,9 @@ class SessionManager:
         s.ended = reason
         final = s.status()
         self.sessions.pop(s.id, None)
+        # counted as it leaves the list, so /metrics never lags the session list while its engine closes
+        self.metrics.sessions.set(len(self.sessions))
+        self.metrics.sessions_ended.labels(_reason_label(reason)).inc()
         s.publish({"type": "ended", "reason": reason})
         for pc in list(s.peers):
             with contextlib.suppress(Exception):
@@ -295,8 +298,6 @@ class SessionManager:
             s.unhold()
         s.release()
         self.admission.release()
-        self.metrics.sessions.set(len(self.sessions))
-        self.metrics.sessions_ended.labels(_reason_label(reason)).inc()
         log.info("session %s ended: %s", s.id, reason)
         final["state"] = "ended"
         final["reason"] = reason
