@@ -120,6 +120,54 @@ def test_syncnet_sees_negative_pairs(recording: dict[str, Path], tmp_path: Path)
     assert any(not bool((before[k] == after[k]).all()) for k in before)  # the SyncNet trained too
 
 
+def _vgg_file(path: Path, seed: int = 0) -> Path:
+    """A VGG19 state dict in torchvision's layout (features.N.*, a classifier), random weights: the SDK ships none."""
+    import torch
+
+    from avatar_plugins.torch_reference.perceptual import vgg19_to_conv3_3
+
+    torch.manual_seed(seed)
+    state = {f"features.{k}": v for k, v in vgg19_to_conv3_3().state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(4, 4)
+    torch.save(state, path)
+    return path
+
+
+def test_perceptual_loss_uses_the_given_vgg_weights(recording: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+
+    from avatar_plugins.torch_reference.perceptual import PerceptualLoss, load_vgg_weights
+
+    plain, _ = _trainer(recording, tmp_path / "p0", 2)
+    with_vgg, _ = _trainer(recording, tmp_path / "p1", 2, perceptual_weight=0.5,
+                           vgg_weights=str(_vgg_file(tmp_path / "vgg.pth")))
+    assert plain.perceptual is None and with_vgg.perceptual is not None
+    a, b = plain.run().losses, with_vgg.run().losses
+    assert a[0] != b[0] and all(np.isfinite(b)), (a, b)  # same seed and batch: the loss differs by the VGG term
+    # the term follows its inputs and its weights: zero for equal images, larger for a farther one, other weights
+    # give another value
+    loss = with_vgg.perceptual
+    x = torch.rand(2, 3, 64, 64)
+    off = {"device_type": "cpu", "enabled": False}
+    assert float(loss(x, x, off)) == 0.0
+    assert 0 < float(loss(x * 0.9, x, off)) < float(loss(1 - x, x, off))
+    other = PerceptualLoss(load_vgg_weights(_vgg_file(tmp_path / "vgg2.pth", seed=1)))
+    assert float(other(1 - x, x, off)) != float(loss(1 - x, x, off))
+
+
+def test_perceptual_loss_refuses_what_is_not_vgg19(recording: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+
+    with pytest.raises(ConfigError, match="needs VGG19 weights"):
+        _trainer(recording, tmp_path / "q0", 1, perceptual_weight=0.1)
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "small.pth")
+    with pytest.raises(ConfigError, match=r"not VGG19 weights: features.0.weight is \(8, 3, 3, 3\)"):
+        _trainer(recording, tmp_path / "q1", 1, perceptual_weight=0.1, vgg_weights=str(tmp_path / "small.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="cannot read VGG weights"):
+        _trainer(recording, tmp_path / "q2", 1, perceptual_weight=0.1, vgg_weights=str(tmp_path / "junk.pth"))
+
+
 def test_export_installs_a_model_that_inspects_and_renders(recording: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
@@ -129,11 +177,13 @@ def test_export_installs_a_model_that_inspects_and_renders(recording: dict[str, 
     shutil.copytree(recording["pkg"], pkg)
     out = tmp_path / "model.onnx"
     r = CliRunner().invoke(cli, ["train", str(pkg), "-o", str(out), "--ave-encoder", str(recording["encoder"]), "--tiny",
-                                 "--steps", "2", "--batch", "2", "--allow-short", "--holdout", "0.2"])
+                                 "--steps", "2", "--batch", "2", "--allow-short", "--holdout", "0.2",
+                                 "--vgg-weights", str(_vgg_file(tmp_path / "vgg.pth"))])
     assert r.exit_code == 0, r.output
     assert "held-out frames 19-23: face" in r.output and "lip-sync signal" in r.output
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["steps"] == 2 and record["gate"]["held_out_frames"] == [19, 23]
+    assert record["config"]["perceptual_weight"] == 0.01 and record["config"]["vgg_weights"].endswith("vgg.pth")
     manifest = json.loads((pkg / "avatar.json").read_text())
     assert manifest["model"] == {"file": "unet.onnx", "feature_type": "ave", "padding": "replicate",
                                  "audio_encoder": "ave_encoder.onnx"}

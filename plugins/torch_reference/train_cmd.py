@@ -42,6 +42,10 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="Extra L1 weight on the mouth box of the face.")
 @click.option("--syncnet-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Train a SyncNet (positive and shifted negative pairs) and add its loss with this weight; 0 = off.")
+@click.option("--vgg-weights", type=click.Path(exists=True, dir_okay=False),
+              help="VGG19 weights (torchvision's vgg19 state dict, your own file): adds the perceptual loss.")
+@click.option("--perceptual-weight", default=0.01, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of the perceptual loss (VGG19 conv3_3 features, MSE) when --vgg-weights is given.")
 @click.option("--tiny", is_flag=True, help="A quarter-width UNet-328 (1/16 of the compute; the demo's model).")
 @click.option("--holdout", default=0.05, show_default=True, type=click.FloatRange(0, 0.5, min_open=True),
               help="Fraction of frames (the last ones) held out for validation, never trained on.")
@@ -58,8 +62,9 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 @click.option("--no-install", is_flag=True, help="Do not write the model into the avatar package.")
 def train(avatar_dir: Path, output: Path, features: str, ave_encoder: str | None, features_file: str | None,
-          feature_opts: tuple[str, ...], steps: int, minutes: float | None, batch: int, lr: float, anneal: float, mouth_weight: float,
-          syncnet_weight: float, tiny: bool, holdout: float, holdout_start: int | None, frames: int | None,
+          feature_opts: tuple[str, ...], steps: int, minutes: float | None, batch: int, lr: float, anneal: float,
+          mouth_weight: float, syncnet_weight: float, vgg_weights: str | None, perceptual_weight: float, tiny: bool,
+          holdout: float, holdout_start: int | None, frames: int | None,
           allow_short: bool, seed: int, checkpoint_dir: Path | None, checkpoint_every: int, eval_every: int,
           resume: bool, device: str, no_install: bool) -> None:
     """Train a UNet-328 for the avatar in AVATAR_DIR (made by `avatar prepare`) and export it to ONNX.
@@ -89,6 +94,7 @@ def train(avatar_dir: Path, output: Path, features: str, ave_encoder: str | None
             raise ConfigError("--features npy needs --features-file ROWS.npy ([N,512] AVE rows)")
         options["path"] = features_file
     config = TrainConfig(steps=steps, batch=batch, lr=lr, anneal=anneal, mouth_weight=mouth_weight, syncnet_weight=syncnet_weight,
+                         perceptual_weight=perceptual_weight if vgg_weights else 0.0, vgg_weights=vgg_weights,
                          tiny=tiny, seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every,
                          minutes=minutes, device=device)
     tty = sys.stderr.isatty()

@@ -38,6 +38,8 @@ class TrainConfig:
     anneal: float = 0.3
     mouth_weight: float = 2.0
     syncnet_weight: float = 0.0
+    perceptual_weight: float = 0.0
+    vgg_weights: str | None = None
     tiny: bool = False
     seed: int = 0
     checkpoint_every: int = 500
@@ -48,7 +50,7 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("steps", "minutes", "checkpoint_every", "eval_every", "device"):
+        for k in ("steps", "minutes", "checkpoint_every", "eval_every", "device", "vgg_weights"):
             d.pop(k)
         return d
 
@@ -125,6 +127,14 @@ class Trainer:
             from .syncnet import SyncTrainer
 
             self.sync = SyncTrainer(torch, data, self.device, lr=config.lr, rng=self.rng)
+        self.perceptual = None
+        if config.perceptual_weight > 0:
+            if not config.vgg_weights:
+                raise ConfigError("a perceptual loss needs VGG19 weights: pass --vgg-weights FILE "
+                                  "(torchvision's vgg19 state dict)")
+            from .perceptual import PerceptualLoss, load_vgg_weights
+
+            self.perceptual = PerceptualLoss(load_vgg_weights(config.vgg_weights)).to(self.device)
         cpu_bf16 = self.device.type == "cpu"
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=cpu_bf16 or (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported()))
@@ -209,6 +219,8 @@ class Trainer:
             out = self.model(visual, audio)
         out = out.float()
         loss = ((out - target).abs() * self.weight).mean()
+        if self.perceptual is not None:
+            loss = loss + self.config.perceptual_weight * self.perceptual(out, target, self.autocast)
         if self.sync is not None:
             self.sync.train_step(idx)
             loss = loss + self.config.syncnet_weight * self.sync.generator_loss(out, audio, self.autocast)
