@@ -228,3 +228,33 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(recording: dict[str, Path], tmp_
                                  "--eval-every", "100000", "--resume"])
     assert r.exit_code == 0, r.output
     assert torch.load(ckpt / "last.pt", weights_only=False)["step"] == step + 1
+
+
+def test_wenet_features_train_the_wenet_network(recording: dict[str, Path], tmp_path: Path) -> None:
+    """--features wenet: the SDK's WeNet source makes the windows; the UNet gets its wenet audio branch and trains."""
+    from test_feature_wenet import _encoder
+
+    from avatar.package import AvatarPackage
+    from avatar.train import load_data
+    from avatar_plugins.torch_reference.training import TrainConfig, Trainer
+
+    from avatar.demo import mouth_opening, speechlike_audio, synthetic_frames, write_wav
+    from avatar.package import write_package
+
+    with AvatarPackage.open(recording["pkg"]) as pkg, pytest.raises(ConfigError, match="prepare the video with --fps 20"):
+        load_data(pkg, features="wenet", feature_options={"model": str(_encoder(tmp_path / "w0.onnx"))}, allow_short=True)
+    # WeNet's rows come at 20 per second: a recording prepared at 20 fps
+    pcm = speechlike_audio(FRAMES / 20, seed=2)
+    frames, boxes = synthetic_frames(FRAMES, width=320, height=240, mouth=mouth_opening(pcm, FRAMES))
+    path = write_package(tmp_path / "pkg20", iter(frames), boxes, fps=20, name="rec20", source={"audio": "audio.wav"})
+    write_wav(path / "audio.wav", pcm)
+    encoder = _encoder(tmp_path / "wenet.onnx")
+    with AvatarPackage.open(path) as pkg:
+        data = load_data(pkg, features="wenet", feature_options={"model": str(encoder)}, holdout=0.2, allow_short=True)
+        other = load_data(pkg, features="wenet", feature_options={"model": str(_encoder(tmp_path / "w2.onnx", seed=3))},
+                          holdout=0.2, allow_short=True)
+    assert data.mode == "wenet" and data.windows.shape == (FRAMES, 256, 16, 32)
+    assert not np.array_equal(data.windows, other.windows)  # the encoder's weights are what the windows are made of
+    t = Trainer(data, TrainConfig(steps=2, batch=2, tiny=True, eval_every=1000, checkpoint_every=1000), tmp_path / "c")
+    result = t.run()
+    assert result.steps == 2 and all(np.isfinite(result.losses)) and t.model.audio_shape == (256, 16, 32)
