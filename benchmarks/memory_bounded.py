@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from avatar.bench.harness import cpu_model
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -178,14 +180,6 @@ def run_live(d: Path, seconds: float, run_s: float) -> dict[str, Any]:
             "in_flight": st.in_flight, "lookahead_frames": st.lookahead_frames}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -235,7 +229,7 @@ def main() -> None:
     import platform
 
     doc = {"benchmark": "memory_bounded", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": f"{_cpu_name() or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+           "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, "
                       f"{platform.system()} {platform.release()}",
            "avatar": "1280x720, 50 frames", "backend": "constant (no model cost)", "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

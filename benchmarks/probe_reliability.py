@@ -46,6 +46,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from avatar.bench.harness import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 AVATAR = str(Path(sys.executable).with_name("avatar"))
 NOISE = ("Traceback", "[E:onnxruntime", "[W:onnxruntime", "RuntimeWarning", "UserWarning")
@@ -824,11 +826,6 @@ def probe_serve(a: dict[str, Path], work: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def write_markdown(path: Path, header: list[str]) -> None:

@@ -32,18 +32,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from rtmp_server import NginxRtmp, nginx_rtmp_available  # noqa: E402
 
+from avatar.bench.harness import cpu_model  # noqa: E402
 from avatar.interfaces import StreamInfo, VideoFrame  # noqa: E402
 from avatar_plugins.sinks.rtmp import RtmpSink  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def host_tag() -> str:

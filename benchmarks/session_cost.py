@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -44,19 +43,13 @@ from typing import Any
 
 import numpy as np
 
+from avatar.bench.harness import cpu_model as cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_SHARED_DATA", ROOT.parent / "shared" / "data"))  # the test data beside the checkout
 STAGES = ("decode", "features", "visual", "inference", "composite", "encode")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def speech_pcm(seconds: float, workdir: Path) -> np.ndarray:

@@ -39,7 +39,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from avatar.bench.harness import cpu_model as cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_SHARED_DATA", ROOT.parent / "shared" / "data"))
 #: main before the feature-stage rework (issue 19): the default baseline
@@ -58,14 +59,6 @@ BASELINE = "2a868ea"
 FPS_SAMPLES = 640  # 16 kHz samples per 25 fps frame
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_baseline(ref: str, workdir: Path) -> dict[str, ModuleType]:
