@@ -117,6 +117,24 @@ def item(client: Any, index: int, deadline: float | None = None, value: float = 
     return WorkItem(client, index, window(value), 0, deadline=deadline, skippable=skippable)
 
 
+def _advance(sched: Any, time: Any, next_arrival: float | None) -> bool:
+    """One scheduler step on the fake clock: run a batch, or move the clock to the next arrival or wake-up
+    (False: nothing is left to wait for)."""
+    batch, skipped, wake = sched.select(time.t)
+    for it in skipped:
+        it.client.on_skipped(it)
+    if batch:
+        sched.run_batch(batch)
+        return True
+    nxt = [next_arrival] if next_arrival is not None else []
+    if wake is not None:
+        nxt.append(wake)
+    if not nxt:
+        return False
+    time.t = max(time.t, min(nxt)) + 1e-9
+    return True
+
+
 def simulate(sched: InferenceScheduler, time: SimTime, sessions: list[FakeSession], seconds: float,
              budget_s: float, fps: float = 25.0, offsets: list[float] | None = None) -> None:
     """Each session submits a frame every 1/fps, due ``budget_s`` later; the backend runs whenever a batch is chosen."""
@@ -128,18 +146,8 @@ def simulate(sched: InferenceScheduler, time: SimTime, sessions: list[FakeSessio
             t, k, j = arrivals[i]
             sched.submit(item(sessions[k], j, deadline=t + budget_s))
             i += 1
-        batch, skipped, wake = sched.select(time.t)
-        for it in skipped:
-            it.client.on_skipped(it)
-        if batch:
-            sched.run_batch(batch)
-            continue
-        nxt = [arrivals[i][0]] if i < len(arrivals) else []
-        if wake is not None:
-            nxt.append(wake)
-        if not nxt:
+        if not _advance(sched, time, arrivals[i][0] if i < len(arrivals) else None):
             break
-        time.t = max(time.t, min(nxt)) + 1e-9
 
 
 def sim_scheduler(contract: Any, a: float, b: float, batch: int = 8, **kw: Any) -> tuple[InferenceScheduler, SimTime]:
@@ -282,18 +290,8 @@ def speak(sched: InferenceScheduler, time: SimTime, utterances: list[tuple[Timed
             d = t0[u] + j / fps
             due[s].append((1000 * u + j, d))
             sched.submit(item(s, 1000 * u + j, deadline=d, skippable=j > 0))
-        batch, skipped, wake = sched.select(time.t)
-        for it in skipped:
-            it.client.on_skipped(it)
-        if batch:
-            sched.run_batch(batch)
-            continue
-        nxt = [arrivals[i][0]] if i < len(arrivals) else []
-        if wake is not None:
-            nxt.append(wake)
-        if not nxt:
+        if not _advance(sched, time, arrivals[i][0] if i < len(arrivals) else None):
             break
-        time.t = max(time.t, min(nxt)) + 1e-9
     return due
 
 
