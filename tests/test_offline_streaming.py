@@ -306,3 +306,25 @@ def test_the_shown_rate_is_counted_in_fixed_memory() -> None:
     for k in range(50):  # 25 fps for 2 s
         w.add(102.0 + k * 0.04)
     assert 22 <= w.rate(104.0 - 1e-9) <= 25
+
+
+def test_the_idle_window_of_a_long_npy_file_is_one_window_not_all_of_them(tmp_path: Path) -> None:
+    """A live session idling on the model takes the window in the middle of a second of silence; an npy source
+    answers with every row of its file, and making every window of an hour's file would cost ~2.9 GB."""
+    import tracemalloc
+
+    from avatar.engine.output import _silent_window
+    from avatar.windows import make_windows
+    from avatar_plugins.features.precomputed import PrecomputedSource
+
+    rows = np.random.default_rng(0).standard_normal((4000, 512)).astype(np.float32)  # 8 MB; all windows: 131 MB
+    np.save(tmp_path / "rows.npy", rows)
+    source = PrecomputedSource(path=str(tmp_path / "rows.npy"))
+    tracemalloc.start()
+    try:
+        got = _silent_window(source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6, f"{peak / 1e6:.0f} MB traced for one window"
+    np.testing.assert_array_equal(got, make_windows(rows[1990:2010], source)[10])  # the middle row's window
