@@ -92,29 +92,49 @@ def assets(args: argparse.Namespace, workdir: Path) -> dict[str, Path]:
 
 
 def model_only_fps(args: argparse.Namespace, a: dict[str, Path], budget: Any) -> float:
-    """Frames/s of the backend alone at batch 1 (median call after a warm-up)."""
+    """Frames/s of the backend alone at batch 1: as many calls in flight as it runs at once (its
+    ``concurrency``; one per lane), timed over a few seconds after a warm-up.
+
+    With lanes, the same budget with one lane is measured too and the faster of the two is the figure
+    (the live ratio is held against the backend's best batch-1 throughput, not the lanes' own).
+    """
+    from dataclasses import replace
+
     from avatar.interfaces import BackendOptions
     from avatar.models.synthetic import sample_audio, sample_visual
     from avatar.render import open_backend
 
-    bopts = BackendOptions(precision=args.precision, max_batch=args.batch, precision_explicit=True)
-    if budget is not None:
-        bopts = budget.backend_options(args.backend, bopts)
-    backend, _ = open_backend(args.backend, a["model"], bopts)
-    try:
-        vis = next(t for t in backend.inputs if len(t.shape) == 4 and t.shape[1] == 6)
-        feeds = {vis.name: sample_visual(1).astype(vis.dtype), "audio": sample_audio("ave", 1)}
-        for _ in range(3):
-            backend.run(feeds)
-        times = []
-        end = time.monotonic() + max(2.0, args.seconds / 2)
-        while time.monotonic() < end or len(times) < 5:
-            t = time.perf_counter()
-            backend.run(feeds)
-            times.append(time.perf_counter() - t)
-        return 1.0 / statistics.median(times)
-    finally:
-        backend.close()
+    variants = [budget] if budget is None or budget.lanes == 1 else [budget, replace(budget, lanes=1)]
+    best = 0.0
+    for b in variants:
+        bopts = BackendOptions(precision=args.precision, max_batch=args.batch, precision_explicit=True)
+        if b is not None:
+            bopts = b.backend_options(args.backend, bopts)
+        backend, _ = open_backend(args.backend, a["model"], bopts)
+        try:
+            vis = next(t for t in backend.inputs if len(t.shape) == 4 and t.shape[1] == 6)
+            feeds = {vis.name: sample_visual(1).astype(vis.dtype), "audio": sample_audio("ave", 1)}
+            lanes = max(1, backend.concurrency)
+            for _ in range(3):
+                backend.run(feeds)
+            done = [0] * lanes
+            end = time.monotonic() + max(2.0, args.seconds / 2)
+
+            def loop(i: int, end: float = end) -> None:
+                while time.monotonic() < end or done[i] < 5:
+                    backend.run(feeds)
+                    done[i] += 1
+
+            workers = [threading.Thread(target=loop, args=(i,)) for i in range(lanes)]
+            t0 = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best = max(best, sum(done) / (time.perf_counter() - t0))
+        finally:
+            backend.close()
+    return best
 
 
 # --------------------------------------------------------------------------- (a) N live sessions
@@ -168,6 +188,7 @@ def run_sessions(args: argparse.Namespace, a: dict[str, Path], n: int, budget: A
         stats = svc.stats()["backends"]
         run_s = sum(v["run_s"] for v in stats.values())
         items = sum(v["items"] for v in stats.values())
+        lanes = max((v.get("lanes", 1) for v in stats.values()), default=1)
     per = total.per_frame_ms({"speech": speech, "idle": frames - speech})
     speech_s = len(pcm) / 16000
     return {
@@ -176,7 +197,9 @@ def run_sessions(args: argparse.Namespace, a: dict[str, Path], n: int, budget: A
         "process_cpu_ms_per_frame": 1000 * cpu_all / max(1, frames),
         "speech_frames_per_session": per_session,
         "speech_fps_per_session": [k / speech_s for k in per_session],
-        "backend_ms_per_frame_live": 1000 * run_s / items if items else None,
+        # wall ms per frame of the backend's calls, calls in flight together counted once (lanes)
+        "backend_ms_per_frame_live": 1000 * run_s / items / lanes if items else None,
+        "lanes": lanes,
         "share_ratio": min(per_session) / max(per_session) if max(per_session) else 0.0,
         # the shared audio encoder: calls, requests (sessions' pushes), mean windows per call
         "encoder": {k: enc.get(k) for k in ("calls", "requests", "shared_calls", "mean_batch")},

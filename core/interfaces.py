@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -190,11 +191,14 @@ class BackendStats:
     #: the newest calls' seconds (a fixed number: a backend serves for hours)
     call_s: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=RECENT_CALLS))
 
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     def record(self, seconds: float, items: int) -> None:
-        self.calls += 1
-        self.items += items
-        self.run_s += seconds
-        self.call_s.append(seconds)
+        with self._lock:  # (a backend with concurrency > 1 records from several threads)
+            self.calls += 1
+            self.items += items
+            self.run_s += seconds
+            self.call_s.append(seconds)
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,16 @@ class Backend(Component):
         self.model_path = Path(model_path)
         self.options = options or BackendOptions()
         self.stats = BackendStats()
+
+    @property
+    def concurrency(self) -> int:
+        """How many :meth:`run` calls this backend serves at once, each on its own share of its threads.
+
+        The shared scheduler keeps that many batches in flight. 1 (the default):
+        calls run one after another. A backend that returns more must make
+        :meth:`run` safe to call from that many threads together.
+        """
+        return 1
 
     @property
     @abstractmethod

@@ -101,6 +101,19 @@ def test_thread_budget_plan_and_options() -> None:
     assert cpu.feature_options("npy", {}) == {}
 
 
+def test_thread_budget_lanes_become_openvino_streams() -> None:
+    cpu = ThreadBudget.plan(4)
+    assert cpu.lanes == 2 and ThreadBudget.plan(1).lanes == 1 and ThreadBudget.plan(4, gpu=True).lanes == 1
+    ov = cpu.backend_options("openvino", BackendOptions(max_batch=4))
+    assert ov.threads == 4 and dict(ov.extra) == {"streams": "2", "performance_hint": "THROUGHPUT"}
+    # the user's hint or streams win; one lane changes nothing; a backend without streams gets none
+    mine = cpu.backend_options("openvino", BackendOptions(extra={"performance_hint": "LATENCY"}))
+    assert dict(mine.extra) == {"performance_hint": "LATENCY"}
+    assert cpu.backend_options("openvino", BackendOptions(extra={"streams": "3"})).extra["streams"] == "3"
+    assert "streams" not in ThreadBudget(cores=4, backend=4, lanes=1).backend_options("openvino").extra
+    assert "streams" not in cpu.backend_options("cpu").extra and "performance_hint" not in cpu.backend_options("cpu").extra
+
+
 def test_a_service_with_a_thread_budget_sizes_its_pools(tiny_job: dict[str, Path]) -> None:
     import cv2
 

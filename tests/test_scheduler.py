@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -499,3 +500,100 @@ def test_estimates_extrapolate_linearly(contract: Any) -> None:
     assert sched.estimate_s(8) == pytest.approx(0.002 + 0.0004 * 8)
     assert sched.bound_fps() == pytest.approx(4 / 0.0036)
 
+
+
+# --------------------------------------------------------------------------- lanes (calls in flight at once)
+
+
+class _TwoCalls(FakeBackend):
+    @property
+    def concurrency(self) -> int:  # a backend that runs two calls at once
+        return 2
+
+
+def test_lanes_multiply_the_throughput_the_policy_plans_with(contract: Any) -> None:
+    one, _ = sim_scheduler(contract, 0.070, 0.010)
+    two_be = _TwoCalls(contract, SimTime(), 0.070, 0.010)
+    two = InferenceScheduler(two_be, contract, batch_size=8, thread=False)
+    for n in range(1, 9):
+        two._measure(n, 0.070 + 0.010 * n)
+    assert (one.lanes, two.lanes) == (1, 2)
+    assert two.bound_fps() == pytest.approx(2 * one.bound_fps())
+    # 25 frames/s (+10 %): one call at a time needs batch 3 (3 / 0.1 s = 30 frames/s; batch 2 makes 22),
+    # two calls in flight cover it at batch 2 (2 · 2 / 0.09 s = 44 frames/s)
+    assert one.planned_batch(25.0) == 3 and two.planned_batch(25.0) == 2
+    # a lone 25 fps session whose batch-1 call (80 ms) outlasts its frame interval finds a lane free with two
+    assert two.start_budget_s(25.0) < one.start_budget_s(25.0)
+
+
+class _CountingSession(FakeSession):
+    """Distinct visual input per frame; keeps the faces that came back by frame index."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.got: dict[int, np.ndarray] = {}
+
+    def avatar_index(self, item: WorkItem) -> int:
+        return item.index
+
+    def visual_inputs(self, indices: Sequence[int]) -> np.ndarray:
+        return np.stack([np.random.default_rng(i).integers(0, 256, (6, 320, 320), dtype=np.uint8) for i in indices])
+
+    def on_faces(self, items: list[WorkItem], av: list[int], faces: np.ndarray, seconds: Any) -> None:
+        with self.cv:
+            for it, f in zip(items, faces):
+                self.got[it.index] = f.copy()
+            self.cv.notify_all()
+
+
+def test_a_backend_with_two_streams_runs_two_batches_at_once_and_each_frame_gets_its_own_face(
+        tmp_path: Any) -> None:
+    pytest.importorskip("openvino")
+    from avatar.engine.threads import ThreadBudget
+    from avatar.interfaces import BackendOptions
+    from avatar.models.synthetic import make_unet
+    from avatar.vision import normalize
+    from avatar_plugins.backends.openvino import OpenVinoBackend
+
+    unet = make_unet(tmp_path / "unet.onnx", mode="ave", seed=4, tiny=True)
+    con = read_contract(unet)
+    base = BackendOptions(max_batch=2, extra={"cache": "0"})
+    lanes = OpenVinoBackend(unet, ThreadBudget(cores=2, backend=2, lanes=2).backend_options("openvino", base))
+    alone = OpenVinoBackend(unet, ThreadBudget(cores=2, backend=2, lanes=1).backend_options("openvino", base))
+    assert (lanes.concurrency, alone.concurrency) == (2, 1)
+    assert lanes.compiled_property("NUM_STREAMS") == 2
+    flight, peak, lock = [0], [0], threading.Lock()
+    run = lanes.run
+
+    def counted(feeds: Any) -> Any:  # instrumentation only: the real backend runs every call
+        with lock:
+            flight[0] += 1
+            peak[0] = max(peak[0], flight[0])
+        try:
+            return run(feeds)
+        finally:
+            with lock:
+                flight[0] -= 1
+
+    lanes.run = counted  # type: ignore[method-assign]
+    sched = InferenceScheduler(lanes, con, batch_size=1, max_wait_s=0.0)
+    s = _CountingSession("s")
+    try:
+        assert sched.lanes == 2 and len(sched._threads) == 2
+        sched.warm()
+        if Path("/proc/self/task").is_dir():  # the CPU of both streams' threads is counted, not one stream's
+            assert sched._pool is not None and sched._pool.threads >= 2
+        n = 40
+        for j in range(n):
+            sched.submit(WorkItem(s, j, window(float(j) / n), 0))
+        assert s.wait(lambda: len(s.got) == n or s.failures, timeout=120)
+        assert not s.failures and peak[0] == 2 and sched.stats.calls == n
+        for j in range(n):  # each frame's face is the one its own inputs give, run alone
+            ref = alone.run({con.visual.name: normalize(s.visual_inputs([j])),
+                             con.audio.name: window(float(j) / n)[None]})[con.output.name][0]
+            np.testing.assert_allclose(s.got[j], ref, atol=1e-4)
+    finally:
+        sched.close()
+        lanes.close()
+        alone.close()
+    assert not sched.alive

@@ -1,6 +1,8 @@
 """Shared inference: ready windows from every session, one backend call per batch.
 
-One :class:`InferenceScheduler` (and one thread) per loaded backend. The policy,
+One :class:`InferenceScheduler` per loaded backend, with one thread per call the
+backend runs at once (its :attr:`~avatar.interfaces.Backend.concurrency`: OpenVINO's
+streams; 1 for most backends), so that many batches are in flight. The policy,
 in two sentences: *a batch holds the frames that the backend can finish by their
 deadlines at the batch size that finishes the most of them per second of
 backend time (earliest deadline first, the least-served session first among
@@ -154,7 +156,12 @@ class InferenceScheduler:
         self._present: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._rate_window = [0.0, 0, 0.0]  # [window start, paced items in it, items/s of the last window]
         self._restart_times: list[float] = []
-        self._in_hand: list[WorkItem] = []
+        #: batches in flight, by the thread running them (if a thread dies, its items get their failure)
+        self._in_hand: dict[int, list[WorkItem]] = {}
+        #: batches the backend runs at once (one scheduler thread each)
+        self.lanes = max(1, min(16, int(getattr(backend, "concurrency", 1) or 1)))
+        self._stat_lock = threading.Lock()  # stats and the cost model, updated by every lane
+        self._discovering = threading.Lock()  # one lane finds the backend's threads
         self._recent_batch = (1, 0.0)  # the largest batch run lately, and when
         #: process CPU seconds per frame the backend used while warming (≈0 on a GPU)
         self.cpu_per_frame_s = 0.0
@@ -164,13 +171,16 @@ class InferenceScheduler:
         # the backend may have converted the model (e.g. uint8_visual): ask it, not the file
         vis_info = next((t for t in backend.inputs if t.name == vis), contract.visual)
         self._uint8 = np.dtype(vis_info.dtype) == np.uint8
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         if thread:
-            self._start_thread()
+            self._start_threads()
 
-    def _start_thread(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"avatar-{self.name}", daemon=True)
-        self._thread.start()
+    def _start_threads(self) -> None:
+        for lane in range(self.lanes):
+            suffix = f"-{lane}" if self.lanes > 1 else ""
+            t = threading.Thread(target=self._loop, name=f"avatar-{self.name}{suffix}", daemon=True)
+            self._threads.append(t)
+            t.start()
 
     # -- sessions' side ----------------------------------------------------------
 
@@ -251,9 +261,14 @@ class InferenceScheduler:
         slope = max(0.0, (est[hi] - est[lo]) / (hi - lo))  # a + b·B through the nearest two sizes
         return max(0.0, est[lo] + slope * (n - lo))
 
+    def rate_fps(self, n: int) -> float:
+        """Frames per second at batch ``n`` with every lane busy: ``lanes · n / t(n)`` (inf before a measurement)."""
+        t = self.estimate_s(n)
+        return self.lanes * n / t if t > 0 else math.inf
+
     def bound_fps(self) -> float:
-        """The cost model's throughput bound: ``max_B B / t(B)`` frames per second (0 before a measurement)."""
-        rates = [b / t for b in range(1, self.batch_size + 1) if (t := self.estimate_s(b)) > 0]
+        """The cost model's throughput bound: ``max_B lanes · B / t(B)`` frames per second (0 before a measurement)."""
+        rates = [self.lanes * b / t for b in range(1, self.batch_size + 1) if (t := self.estimate_s(b)) > 0]
         return max(rates, default=0.0)
 
     def demand_fps(self) -> float:
@@ -274,8 +289,7 @@ class InferenceScheduler:
         """
         demand = self.demand_fps() if demand_fps is None else demand_fps
         for b in range(1, self.batch_size + 1):
-            t = self.estimate_s(b)
-            if t <= 0 or b / t >= demand * 1.1:
+            if self.rate_fps(b) >= demand * 1.1:
                 return b
         return self.capacity_batch(0.99)
 
@@ -283,8 +297,7 @@ class InferenceScheduler:
         """The smallest batch whose throughput reaches ``share`` of the bound."""
         bound = self.bound_fps()
         for b in range(1, self.batch_size + 1):
-            t = self.estimate_s(b)
-            if t <= 0 or b / t >= share * bound:
+            if self.rate_fps(b) >= share * bound:
                 return b
         return self.batch_size
 
@@ -309,8 +322,8 @@ class InferenceScheduler:
         demand = self.present_fps() or self.demand_fps() + fps
         b = self.planned_batch(demand)
         own = self._done_by(b, 0.0) + self.max_wait_s
-        if b == size == 1 and demand <= fps * 1.001 and not self._unpaced and own <= 1.0 / max(fps, 1e-9):
-            return own  # a lone session whose frame is done before its next one comes never finds a batch running
+        if b == size == 1 and demand <= fps * 1.001 and not self._unpaced and own <= self.lanes / max(fps, 1e-9):
+            return own  # a lone session whose frame is done before a lane is needed again never finds them all busy
         return self._done_by(max(b, size), 0.0) + own
 
     def warm(self) -> None:
@@ -346,13 +359,13 @@ class InferenceScheduler:
             self._paced, self._unpaced = [], []
             self._cv.notify_all()
         _fail_items(left, BackendError("the shared inference was closed"))
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=10.0)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10.0)
 
     @property
     def alive(self) -> bool:
-        return not self._closed and (self._thread is None or self._thread.is_alive())
+        return not self._closed and (not self._threads or any(t.is_alive() for t in self._threads))
 
     # -- picking a batch -----------------------------------------------------------
 
@@ -425,7 +438,7 @@ class InferenceScheduler:
             t = max(self.estimate_s(b), 1e-9)
             if good / t > best_rate * (1 + 1e-9):
                 best_b, best_rate = b, good / t
-        if safe and (safe == top or safe / max(self.estimate_s(safe), 1e-9) >= 1.1 * self.demand_fps()):
+        if safe and (safe == top or self.rate_fps(safe) >= 1.1 * self.demand_fps()):
             best_b = safe
         limit = self._done_by(best_b, now)
         must = [it for it in cands if not it.skippable]
@@ -478,7 +491,8 @@ class InferenceScheduler:
                     break
                 wait = 0.1 if wake is None else max(0.0005, (wake - self.clock.now()) / self.clock.speed)
                 self._cv.wait(min(0.1, wait))
-        self.stats.skipped += len(skipped)
+        with self._stat_lock:
+            self.stats.skipped += len(skipped)
         for it in skipped:
             _safe(it.client.on_skipped, it)
         return batch
@@ -499,18 +513,19 @@ class InferenceScheduler:
         batch = self._next()
         if batch is None:
             return False
-        self._in_hand = batch  # (if the loop dies now, these items get their failure)
+        me = threading.get_ident()
+        self._in_hand[me] = batch  # (if the loop dies now, these items get their failure)
         self.run_batch(batch)
-        self._in_hand = []
+        self._in_hand.pop(me, None)
         return True
 
     def _replace(self, exc: BaseException) -> bool:
         """After the loop died: fail the batch in hand, count the restart, go on (False: give up)."""
-        in_hand, self._in_hand = getattr(self, "_in_hand", []), []
-        _fail_items(in_hand, exc)
+        _fail_items(self._in_hand.pop(threading.get_ident(), []), exc)
         now = time.monotonic()
-        self._restart_times = [t for t in self._restart_times if now - t < 60.0] + [now]
-        self.stats.restarts += 1
+        with self._stat_lock:
+            self._restart_times = [t for t in self._restart_times if now - t < 60.0] + [now]
+            self.stats.restarts += 1
         if len(self._restart_times) > MAX_RESTARTS_PER_MINUTE or self._closed:
             with self._cv:
                 self._closed = True
@@ -553,7 +568,8 @@ class InferenceScheduler:
                 return
             # a shared batch failed: retry once split by session before anyone fails
             log.debug("a shared batch failed; retrying it split by session", exc_info=True)
-            self.stats.split_retries += 1
+            with self._stat_lock:
+                self.stats.split_retries += 1
             results = []
             for part in ready:
                 try:
@@ -568,7 +584,8 @@ class InferenceScheduler:
                 rows = slice(k, k + len(items))
                 k += len(items)
                 if not good[rows].all():
-                    self.stats.bad_rows += int((~good[rows]).sum())
+                    with self._stat_lock:
+                        self.stats.bad_rows += int((~good[rows]).sum())
                     rows_f = faces[rows][~good[rows]]
                     bad = int(rows_f.size - np.count_nonzero(np.isfinite(rows_f)))
                     _safe(client.on_failure, ModelError(
@@ -603,30 +620,59 @@ class InferenceScheduler:
         result = self._run_backend({self.contract.visual.name: feed_visual, self.contract.audio.name: audio})
         faces, good = check_output_rows(self.contract, result, len(feed_visual))
         run_s = time.perf_counter() - t1
-        run_cpu = time.thread_time() - cpu1 + self._pool_delta()
-        self._measure(len(feed_visual), self.clock.now() - c1)  # in the sessions' clock (it may run scaled)
-        st = self.stats
-        st.calls += 1
-        st.items += n
-        st.run_s += run_s
-        st.batch_sizes[n] = st.batch_sizes.get(n, 0) + 1
-        if n >= self._recent_batch[0] or c1 - self._recent_batch[1] > 2.0:
-            self._recent_batch = (n, c1)
-        st.shared_calls += int(len(parts) > 1)
+        with self._stat_lock:
+            run_cpu = time.thread_time() - cpu1 + self._pool_delta()
+            self._measure(len(feed_visual), self.clock.now() - c1)  # in the sessions' clock (it may run scaled)
+            st = self.stats
+            st.calls += 1
+            st.items += n
+            st.run_s += run_s
+            st.batch_sizes[n] = st.batch_sizes.get(n, 0) + 1
+            if n >= self._recent_batch[0] or c1 - self._recent_batch[1] > 2.0:
+                self._recent_batch = (n, c1)
+            st.shared_calls += int(len(parts) > 1)
         return faces[:n], good[:n], run_s, run_cpu
 
     def _run_backend(self, feeds: dict[str, np.ndarray]) -> Any:
         """``backend.run``; the first call (the warm-up's, before any session runs) finds the backend's threads."""
-        if self._pool is not None:
-            return self.backend.run(feeds)
-        from .cpu import NativeThreads
+        if self._pool is not None or not self._discovering.acquire(blocking=False):
+            return self.backend.run(feeds)  # (another lane is finding the pool: this call is not counted in it)
+        try:
+            if self._pool is not None:
+                return self.backend.run(feeds)
+            from .cpu import NativeThreads
 
-        result, self._pool = NativeThreads.discover(lambda: self.backend.run(feeds))
-        self._pool_cpu = self._pool.cpu_s()
-        return result
+            result, pool = NativeThreads.discover(lambda: self._run_lanes(feeds))
+            with self._stat_lock:
+                self._pool, self._pool_cpu = pool, pool.cpu_s()
+            return result
+        finally:
+            self._discovering.release()
+
+    def _run_lanes(self, feeds: dict[str, np.ndarray]) -> Any:
+        """One call in each lane at once (each lane may run on threads of its own); the first call's result."""
+        if self.lanes == 1:
+            return self.backend.run(feeds)
+        results: list[Any] = [None] * self.lanes
+        errors: list[BaseException] = []
+
+        def call(i: int) -> None:
+            try:
+                results[i] = self.backend.run(feeds)
+            except BaseException as exc:  # (raised below, on the calling thread)
+                errors.append(exc)
+
+        calls = [threading.Thread(target=call, args=(i,), name=f"avatar-{self.name}-find") for i in range(self.lanes)]
+        for t in calls:
+            t.start()
+        for t in calls:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results[0]
 
     def _pool_delta(self) -> float:
-        """CPU the backend's own threads used since the last call ended."""
+        """CPU the backend's own threads used since the last call ended (any lane's)."""
         if self._pool is None:
             return 0.0
         now = self._pool.cpu_s()

@@ -155,7 +155,8 @@ class AvatarService:
         with self._lock:
             return {
                 "sessions": len(self._sessions),
-                "backends": {f"{k[0]}@{v.name}#{i}": v.scheduler.stats.to_dict() for i, (k, v) in enumerate(self._shared.items())},
+                "backends": {f"{k[0]}@{v.name}#{i}": {**v.scheduler.stats.to_dict(), "lanes": v.scheduler.lanes}
+                             for i, (k, v) in enumerate(self._shared.items())},
             }
 
     def capacity(self, fps: float) -> EngineCapacity:

@@ -12,6 +12,13 @@ backend gets the cores and its threads do not spin between calls; every
 other pool (audio encoder, OpenCV, video encoders) gets one thread, because
 its parallelism comes from the sessions, not from inside one call.** On a GPU
 the backend needs one host thread and the cores go to the sessions.
+
+On a CPU the backend's cores are split into two *lanes* where the backend
+can run calls in parallel (OpenVINO's streams): two calls in flight, each on
+half the cores. A call that runs on all the cores at once stalls whenever
+the sessions' own work takes one of them (its threads wait for the slowest);
+two half-size calls each lose only what is taken from their half
+(``benchmarks/openvino_lanes.py`` measures it).
 """
 
 from __future__ import annotations
@@ -45,21 +52,29 @@ class ThreadBudget:
     opencv: int = 1
     #: whether the backend's pool may spin while it waits for work (only when nothing else needs the cores)
     spin: bool = False
+    #: model calls in flight at once, each on ``backend / lanes`` threads, where the backend runs calls in
+    #: parallel (OpenVINO's streams; other backends run one call at a time whatever this says)
+    lanes: int = 1
 
     @classmethod
     def plan(cls, cores: int | None = None, *, gpu: bool = False) -> "ThreadBudget":
         """The budget for ``cores`` (default: this process's) and a CPU or GPU backend."""
         n = machine_cores() if cores is None else max(1, int(cores))
-        return cls(cores=n, backend=1 if gpu else n)
+        return cls(cores=n, backend=1 if gpu else n, lanes=1 if gpu else min(2, n))
 
     def backend_options(self, backend: str, base: BackendOptions | None = None) -> BackendOptions:
-        """``base`` with the backend's threads (an explicit ``threads`` in ``base`` wins), and spinning
-        off where the backend ``backend`` has the ``spin`` option (ONNX Runtime's)."""
+        """``base`` with the backend's threads (an explicit ``threads`` in ``base`` wins), spinning off
+        where the backend ``backend`` has the ``spin`` option (ONNX Runtime's), and the lanes as streams
+        where it has ``streams`` (OpenVINO's; an explicit ``streams`` or ``performance_hint`` wins)."""
         b = base or BackendOptions()
         extra: dict[str, Any] = dict(b.extra)
         threads = b.threads if b.threads is not None else self.backend
-        if not self.spin and "spin" in _backend_extras(backend):
+        known = _backend_extras(backend)
+        if not self.spin and "spin" in known:
             extra.setdefault("spin", "0")
+        if self.lanes > 1 and "streams" in known and "performance_hint" in known and "performance_hint" not in extra:
+            extra.setdefault("streams", str(self.lanes))
+            extra["performance_hint"] = "THROUGHPUT"
         return replace(b, threads=threads, extra=extra)
 
     def feature_options(self, name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -77,7 +92,7 @@ class ThreadBudget:
 
     def to_dict(self) -> dict[str, Any]:
         return {"cores": self.cores, "backend": self.backend, "encoder": self.encoder, "opencv": self.opencv,
-                "spin": self.spin}
+                "spin": self.spin, "lanes": self.lanes}
 
 
 def _backend_extras(name: str) -> Mapping[str, str]:

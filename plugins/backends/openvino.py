@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import threading
+import queue
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -117,6 +117,7 @@ class OpenVinoBackend(ListedTensorsBackend):
     description = "OpenVINO (Intel/AMD CPU, Intel GPU, NPU): fp32, bf16, fp16, int8; gated on a trained model"
     #: ``auto`` tries backends by priority (onnx-cuda 100, cpu 10): OpenVINO before ONNX Runtime on a CPU
     priority: ClassVar[int | None] = 50
+    _extra: ClassVar[Mapping[str, str]] = _EXTRA
 
     @classmethod
     def availability(cls) -> Availability:
@@ -147,7 +148,7 @@ class OpenVinoBackend(ListedTensorsBackend):
             fix = f"; install it with `{a.install}`" if a.install else ""
             raise BackendUnavailable(f"openvino is unavailable: {a.reason}{fix}")
         opts = self.options
-        check_extra(opts.extra, _EXTRA, self.name)
+        check_extra(opts.extra, self._extra, self.name)
         if opts.precision not in PRECISIONS:
             raise ConfigError(f"openvino: precision must be one of {', '.join(PRECISIONS)}, not {opts.precision!r}")
         if not self.model_path.is_file():
@@ -177,8 +178,13 @@ class OpenVinoBackend(ListedTensorsBackend):
         if self.device.startswith("AUTO") and self.precision != "fp32":
             self._check_auto_devices()  # AUTO picks the device only now: the same checks, on what it picked
         self._check_compiled()
-        self._request = self._compiled.create_infer_request()
-        self._lock = threading.Lock()  # one infer request: one run at a time
+        # one infer request per stream the compiled model runs in parallel (1 under the LATENCY hint):
+        # calls from that many threads run at once, each on its stream's threads
+        self._n_requests = self._parallel_requests()
+        self._requests: queue.Queue[Any] = queue.Queue(maxsize=self._n_requests)
+        for _ in range(self._n_requests):
+            self._requests.put_nowait(self._compiled.create_infer_request())
+        self._closed = False
         self.stats.load_s = time.perf_counter() - start
         log.info("openvino: %s on %s (%s)%s", self.model_path.name, self.device, self.choice,
                  " from the compiled-model cache" if self.loaded_from_cache else "")  # fmt: skip
@@ -344,19 +350,35 @@ class OpenVinoBackend(ListedTensorsBackend):
         rest = f" (float layers {self._compute_precision()})" if self.precision == "int8" else ""
         return [f"OpenVINO {d} {self.precision}{rest}" for d in devs]
 
+    def _parallel_requests(self) -> int:
+        """Infer requests worth running at once: the compiled model's streams (1 under LATENCY)."""
+        try:
+            streams = int(self._compiled.get_property("NUM_STREAMS"))
+        except Exception:  # (a device or AUTO that does not report streams: one call at a time)
+            return 1
+        return max(1, min(streams, int(self.options.max_batch) * 4, 64))
+
+    @property
+    def concurrency(self) -> int:
+        return self._n_requests
+
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._request is None:
+        if self._closed:
             raise BackendError(f"{self.name}: the backend is closed")
         check_feeds(feeds, self._inputs, backend=self.name)
-        with self._lock:
-            try:
-                res = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_outputs=False)
-            except Exception as exc:
-                raise BackendError(f"{self.name}: inference failed: {exc}") from exc
+        request = self._requests.get()  # a free infer request (as many as streams: calls beyond wait)
+        try:
+            res = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_outputs=False)
+        except Exception as exc:
+            raise BackendError(f"{self.name}: inference failed: {exc}") from exc
+        finally:
+            self._requests.put_nowait(request)
         return {t.name: np.asarray(res[i]) for i, t in enumerate(self._outputs)}
 
     def close(self) -> None:
-        self._request = None
+        self._closed = True
+        while not self._requests.empty():  # the requests hold the compiled model's buffers
+            self._requests.get_nowait()
         self._compiled = None
 
 
