@@ -97,7 +97,9 @@ def test_thread_budget_plan_and_options() -> None:
     assert cpu.backend_options("cpu", BackendOptions(threads=3)).threads == 3  # the user's choice wins
     # a backend without the option gets none (it would refuse an unknown option)
     assert "spin" not in cpu.backend_options("openvino").extra
-    assert cpu.feature_options("ave", {"encoder": "e.onnx"}) == {"encoder": "e.onnx", "threads": 1}
+    assert cpu.feature_options("ave", {"encoder": "e.onnx"}) == {"encoder": "e.onnx", "threads": 1, "min_rows": 2}
+    assert ThreadBudget.plan(4, gpu=True).feature_options("ave", {}) == {"threads": 1}
+    assert cpu.feature_options("ave", {"min_rows": 1})["min_rows"] == 1  # the user's choice wins
     assert cpu.feature_options("npy", {}) == {}
 
 

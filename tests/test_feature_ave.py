@@ -258,6 +258,28 @@ def test_one_encoder_call_per_push(pm, models) -> None:  # type: ignore[no-untyp
     assert len(rows) == 25 and src.backend.stats.calls == calls + 1
 
 
+def test_min_rows_halves_the_encoder_calls_of_a_real_time_stream_and_changes_no_row(pm, models) -> None:  # type: ignore[no-untyped-def]
+    pcm = _speechish(16000 * 4 + 123, seed=14)
+    one = pm.feature_source("ave", encoder=models["enc0"])
+    two = pm.feature_source("ave", encoder=models["enc0"], min_rows=2)
+    try:
+        a, b = _stream_rows(one, pcm, 320), _stream_rows(two, pcm, 320)  # 20 ms chunks, as a live client pushes
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5  # the same rows, every one of them
+        assert two.backend.stats.items == one.backend.stats.items
+        assert two.backend.stats.calls <= one.backend.stats.calls // 2 + 1
+        s = two.open_stream()  # a push that leaves one row ready keeps it; the next one brings both
+        outs = [len(s.push(pcm[i : i + 320])) for i in range(0, 16000, 320)]
+        assert set(outs) <= {0, 2} and 2 in outs
+        assert len(s.finish()) + sum(outs) == len(one.rows(pcm[:16000]))  # the end flushes what was held
+    finally:
+        one.close()
+        two.close()
+    with pytest.raises(ConfigError, match="min_rows"):
+        pm.feature_source("ave", encoder=models["enc0"], min_rows=0)
+    with pytest.raises(ConfigError, match="min_rows"):
+        pm.feature_source("ave", encoder=models["enc0"], batch=4, min_rows=5)
+
+
 # ----------------------------------------------------------------- streaming
 
 

@@ -89,6 +89,12 @@ class AveSource(FeatureSource):
             or ``"reflect"`` (librosa < 0.10, Wav2Lip-era features).
         padding: window edge padding, ``"replicate"`` (the specification's, default)
             or ``"zero"`` (upstream's).
+        min_rows: a stream encodes only once this many rows are ready (default 1: each
+            row as soon as its audio is in; the end of a stream flushes the rest). A
+            real-time stream makes one row per 40 ms frame; every encoder call reads the
+            encoder's weights back into the cache the model call evicted, so on a busy
+            CPU two rows per call cost ~20 % less CPU per row for at most one frame
+            (40 ms) more latency. A live service's thread budget sets 2 on a CPU.
     """
 
     name: ClassVar[str] = "ave"
@@ -109,13 +115,14 @@ class AveSource(FeatureSource):
         padding: str | None = None,
         threads: int | None = None,
         batch_wait_s: float = 0.003,
+        min_rows: int = 1,
         **options: Any,
     ) -> None:
         super().__init__(padding=padding)
         if options:
             raise ConfigError(
                 f"unknown option(s) for feature source 'ave': {', '.join(sorted(options))} "
-                "(valid: encoder, backend, batch, batch_wait_s, device_id, stft_pad, padding, threads)"
+                "(valid: encoder, backend, batch, batch_wait_s, device_id, min_rows, stft_pad, padding, threads)"
             )
         if encoder is None or str(encoder) == "":
             raise ConfigError(f"the 'ave' feature source needs an audio-encoder model: pass encoder=PATH; {_MAKE_ENCODER}")
@@ -128,6 +135,12 @@ class AveSource(FeatureSource):
             raise ConfigError(f"batch must be a positive integer, not {batch!r}") from None
         if self.batch < 1:
             raise ConfigError(f"batch must be a positive integer, not {batch!r}")
+        try:
+            self.min_rows = int(min_rows)
+        except (TypeError, ValueError):
+            raise ConfigError(f"min_rows must be a positive integer, not {min_rows!r}") from None
+        if not 1 <= self.min_rows <= self.batch:
+            raise ConfigError(f"min_rows must be between 1 and batch ({self.batch}), not {min_rows!r}")
         if stft_pad not in PAD_MODES:
             raise ConfigError(f"stft_pad must be one of {', '.join(PAD_MODES)}, not {stft_pad!r}")
         self.stft_pad = stft_pad
@@ -304,7 +317,7 @@ class AveRowStream(RowStream):
         last = self._next
         while window_start(last) + MEL_WINDOW <= have:
             last += 1
-        if last == self._next:
+        if last - self._next < self.source.min_rows:  # (none ready, or fewer than a call takes)
             return np.zeros((0, ROW_SIZE), np.float32)
         starts = np.array([window_start(r) for r in range(self._next, last)])
         rows = self._emit(starts)
