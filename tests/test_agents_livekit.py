@@ -225,6 +225,80 @@ def test_avatar_session_without_server_settings_is_one_clear_error(tiny_job: dic
     with pytest.raises(ConfigError, match="LIVEKIT_URL"):
         asyncio.run(start())
     assert avatar.generator is None  # nothing was opened
+    # outside a job, with the room not connected yet, nothing tells the agent's identity
+    for k in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        monkeypatch.setenv(k, "ws://127.0.0.1:9" if k == "LIVEKIT_URL" else "x")
+    with pytest.raises(ConfigError, match="job entrypoint"):
+        asyncio.run(start())
+    assert avatar.generator is None
+
+
+def test_avatar_session_joins_on_behalf_of_the_agent_before_the_room_is_connected(
+        tiny_job: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a job entrypoint, before ``session.start`` connects the room (the documented order), as LiveKit runs it.
+
+    A local HTTP server stands in for LiveKit's signalling endpoint: it keeps
+    the token the avatar's own room presents and refuses it. The token is the
+    avatar's: its identity, the job's room, publishing on behalf of the agent.
+    """
+    from aiohttp import web
+    from livekit import api
+    from livekit.agents import AgentSession
+    from livekit.agents.job import (
+        JobAcceptArguments,
+        JobContext,
+        JobExecutorType,
+        JobProcess,
+        RunningJobInfo,
+        _JobContextVar,
+    )
+    from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+    from livekit.protocol import agent, models
+
+    from avatar.agents.livekit import AvatarSession
+
+    key, secret = "devkey", "a-secret-of-at-least-32-characters!"
+    presented: list[str] = []
+
+    async def signalling(request: web.Request) -> web.Response:
+        presented.append(request.headers.get("Authorization", "").removeprefix("Bearer "))
+        return web.json_response({"error": "refused by the test"}, status=401)
+
+    async def run(svc: AvatarService) -> AvatarSession:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", signalling)
+        server = web.AppRunner(app)
+        await server.setup()
+        site = web.TCPSite(server, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        job_token = (api.AccessToken(key, secret).with_kind("agent").with_identity("agent-7")
+                     .with_grants(api.VideoGrants(room_join=True, room="room-7")).to_jwt())
+        info = RunningJobInfo(accept_arguments=JobAcceptArguments(name="", identity="agent-7", metadata=""),
+                              job=agent.Job(id="job-7", room=models.Room(name="room-7")),
+                              url=f"ws://127.0.0.1:{port}", token=job_token, worker_id="w", fake_job=True)
+        ctx = JobContext(proc=JobProcess(executor_type=JobExecutorType.THREAD, user_arguments=None, http_proxy=None),
+                         info=info, room=rtc.Room(), on_connect=lambda: None, on_shutdown=lambda _: None,
+                         inference_executor=None)  # type: ignore[arg-type]
+        _JobContextVar.set(ctx)
+        avatar = AvatarSession(tiny_job["pkg"], model=tiny_job["unet"], service=svc,
+                               feature_options={"encoder": str(tiny_job["enc"])}, avatar_identity="anna")
+        try:
+            with pytest.raises(rtc.ConnectError):
+                await avatar.start(AgentSession(), room=ctx.room, livekit_url=f"ws://127.0.0.1:{port}",
+                                   livekit_api_key=key, livekit_api_secret=secret)
+        finally:
+            await avatar.aclose()
+            await server.cleanup()
+        return avatar
+
+    with AvatarService(backend="cpu") as svc:
+        avatar = asyncio.run(run(svc))
+        assert avatar.generator is None and svc.sessions == []  # the worker that could not join is closed
+    assert presented
+    claims = api.TokenVerifier(key, secret).verify(presented[0])
+    assert (claims.identity, claims.kind, claims.video.room, claims.video.room_join) == ("anna", "agent", "room-7", True)
+    assert claims.attributes == {ATTRIBUTE_PUBLISH_ON_BEHALF: "agent-7"}
 
 
 @pytest.mark.skipif(not all(os.environ.get(k) for k in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")),
