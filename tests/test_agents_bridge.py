@@ -147,7 +147,9 @@ def test_a_consumer_behind_catches_up_on_idle_frames_never_on_speech(tiny_job: d
             avatar.push_audio(np.full(16000, 3000, np.int16), 16000)  # 1 s
             avatar.end_segment()
             got: list[AvatarFrame] = []
-            await asyncio.sleep(2.5)  # the whole reply arrives unread, then idle again
+            # the whole reply arrives unread, then idle again (waited for, not slept: a loaded machine renders late)
+            while not any(isinstance(i, SegmentEnd) for _, i in list(avatar._items)[:-3]):
+                await asyncio.sleep(0.02)
             async for item in avatar:
                 if isinstance(item, SegmentEnd):
                     break
@@ -160,3 +162,31 @@ def test_a_consumer_behind_catches_up_on_idle_frames_never_on_speech(tiny_job: d
     assert avatar.dropped == 0 and avatar.caught_up >= 10
     assert sum(f.speaking for f in got) == 25  # every speech frame, none skipped to catch up
     assert sum(not f.speaking for f in got) <= 5  # the idle backlog before it was skipped
+
+
+def test_the_position_is_what_the_consumer_took_not_what_the_session_rendered(tiny_job: dict[str, Path]) -> None:
+    """A consumer behind the session has not played the frames it holds: an interrupt ends the segment where it is."""
+    async def run(svc: AvatarService) -> tuple[float | None, list[Any], AgentAvatar]:
+        async with AgentAvatar(_options(tiny_job, queue_s=4.0), service=svc) as avatar:
+            avatar.push_audio(np.full(48000, 3000, np.int16), 16000)  # 3 s
+            avatar.end_segment()
+            while sum(isinstance(i, AvatarFrame) and i.speaking for _, i in avatar._items) < 40:  # 1.6 s unread
+                await asyncio.sleep(0.02)
+            taken = 0
+            async for item in avatar:
+                taken += isinstance(item, AvatarFrame) and item.speaking
+                if taken == 10:  # 0.4 s played
+                    break
+            shown = avatar.interrupt()
+            rest: list[Any] = []
+            async for item in avatar:
+                rest.append(item)
+                if isinstance(item, SegmentEnd):
+                    return shown, rest, avatar
+        return shown, rest, avatar
+
+    with AvatarService(backend="cpu") as svc:
+        shown, rest, avatar = asyncio.run(asyncio.wait_for(run(svc), 60))
+    assert avatar.dropped == 0
+    assert shown == pytest.approx(0.4) and rest[-1] == SegmentEnd(pytest.approx(0.4), True)
+    assert not any(isinstance(f, AvatarFrame) and (f.speaking or f.audio.any()) for f in rest)  # the backlog muted

@@ -66,8 +66,9 @@ def service() -> Any:
 
 
 def _options(kit: dict[str, Path], **kw: Any) -> AvatarOptions:
+    # queue_s: a loaded test machine can leave the runner a second behind; these tests are not about dropping frames
     return AvatarOptions(kit["pkg"], model=kit["unet"], feature_options={"encoder": str(kit["enc"])},
-                         pixel_format="rgba", **kw)
+                         pixel_format="rgba", queue_s=5.0, **kw)
 
 
 async def _start(kit: dict[str, Path], service: Any, **kw: Any) -> tuple[_Recording, QueueAudioOutput, _Runner]:
@@ -131,6 +132,9 @@ def test_segments_play_in_sync_at_the_configured_fps_and_size(tiny_job: dict[str
     assert {a.samples_per_channel for _, a in audio} <= {533, 534}
     assert all(a.sample_rate == 16000 and a.num_channels == 1 for _, a in audio)
     assert abs(sum(a.duration for _, a in audio) - seconds) <= 2 / 30
+    # over the whole reply, picture and audio alternate: 30 pictures per second of speech, none without its audio
+    span = items[audio[0][0] - 1:audio[-1][0] + 1]
+    assert all(isinstance(x, rtc.VideoFrame) for x in span[0::2]) and all(isinstance(x, rtc.AudioFrame) for x in span[1::2])
     # the segment end follows the last speech frame; idle frames (no audio) before and after
     end = next(i for i, x in enumerate(items) if isinstance(x, AudioSegmentEnd))
     assert audio[-1][0] < end and all(not isinstance(x, rtc.AudioFrame) for x in items[end:])
@@ -144,7 +148,7 @@ def test_segments_play_in_sync_at_the_configured_fps_and_size(tiny_job: dict[str
     speaking = {i - 1 for i, _ in audio}
     assert all(is_idle(f, idle) for (i, _), f in zip(videos, frames) if i not in speaking)
     assert sum(not is_idle(f, idle) for (i, _), f in zip(videos, frames) if i in speaking) >= 0.9 * len(speaking)
-    # the runner paces the pictures at the configured rate (idle ones included)
+    # the runner's synchronizer is set to the configured rate and size (its pacing needs no test here)
     assert gen.runner_options.video_fps == 30 and (gen.runner_options.video_width, gen.runner_options.video_height) == (80, 64)
 
 
@@ -225,6 +229,80 @@ def test_avatar_session_without_server_settings_is_one_clear_error(tiny_job: dic
     with pytest.raises(ConfigError, match="LIVEKIT_URL"):
         asyncio.run(start())
     assert avatar.generator is None  # nothing was opened
+    # outside a job, with the room not connected yet, nothing tells the agent's identity
+    for k in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        monkeypatch.setenv(k, "ws://127.0.0.1:9" if k == "LIVEKIT_URL" else "x")
+    with pytest.raises(ConfigError, match="job entrypoint"):
+        asyncio.run(start())
+    assert avatar.generator is None
+
+
+def test_avatar_session_joins_on_behalf_of_the_agent_before_the_room_is_connected(
+        tiny_job: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a job entrypoint, before ``session.start`` connects the room (the documented order), as LiveKit runs it.
+
+    A local HTTP server stands in for LiveKit's signalling endpoint: it keeps
+    the token the avatar's own room presents and refuses it. The token is the
+    avatar's: its identity, the job's room, publishing on behalf of the agent.
+    """
+    from aiohttp import web
+    from livekit import api
+    from livekit.agents import AgentSession
+    from livekit.agents.job import (
+        JobAcceptArguments,
+        JobContext,
+        JobExecutorType,
+        JobProcess,
+        RunningJobInfo,
+        _JobContextVar,
+    )
+    from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+    from livekit.protocol import agent, models
+
+    from avatar.agents.livekit import AvatarSession
+
+    key, secret = "devkey", "a-secret-of-at-least-32-characters!"
+    presented: list[str] = []
+
+    async def signalling(request: web.Request) -> web.Response:
+        presented.append(request.headers.get("Authorization", "").removeprefix("Bearer "))
+        return web.json_response({"error": "refused by the test"}, status=401)
+
+    async def run(svc: AvatarService) -> AvatarSession:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", signalling)
+        server = web.AppRunner(app)
+        await server.setup()
+        site = web.TCPSite(server, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        job_token = (api.AccessToken(key, secret).with_kind("agent").with_identity("agent-7")
+                     .with_grants(api.VideoGrants(room_join=True, room="room-7")).to_jwt())
+        info = RunningJobInfo(accept_arguments=JobAcceptArguments(name="", identity="agent-7", metadata=""),
+                              job=agent.Job(id="job-7", room=models.Room(name="room-7")),
+                              url=f"ws://127.0.0.1:{port}", token=job_token, worker_id="w", fake_job=True)
+        ctx = JobContext(proc=JobProcess(executor_type=JobExecutorType.THREAD, user_arguments=None, http_proxy=None),
+                         info=info, room=rtc.Room(), on_connect=lambda: None, on_shutdown=lambda _: None,
+                         inference_executor=None)  # type: ignore[arg-type]
+        _JobContextVar.set(ctx)
+        avatar = AvatarSession(tiny_job["pkg"], model=tiny_job["unet"], service=svc,
+                               feature_options={"encoder": str(tiny_job["enc"])}, avatar_identity="anna")
+        try:
+            with pytest.raises(rtc.ConnectError):
+                await avatar.start(AgentSession(), room=ctx.room, livekit_url=f"ws://127.0.0.1:{port}",
+                                   livekit_api_key=key, livekit_api_secret=secret)
+        finally:
+            await avatar.aclose()
+            await server.cleanup()
+        return avatar
+
+    with AvatarService(backend="cpu") as svc:
+        avatar = asyncio.run(run(svc))
+        assert avatar.generator is None and svc.sessions == []  # the worker that could not join is closed
+    assert presented
+    claims = api.TokenVerifier(key, secret).verify(presented[0])
+    assert (claims.identity, claims.kind, claims.video.room, claims.video.room_join) == ("anna", "agent", "room-7", True)
+    assert claims.attributes == {ATTRIBUTE_PUBLISH_ON_BEHALF: "agent-7"}
 
 
 @pytest.mark.skipif(not all(os.environ.get(k) for k in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")),
@@ -243,7 +321,7 @@ def test_end_to_end_in_a_livekit_room(tiny_job: dict[str, Path]) -> None:
         return api.AccessToken(key, secret).with_identity(identity).with_grants(
             api.VideoGrants(room_join=True, room=room_name)).to_jwt()
 
-    async def run() -> tuple[int, Any]:
+    async def run() -> tuple[int, Any, list[Any]]:
         agent_room, viewer = rtc.Room(), rtc.Room()
         await agent_room.connect(url, token("agent"))
         await viewer.connect(url, token("viewer"))
@@ -251,12 +329,14 @@ def test_end_to_end_in_a_livekit_room(tiny_job: dict[str, Path]) -> None:
         avatar = AvatarSession(tiny_job["pkg"], model=tiny_job["unet"], backend="cpu",
                                feature_options={"encoder": str(tiny_job["enc"])})
         frames = 0
+        started: list[Any] = []
         try:
             await avatar.start(session, room=agent_room)
             await avatar.wait_for_join(timeout=30)
             track = await _remote_video(viewer, avatar.avatar_identity)
             stream = rtc.VideoStream(track)
             output = session.output.audio
+            output.on("playback_started", started.append)  # type: ignore[union-attr]  # the avatar's RPC
             await _say(output, speech(1.0, TTS_RATE))  # type: ignore[arg-type]
             output.flush()
             ev = await asyncio.wait_for(output.wait_for_playout(), 30)
@@ -269,9 +349,10 @@ def test_end_to_end_in_a_livekit_room(tiny_job: dict[str, Path]) -> None:
             await avatar.aclose()
             await viewer.disconnect()
             await agent_room.disconnect()
-        return frames, ev
+        return frames, ev, started
 
-    frames, ev = asyncio.run(run())
+    frames, ev, started = asyncio.run(run())
+    assert len(started) == 1  # from the avatar worker, when it showed the reply's first frame
     assert frames >= 25 and not ev.interrupted and ev.playback_position == pytest.approx(1.0, abs=0.1)
 
 

@@ -16,9 +16,11 @@ only translate frame types, so pacing, A/V sync and the event logic live here:
   shows the picture whose audio span holds the frame's first sample.
 * **Events.** :class:`SegmentEnd` follows the last speech frame of a segment in
   the stream (the session reports ``speech_ended`` on its output thread, in
-  order with the frames); an interrupt yields one with ``interrupted=True`` and
-  the position the session returned, and frames after it are idle (their audio
-  silent and ``speaking`` false) — the session shows idle pictures within 2 frames.
+  order with the frames); an interrupt yields one with ``interrupted=True``, and
+  frames after it are idle (their audio silent and ``speaking`` false) — the
+  session shows idle pictures within 2 frames. Its position is the segment's
+  speech the consumer has taken from the stream, not what the session has
+  rendered: a consumer running behind has not played the frames it holds yet.
 
 Thread model: the session's output thread converts frames (resize, colour) and
 hands them to the loop with ``call_soon_threadsafe``; everything else runs on
@@ -120,7 +122,7 @@ class SegmentStarted:
 class SegmentEnd:
     """A segment finished playing (after its last frame in the stream) or was interrupted."""
 
-    position_s: float
+    position_s: float  # seconds of the segment's speech the consumer took from the stream
     interrupted: bool
 
 
@@ -213,6 +215,7 @@ class AgentAvatar:
         self._nframes = 0
         self._catch_up = 1
         self.frames = 0  # frames handed to the consumer
+        self._taken = 0  # speech samples of the current segment handed to the consumer
         self._lock = threading.Lock()
         self._gen = 0  # interrupts so far: output-thread items of an older generation are stale
         self._speaking = False
@@ -305,7 +308,7 @@ class AgentAvatar:
         self._pending += 1
 
     def interrupt(self) -> float | None:
-        """Barge-in: drop the rest of the segment(s). Returns the seconds shown, or None if nothing was playing.
+        """Barge-in: drop the rest of the segment(s). Returns the seconds of it the consumer took, or None if nothing was playing.
 
         Frames from now on are idle (silent, ``speaking`` false); a
         :class:`SegmentEnd` with ``interrupted=True`` is yielded first.
@@ -313,7 +316,9 @@ class AgentAvatar:
         if self.session is None:
             return None
         had = self._open_segment or self._pending > 0
-        shown = float(self.session.interrupt())
+        self.session.interrupt()
+        shown = self._taken / self.sample_rate  # what the consumer took: the frames it holds are muted below
+        self._taken = 0
         with self._lock:
             self._gen += 1
             self._speaking = False
@@ -358,6 +363,10 @@ class AgentAvatar:
                         self.caught_up += 1
                         continue
                     self.frames += 1
+                    if item.speaking:
+                        self._taken += len(item.audio)
+                elif isinstance(item, SegmentEnd) and not item.interrupted:
+                    item, self._taken = SegmentEnd(self._taken / self.sample_rate, False), 0
                 yield item
             if self._closed or (self.session is not None and not self.session.alive):
                 return

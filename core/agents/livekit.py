@@ -37,6 +37,7 @@ from .bridge import AgentAvatar, AvatarFrame, AvatarOptions, SegmentEnd, Segment
 
 try:
     from livekit import api, rtc
+    from livekit.agents import get_job_context
     from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
     from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarRunner, DataStreamAudioOutput, DataStreamAudioReceiver
     from livekit.agents.voice.avatar import AvatarOptions as RunnerOptions
@@ -161,7 +162,8 @@ class AvatarSession(_LKAvatarSession):
         """Join ``room`` as the avatar and make it the agent session's audio output.
 
         The URL, key and secret default to ``LIVEKIT_URL``, ``LIVEKIT_API_KEY``
-        and ``LIVEKIT_API_SECRET`` (as everywhere in LiveKit Agents).
+        and ``LIVEKIT_API_SECRET`` (as everywhere in LiveKit Agents). Inside a
+        job it may come before ``session.start`` connects the room.
         """
         url = livekit_url or os.environ.get("LIVEKIT_URL")
         key = livekit_api_key or os.environ.get("LIVEKIT_API_KEY")
@@ -169,10 +171,10 @@ class AvatarSession(_LKAvatarSession):
         if not (url and key and secret):
             raise ConfigError("the avatar joins the room itself: set LIVEKIT_URL, LIVEKIT_API_KEY and "
                               "LIVEKIT_API_SECRET (or pass livekit_url=, livekit_api_key=, livekit_api_secret=)")
+        agent_identity, room_name = _agent_in(room)
         await super().start(agent_session, room)
-        agent_identity = room.local_participant.identity
         token = (api.AccessToken(key, secret).with_kind("agent").with_identity(self._identity).with_name(self._name)
-                 .with_grants(api.VideoGrants(room_join=True, room=room.name))
+                 .with_grants(api.VideoGrants(room_join=True, room=room_name))
                  .with_attributes({ATTRIBUTE_PUBLISH_ON_BEHALF: agent_identity}).to_jwt())
         self.generator = gen = AvatarVideoGenerator(self.options, service=self._service, backend=self._backend,
                                                     name=f"{room.name}/{self._identity}")
@@ -187,8 +189,11 @@ class AvatarSession(_LKAvatarSession):
         except BaseException:
             await self._close_worker()
             raise
-        agent_session.output.audio = DataStreamAudioOutput(room, destination_identity=self._identity,
-                                                           wait_remote_track=rtc.TrackKind.KIND_VIDEO)
+        # playback starts when the avatar shows the reply's first frame (AvatarRunner says so), after the
+        # model's look-ahead: the agent's playback_started and its transcript timing follow the avatar
+        agent_session.output.replace_audio_tail(DataStreamAudioOutput(
+            room, destination_identity=self._identity, wait_remote_track=rtc.TrackKind.KIND_VIDEO,
+            wait_playback_start=True))
 
     async def aclose(self) -> None:
         await self._close_worker()
@@ -203,6 +208,21 @@ class AvatarSession(_LKAvatarSession):
             await gen.aclose()
         if room is not None:
             await room.disconnect()
+
+
+def _agent_in(room: rtc.Room) -> tuple[str, str]:
+    """The agent's identity and the room's name: from the room once connected, else from the job's token.
+
+    An entrypoint starts the avatar before ``session.start`` connects the room
+    (as with the framework's avatar plugins); the job knows both already.
+    """
+    if room.isconnected():
+        return room.local_participant.identity, room.name
+    job = get_job_context(required=False)
+    if job is None:
+        raise ConfigError("the avatar needs the agent's identity: start it inside a job entrypoint, "
+                          "or connect the room first")
+    return job.local_participant_identity, job.job.room.name
 
 
 __all__ = ["AvatarSession", "AvatarVideoGenerator", "PlaybackFinished"]
