@@ -137,6 +137,21 @@ def model_only_fps(args: argparse.Namespace, a: dict[str, Path], budget: Any) ->
     return best
 
 
+def offline_fps(args: argparse.Namespace, a: dict[str, Path], pcm: np.ndarray, workdir: Path) -> dict[str, float]:
+    """The same speech rendered offline (``avatar run``'s path: the backend as the user opens it, batch
+    ``--batch``, H.264 file): frames/s end to end and the real-time factor."""
+    from avatar.interfaces import BackendOptions
+    from avatar.render import render
+
+    report = render(a["avatar"], pcm, sinks=[("file", {"path": str(workdir / "offline.mp4")})], model=a["model"],
+                    features="ave", feature_options={"encoder": str(a["encoder"])}, backend=args.backend,
+                    backend_options=BackendOptions(precision=args.precision, max_batch=args.batch,
+                                                   precision_explicit=True),
+                    batch_size=args.batch)
+    d = report.to_dict()
+    return {"fps": float(d["frames_per_s"]), "realtime_factor": float(d["realtime_factor"])}
+
+
 # --------------------------------------------------------------------------- (a) N live sessions
 
 
@@ -252,6 +267,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {b['budget']} | {b['model_only_fps']:.1f} | {b['live_speech_fps']:.1f} | {b['live_ratio']:.2f} | "
                      f"{b['backend_ms_live']:.1f} vs {1000 / b['model_only_fps']:.1f} | "
                      + (f"{b['share_2']:.2f}" if b.get("share_2") is not None else "–") + " |")
+    off = result["summary"].get("offline")
+    if off:
+        lines += ["", "## Live against offline (the same speech, backend and precision, this run)", "",
+                  "| | frames/s | real-time factor |", "|---|---:|---:|",
+                  f"| offline render (`avatar run`, batch {result['batch']}, H.264 file) | {off['fps']:.1f} | "
+                  f"{off['realtime_factor']:.2f}x |"]
+        for b in result["summary"]["live"]:
+            lines.append(f"| one live session, budget {b['budget']} (speech frames shown per second) | "
+                         f"{b['live_speech_fps']:.1f} | {b['live_speech_per_s']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -282,10 +306,14 @@ def summarize(raw: list[dict[str, Any]], fps: float) -> dict[str, Any]:
         if one is None:
             continue
         live.append({"budget": budget, "model_only_fps": mo, "live_speech_fps": one["speech_fps_per_session"],
+                     "live_speech_per_s": one["speech_fps_per_session"] / fps,
                      "live_ratio": one["speech_fps_per_session"] / min(fps, mo),
                      "backend_ms_live": one["backend_ms_per_frame_live"],
                      "share_2": two["share_ratio"] if two else None})
-    return {"sessions": rows, "live": live}
+    off = [r for r in raw if r["kind"] == "offline"]
+    offline = ({"fps": statistics.median(r["fps"] for r in off),
+                "realtime_factor": statistics.median(r["realtime_factor"] for r in off)} if off else None)
+    return {"sessions": rows, "live": live, "offline": offline}
 
 
 def main() -> None:
@@ -301,6 +329,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget", choices=("both", "on", "off"), default="both")
+    p.add_argument("--no-offline", dest="offline", action="store_false",
+                   help="skip the offline render of the same speech (live against offline)")
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args()
 
@@ -327,6 +357,9 @@ def main() -> None:
             for name, budget in budgets.items():
                 if budget is None:
                     cv2.setNumThreads(default_cv2)
+                if name == next(iter(budgets)) and args.offline:  # once per round (the render sizes its own threads)
+                    raw.append({"kind": "offline", "round": rnd, **offline_fps(args, a, pcm, workdir)})
+                    print(f"round {rnd} offline: {raw[-1]}", flush=True)
                 raw.append({"kind": "model_only", "round": rnd, "budget": name,
                             "fps": model_only_fps(args, a, budget)})
                 for n in counts:

@@ -356,6 +356,17 @@ def test_a_session_that_starts_speaking_does_not_make_anothers_utterance_late(co
     assert max(run(attach=False)) < 0.95  # (the contrast: what the sessions present add is what keeps them in time)
 
 
+def test_a_lone_session_behind_at_batch_1_gets_its_consecutive_frames_batched(contract: Any) -> None:
+    """One 25 fps session, 40 ms + 10 ms/frame: alone at batch 1 it makes 20 frames/s and would lose a fifth of
+    its frames; enough of its consecutive frames share a call (two: 60 ms) that every frame is shown."""
+    sched, time = sim_scheduler(contract, 0.04, 0.01)
+    s = FakeSession("alone")
+    sched.attach(s, 25.0)
+    simulate(sched, time, [s], seconds=20.0, budget_s=sched.start_budget_s(25.0))
+    assert sched.stats.mean_batch > 1.25 and max(sched.stats.batch_sizes) >= 2  # (batch 1 throughout: 20/s)
+    assert len(s.faces) == 500 and not s.skipped
+
+
 def test_a_backend_that_gains_nothing_from_batching_gets_no_wait_for_a_batch(contract: Any) -> None:
     """19.5 ms per frame at any batch (OpenVINO bf16 on 2 cores, a = 0) with two sessions present (98 % of the bound):
     no batch serves more than batch 1, so the budget is batch 1's, not the full batch's (which cost 416 ms p95)."""

@@ -56,7 +56,7 @@ class ThreadBudget:
     #: parallel (OpenVINO's streams; other backends run one call at a time whatever this says)
     lanes: int = 1
     #: rows per audio-encoder call in a real-time stream (the ``ave`` source's ``min_rows``): 2 on a CPU, where
-    #: a call re-reads the encoder's weights the model call evicted (~20 % less CPU per row, ≤ 40 ms later)
+    #: a call re-reads the encoder's weights the model call evicted (~15 % less CPU per row, ≤ 40 ms later)
     encoder_rows: int = 1
 
     @classmethod

@@ -93,7 +93,7 @@ class AveSource(FeatureSource):
             row as soon as its audio is in; the end of a stream flushes the rest). A
             real-time stream makes one row per 40 ms frame; every encoder call reads the
             encoder's weights back into the cache the model call evicted, so on a busy
-            CPU two rows per call cost ~20 % less CPU per row for at most one frame
+            CPU two rows per call cost ~15 % less CPU per row for at most one frame
             (40 ms) more latency. A live service's thread budget sets 2 on a CPU.
     """
 
