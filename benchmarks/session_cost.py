@@ -138,8 +138,8 @@ def model_only_fps(args: argparse.Namespace, a: dict[str, Path], budget: Any) ->
 
 
 def offline_fps(args: argparse.Namespace, a: dict[str, Path], pcm: np.ndarray, workdir: Path) -> dict[str, float]:
-    """The same speech rendered offline (``avatar run``'s path: the backend as the user opens it, batch
-    ``--batch``, H.264 file): frames/s end to end and the real-time factor."""
+    """The same speech rendered offline (``avatar run``'s path: its thread budget, batch ``--batch``,
+    H.264 file): frames/s end to end and the real-time factor."""
     from avatar.interfaces import BackendOptions
     from avatar.render import render
 
@@ -147,7 +147,7 @@ def offline_fps(args: argparse.Namespace, a: dict[str, Path], pcm: np.ndarray, w
                     features="ave", feature_options={"encoder": str(a["encoder"])}, backend=args.backend,
                     backend_options=BackendOptions(precision=args.precision, max_batch=args.batch,
                                                    precision_explicit=True),
-                    batch_size=args.batch)
+                    batch_size=args.batch, threads="auto")  # (avatar run's default: the thread budget)
     d = report.to_dict()
     return {"fps": float(d["frames_per_s"]), "realtime_factor": float(d["realtime_factor"])}
 
@@ -299,7 +299,7 @@ def summarize(raw: list[dict[str, Any]], fps: float) -> dict[str, Any]:
         row.update(targets(row))
         rows.append(row)
     live = []
-    for budget in sorted({r["budget"] for r in raw}):
+    for budget in sorted({r["budget"] for r in raw if "budget" in r}):
         mo = statistics.median(r["fps"] for r in raw if r["kind"] == "model_only" and r["budget"] == budget)
         one = next((x for x in rows if x["budget"] == budget and x["sessions"] == 1), None)
         two = next((x for x in rows if x["budget"] == budget and x["sessions"] == 2), None)

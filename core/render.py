@@ -75,6 +75,7 @@ def render(
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     output_rounding: str = "nearest",
     walk_start: int = 0,
+    threads: Any = None,
 ) -> RenderReport:
     """Render a lip-synced video of ``avatar`` speaking ``audio``.
 
@@ -103,6 +104,13 @@ def render(
         ``(x * 255).astype(uint8)``); see :func:`avatar.vision.output_to_uint8`.
     :param walk_start: the ping-pong walk position of output frame 0 (``1``
         is upstream SyncTalk_2D's start, for frame-by-frame comparison with it).
+    :param threads: a thread budget for the model's backend, the audio encoder and
+        OpenCV, as a live service's (:mod:`avatar.engine.threads`): ``"auto"``
+        (planned for this machine and backend; ``avatar run`` uses it unless
+        ``--threads`` is given), a :class:`~avatar.engine.threads.ThreadBudget`,
+        or None (default: each library sizes its own pool). Options given
+        explicitly (``BackendOptions.threads``, an encoder's ``threads``) win.
+        OpenCV's pool is process-wide: a budget sets it for the process.
     :returns: the :class:`RenderReport` (frames, timings, sink reports).
     """
     from .package import AvatarPackage
@@ -113,7 +121,7 @@ def render(
     try:
         return _render(
             package, audio, sinks=sinks, model=model, features=features, feature_options=feature_options,
-            backend=backend, backend_options=backend_options, batch_size=batch_size,
+            backend=backend, backend_options=backend_options, batch_size=batch_size, threads=threads,
             options=RenderOptions(
                 batch_size=batch_size, progress=progress, frame_limit=frame_limit, output_rounding=output_rounding,
                 walk_start=walk_start,
@@ -136,6 +144,7 @@ def _render(
     backend_options: BackendOptions | None,
     batch_size: int,
     options: RenderOptions,
+    threads: Any = None,
 ) -> RenderReport:
     model_path = Path(model) if model is not None else getattr(package, "model_path", None)
     if model_path is None:
@@ -149,6 +158,16 @@ def _render(
         raise ConfigError(f"output_rounding must be one of {', '.join(ROUNDINGS)}, not {options.output_rounding!r}")
     batch_size = model_batch(contract, batch_size)  # a fixed-batch model runs at its batch, as in a live service
     options = replace(options, batch_size=batch_size)
+    budget = None
+    if threads is not None:
+        from .engine.threads import resolve_budget
+
+        budget = resolve_budget(threads, backend if isinstance(backend, str) else "")
+        if isinstance(features, str):
+            feature_options = budget.feature_options(features, feature_options)
+        if isinstance(backend, str):
+            backend_options = budget.backend_options(backend, backend_options or BackendOptions(max_batch=max(batch_size, 1)))
+        budget.apply_process_wide()
     source = feature_source_for(package, features, feature_options, contract.feature_type)
     be: Backend | None = None
     try:
@@ -172,7 +191,10 @@ def _render(
             be.close()
         source.close()
         raise
-    return renderer.run(audio)
+    report = renderer.run(audio)
+    if budget is not None:
+        report.threads = budget.to_dict()
+    return report
 
 
 class _Held:

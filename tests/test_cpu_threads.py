@@ -257,3 +257,34 @@ def test_metrics_show_cpu_by_stage_and_kind(tiny_job: dict[str, Path]) -> None:
     assert values['avatar_frames_kind_total{kind="idle"}'] >= first["idle"] >= 20
     assert values['avatar_stage_cpu_seconds_total{kind="idle",stage="decode"}'] > 0
     assert values['avatar_stage_cpu_seconds_total{kind="idle",stage="encode"}'] >= 0
+
+
+def test_avatar_run_renders_under_the_thread_budget_unless_threads_are_given(tiny_job: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    import json
+
+    import cv2
+    from click.testing import CliRunner
+
+    from avatar.cli import cli
+    from avatar.render import render
+
+    before = cv2.getNumThreads()
+    base = ["run", "--avatar", str(tiny_job["pkg"]), "--audio", str(tiny_job["short"]), "--model", str(tiny_job["unet"]),
+            "--ave-encoder", str(tiny_job["enc"]), "--backend", "cpu"]
+    try:
+        r = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "a.mp4"), "--report", str(tmp_path / "a.json")])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / "a.json").read_text())["threads"] == ThreadBudget.plan().to_dict()
+        assert cv2.getNumThreads() == 1  # the budget's OpenCV pool
+        cv2.setNumThreads(before)
+        r = CliRunner().invoke(cli, [*base, "--threads", "1", "-o", str(tmp_path / "b.mp4"),
+                                     "--report", str(tmp_path / "b.json")])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / "b.json").read_text())["threads"] is None  # exactly the threads asked for
+        assert cv2.getNumThreads() == before
+        with pytest.raises(ConfigError, match="threads"):
+            render(tiny_job["pkg"], tiny_job["short"], model=tiny_job["unet"], backend="cpu", threads="many",
+                   feature_options={"encoder": str(tiny_job["enc"])}, sinks=[("file", {"path": str(tmp_path / "c.mp4")})])
+    finally:
+        cv2.setNumThreads(before)

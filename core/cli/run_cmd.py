@@ -173,6 +173,7 @@ def run(
             backend=backend,
             backend_options=bopts,
             batch_size=batch_size,
+            threads=None if threads else "auto",  # --threads: exactly those; else the thread budget
             progress=progress,
             frame_limit=frame_limit,
             memory_budget_mb=memory_budget_mb,

@@ -132,6 +132,7 @@ class Thinning:
         self.cooldown_s = cooldown_s
         self._acc = 0.0
         self._last_miss = float("-inf")
+        self._held = 0.0  # (hold_at_least)
         self._lock = threading.Lock()
 
     def take(self, j: int) -> bool:
@@ -145,6 +146,18 @@ class Thinning:
                 return True
             return False
 
+    def hold_at_least(self, share: float) -> None:
+        """Never thin below ``share`` of the frames (a session's fair share of an overloaded backend).
+
+        A session whose frames came back late in a burst would otherwise sink to
+        ``floor`` and, gaining back ``increase`` per frame shown, stay there while
+        the sessions that were luckier take its share: starved for the rest of
+        the utterance.
+        """
+        with self._lock:
+            self._held = min(1.0, max(0.0, float(share)))
+            self.keep = max(self.keep, self._held)
+
     def missed(self) -> None:
         """A frame was dropped at the scheduler or came back too late: render fewer."""
         now = self.clock.now()
@@ -152,7 +165,7 @@ class Thinning:
             if now - self._last_miss < self.cooldown_s:
                 return
             self._last_miss = now
-            self.keep = max(self.floor, self.keep * self.decrease)
+            self.keep = max(self.floor, self._held, self.keep * self.decrease)
 
     def in_time(self) -> None:
         """A rendered frame was shown in time: try a little more."""

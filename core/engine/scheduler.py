@@ -209,6 +209,12 @@ class InferenceScheduler:
         with self._cv:
             self._present[client] = max(0.0, float(fps))
 
+    def fair_share_fps(self) -> float:
+        """Frames/s each attached session gets when every one of them speaks at the bound (0 before a measurement)."""
+        with self._cv:
+            n = len(self._present)
+        return self.bound_fps() / max(1, n)
+
     def present_fps(self) -> float:
         """Frames per second the attached sessions submit when they all speak."""
         with self._cv:
@@ -247,7 +253,7 @@ class InferenceScheduler:
 
     def estimate_s(self, n: int = 1) -> float:
         """Expected seconds of one call of ``n`` items (0 before anything was measured)."""
-        est = self._run_est
+        est = dict(self._run_est)  # (a copy: the lanes add sizes while sessions ask)
         if n in est:
             return est[n]
         if not est:

@@ -24,7 +24,7 @@ from .capacity import EngineCapacity, decide, probe_session_cost
 from .pacing import REALTIME, Clock
 from .scheduler import InferenceScheduler
 from .session import Session, SessionOptions
-from .threads import ThreadBudget
+from .threads import ThreadBudget, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,7 @@ class AvatarService:
         if self.options.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         if isinstance(self.options.threads, str):
-            if self.options.threads != "auto":
-                raise ConfigError(f"threads must be 'auto', a ThreadBudget or None, not {self.options.threads!r}")
-            gpu = self.options.backend in ("onnx-cuda", "tensorrt")
-            self.options = replace(self.options, threads=ThreadBudget.plan(gpu=gpu))
+            self.options = replace(self.options, threads=resolve_budget(self.options.threads, self.options.backend))
         if isinstance(self.options.threads, ThreadBudget):
             self.options.threads.apply_process_wide()
         self._lock = threading.RLock()

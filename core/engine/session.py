@@ -89,6 +89,7 @@ class Session(_Output):
         self.rate = int(source.sample_rate)
         self.times = StageTimes()
         self.thinning = Thinning(self.clock)
+        self._fair_at = float("-inf")  # when the fair share was last asked for
         self.lags = Percentiles()
         self.latencies: list[float] = []
         self.added_latencies: list[float] = []
@@ -554,6 +555,9 @@ class Session(_Output):
             if utt.first_submit is None:
                 utt.first_submit = now
                 self._plan(utt, now)
+            if paced and now - self._fair_at >= 0.5:  # never thinned below most of its fair share of the backend
+                self._fair_at = now
+                self.thinning.hold_at_least(0.8 * self.scheduler.fair_share_fps() / float(self.fps))
             thin = paced and not self.thinning.take(j)
             if thin:
                 utt.skipped.add(j)

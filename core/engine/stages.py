@@ -97,6 +97,8 @@ class RenderReport:
     late: int = 0
     #: frames delivered that went through the model (the rest were idle or held frames)
     speech_frames: int | None = None
+    #: the thread budget the render ran under (``ThreadBudget.to_dict()``; None: the libraries' own pools)
+    threads: dict[str, Any] | None = None
 
     @property
     def video_s(self) -> float:
@@ -130,6 +132,7 @@ class RenderReport:
             "feature_source": self.feature_source,
             "batch_size": self.batch_size,
             "backend_calls": self.backend_calls,
+            "threads": self.threads,
             "interrupted": self.interrupted,
             "skipped": self.skipped,
             "late": self.late,

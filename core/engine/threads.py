@@ -100,6 +100,21 @@ class ThreadBudget:
                 "spin": self.spin, "lanes": self.lanes, "encoder_rows": self.encoder_rows}
 
 
+#: backends whose model runs on a GPU (their budget: one host thread, one lane)
+GPU_BACKENDS = ("onnx-cuda", "tensorrt")
+
+
+def resolve_budget(threads: "ThreadBudget | str | None", backend: str) -> "ThreadBudget | None":
+    """``threads`` as a budget: ``"auto"`` planned here for ``backend``, a budget as it is, None for none."""
+    from ..errors import ConfigError
+
+    if threads is None or isinstance(threads, ThreadBudget):
+        return threads
+    if threads != "auto":
+        raise ConfigError(f"threads must be 'auto', a ThreadBudget or None, not {threads!r}")
+    return ThreadBudget.plan(gpu=backend in GPU_BACKENDS)
+
+
 def _backend_extras(name: str) -> Mapping[str, str]:
     """The ``extra`` options a registered backend understands (none known for ``auto`` or an unknown name)."""
     from ..plugins import get_plugin_manager
