@@ -51,7 +51,7 @@ def _coerce(v: str) -> Any:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "auto"]),
               help="Inference precision (bf16, int8, auto: openvino; reduced precisions are accuracy-gated).")
 @click.option("--batch", "batch_size", default=8, show_default=True, help="Frames per inference call.")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads of each ONNX Runtime session (the model, the ave encoder).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads of the model's backend and the ave encoder, exactly. Without it a thread budget sizes them for this machine (the model gets the cores, in two lanes where the backend can; the encoder and OpenCV one thread each; see docs/live.md).")
 @click.option("--backend-opt", multiple=True, help="Backend option KEY=VALUE (e.g. cudnn_conv_algo_search=HEURISTIC, device=GPU, streams=2, allow_failed_gate=1, or a plugin backend's); repeatable.")
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file for the file sink.")
