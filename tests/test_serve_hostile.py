@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("aiohttp")
 pytest.importorskip("aiortc")
 
-from serve_process import ServeProcess, flac_silence, http, recvonly_offer, rss_mb, tone
+from serve_process import ServeProcess, flac_silence, http, peak_rss_mb, recvonly_offer, rss_mb, tone
 
 pytestmark = pytest.mark.slow
 
@@ -119,6 +119,11 @@ def test_a_json_body_in_two_segments_is_read_whole(server: ServeProcess) -> None
     # chunked, in pieces with pauses: read whole as well
     status, s = _raw(server.port, _post_head("/v1/sessions", None), _chunked(body)[:700], _chunked(body)[700:], pause=0.3)
     assert status == 201, s
+    # a browser's offer split across segments (the /webrtc route reads its body the same way)
+    offer = json.dumps({"type": "offer", "sdp": asyncio.run(recvonly_offer())}).encode()
+    status, answer = _raw(server.port, _post_head(f"/v1/sessions/{s['id']}/webrtc", len(offer), s["token"]),
+                          offer[:1000], offer[1000:], pause=0.5)
+    assert status == 200 and answer["type"] == "answer" and "m=video" in answer["sdp"], answer
     _close(server, s)
 
 
@@ -128,6 +133,8 @@ def test_oversized_and_nested_bodies_get_4xx_json(server: ServeProcess) -> None:
     assert status == 413 and body["error"]["code"] == "too_large", body
     status, body = http("POST", server.url + "/v1/sessions", raw=b"[" * 50000, token=TOKEN)
     assert status == 400 and body["error"]["code"] == "malformed_json", body
+    status, body = http("POST", server.url + "/v1/sessions", raw=b"[" * 30000 + b"]" * 30000, token=TOKEN)  # valid JSON
+    assert status == 400 and body["error"]["message"] == "the body is nested too deeply", body
     s = _open(server)
     try:
         url = f"{server.url}/v1/sessions/{s['id']}"
@@ -201,11 +208,12 @@ def test_bad_socket_text_gets_an_error_event_and_the_socket_stays_open(server: S
         seen = []
         async with aiohttp.ClientSession() as c, c.ws_connect(_ws_url(server, s)) as ws:
             await ws.send_str("[" * 100000)
+            await ws.send_str("[" * 100000 + "]" * 100000)  # valid JSON, nested as deep
             await ws.send_str('{"type": "format", "sample_rate": true}')
             await ws.send_json({"type": "format", "sample_rate": 16000})
             await ws.send_bytes(tone(0.2).tobytes())
             await ws.send_json({"type": "nope"})
-            while len([e for e in seen if e["type"] == "error"]) < 3:
+            while len([e for e in seen if e["type"] == "error"]) < 4:
                 msg = await ws.receive(timeout=10)
                 assert msg.type.name == "TEXT", msg
                 seen.append(json.loads(msg.data))
@@ -213,7 +221,8 @@ def test_bad_socket_text_gets_an_error_event_and_the_socket_stays_open(server: S
 
     seen = asyncio.run(main())
     errors = [e["message"] for e in seen if e["type"] == "error"]
-    assert "malformed JSON" in errors[0] and "sample_rate" in errors[1] and "unknown message type" in errors[2]
+    assert "malformed JSON" in errors[0] and "malformed JSON" in errors[1], errors
+    assert "sample_rate" in errors[2] and "unknown message type" in errors[3], errors
     _close(server, s)
 
 
@@ -237,8 +246,6 @@ def test_speak_stops_decoding_at_the_limit_and_idle_time_is_no_credit(server: Se
     s = _open(server)
     url = f"{server.url}/v1/sessions/{s['id']}"
     try:
-        status, body = http("POST", url + "/speak", raw=flac_silence(60), token=s["token"])
-        assert status == 413 and body["error"]["code"] == "too_long" and f"{MAX_AHEAD_S}" in body["error"]["message"], body
         short = io.BytesIO()
         import wave
 
@@ -247,6 +254,14 @@ def test_speak_stops_decoding_at_the_limit_and_idle_time_is_no_credit(server: Se
             w.writeframes(tone(1.0).tobytes())
         status, body = http("POST", url + "/speak", raw=short.getvalue(), token=s["token"])
         assert status == 200 and body["duration_s"] == pytest.approx(1.0, abs=0.01), body
+        # an hour of FLAC silence (650 KB): refused while decoding, the hour never held (decoded whole at 16 kHz
+        # it is 230 MB of float32; the server's peak RSS during the request shows it even though it is freed after)
+        hour, answer = flac_silence(60), []
+        before, peak = peak_rss_mb(server.proc.pid, lambda: answer.append(
+            http("POST", url + "/speak", raw=hour, token=s["token"])))
+        status, body = answer[0]
+        assert status == 413 and body["error"]["code"] == "too_long" and f"{MAX_AHEAD_S}" in body["error"]["message"], body
+        assert peak - before < 100, f"an hour-long upload raised the server's RSS from {before:.0f} to {peak:.0f} MB"
 
         async def main() -> list[str]:
             errors = []
@@ -375,6 +390,50 @@ def test_sigterm_ends_every_socket_with_shutdown_finishes_files_and_exits_143(de
     assert "Traceback" not in p.log()
     with av.open(str(tmp_path / "a.mp4")) as f:
         assert sum(1 for _ in f.decode(video=0)) > 25
+
+
+def test_ctrl_c_ends_the_socket_closes_the_webrtc_peer_and_exits_130(demo_dir: Path) -> None:
+    import aiohttp
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    p = ServeProcess(demo_dir, "--demo", "--tiny", "--backend", "cpu", "--max-sessions", "1").wait_ready()
+    try:
+        s = http("POST", p.url + "/v1/sessions", {})[1]
+
+        async def main() -> tuple[list[dict[str, Any]], Any, str]:
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            async with aiohttp.ClientSession() as c:
+                async with c.post(f"{p.url}/v1/sessions/{s['id']}/webrtc", headers={"Authorization": f"Bearer {s['token']}"},
+                                  json={"type": "offer", "sdp": pc.localDescription.sdp}) as r:
+                    assert r.status == 200, await r.text()
+                    await pc.setRemoteDescription(RTCSessionDescription(**await r.json()))
+                async with c.ws_connect(_ws_url(p, s)) as ws:
+                    deadline = time.monotonic() + 30
+                    while pc.connectionState != "connected" and time.monotonic() < deadline:
+                        await _idle(ws, 0.2)
+                    assert pc.connectionState == "connected", pc.connectionState
+                    os.killpg(p.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
+                    events = [json.loads(msg.data) async for msg in ws]
+                    code = ws.close_code
+            # the server closed its peer (DTLS close): the client's peer closes at once, not after ICE gives up
+            deadline = time.monotonic() + 10
+            while pc.connectionState == "connected" and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            state = pc.connectionState
+            await pc.close()
+            return events, code, state
+
+        events, code, state = asyncio.run(main())
+        rc = p.proc.wait(60)
+    finally:
+        p.stop()
+    assert events and events[-1] == {"type": "ended", "reason": "shutdown"} and code == 1000, (events[-3:], code)
+    assert state == "closed", state
+    assert rc == 128 + signal.SIGINT, p.log()
+    assert "Traceback" not in p.log()
 
 
 def test_a_port_in_use_is_one_line_and_exit_1(demo_dir: Path) -> None:
