@@ -71,8 +71,10 @@ def _ws_url(server: ServeProcess, s: dict[str, Any]) -> str:
     return f"ws://127.0.0.1:{server.port}/v1/sessions/{s['id']}/audio?token={s['token']}"
 
 
-def _raw(port: int, head: bytes, *parts: bytes, pause: float = 0.0, timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
-    """One HTTP request written as ``head`` then ``parts`` (with a pause between), on a raw socket."""
+def _raw(port: int, head: bytes, *parts: bytes, pause: float = 0.0, timeout: float = 30.0,
+         parse: bool = True) -> tuple[int, Any]:
+    """One HTTP request written as ``head`` then ``parts`` (with a pause between), on a raw socket; the body parsed
+    as JSON (``parse``) or as bytes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
         c.sendall(head)
         for i, part in enumerate(parts):
@@ -94,7 +96,8 @@ def _raw(port: int, head: bytes, *parts: bytes, pause: float = 0.0, timeout: flo
                 break
             data += chunk
     status = int(data.split(b" ", 2)[1])
-    return status, json.loads(data[head_end + 4 : head_end + 4 + length] or b"{}")
+    body = data[head_end + 4 : head_end + 4 + length]
+    return status, json.loads(body or b"{}") if parse else body
 
 
 def _post_head(path: str, length: int | None, token: str = TOKEN) -> bytes:
@@ -146,8 +149,47 @@ def test_oversized_and_nested_bodies_get_4xx_json(server: ServeProcess) -> None:
         status, body = _raw(server.port, _post_head(f"/v1/sessions/{s['id']}/speak", None, s["token"]),
                             _chunked(b"\0" * ((32 << 20) + 1), 1 << 20))
         assert status == 413 and body["error"]["code"] == "too_large", body
+        # compressed: the limit counts what it decompresses to (64 MiB of zeros, 64 KB on the wire)
+        import gzip
+
+        bomb = gzip.compress(b"\0" * (64 << 20))
+        head = _post_head(f"/v1/sessions/{s['id']}/speak", len(bomb), s["token"])
+        status, body = _raw(server.port, head.replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n"), bomb)
+        assert status == 413 and body["error"]["code"] == "too_large", body
     finally:
         _close(server, s)
+
+
+def test_malformed_http_gets_a_4xx_and_one_log_line(server: ServeProcess) -> None:
+    """What aiohttp's HTTP parser refuses is its plain 400 (and one info line in the log, not a traceback); what
+    reaches the app is the JSON error, aiohttp's own answers (no such route, no upgrade) included."""
+    import gzip
+
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    for head in (get + b"X-Long: " + b"a" * 9000 + b"\r\n\r\n",  # a header over aiohttp's 8190 bytes
+                 get + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",  # more than 128 headers
+                 _post_head("/v1/sessions", None) + b"zz\r\nabc\r\n0\r\n\r\n"):  # a broken chunk
+        status, body = _raw(server.port, head, parse=False)
+        assert status == 400, body
+    s = _open(server)
+    try:
+        for path, token in (("/v1/sessions", TOKEN), (f"/v1/sessions/{s['id']}/speak", s["token"])):
+            broken = b"this is not gzip" + gzip.compress(b'{"avatar": "demo"}')  # it says gzip; it is not
+            head = _post_head(path, len(broken), token).replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n")
+            status, body = _raw(server.port, head, broken)
+            assert status == 400 and body["error"]["code"] == "bad_body", body
+        status, body = http("GET", server.url + "/v2/nothing")
+        assert status == 404 and body["error"]["code"] == "not_found", body
+        status, body = http("DELETE", server.url + "/health")
+        assert status == 405 and body["error"]["code"] == "method_not_allowed", body
+        status, body = http("GET", f"{server.url}/v1/sessions/{s['id']}/audio", token=s["token"])  # no upgrade
+        assert status == 400 and body["error"]["code"] == "bad_request", body
+        status, _ = http("GET", f"{server.url}/v1/sessions/{s['id']}", token=s["token"])
+        assert status == 200  # the session is untouched, and the socket count did not leak
+    finally:
+        _close(server, s)
+    log = server.log()
+    assert "Traceback" not in log and " 500 " not in log and "refused a malformed request" in log, log[-3000:]
 
 
 @pytest.mark.parametrize("name", ["a\0b.mp4", "x" * 300 + ".mp4", "line\nbreak.mp4", "-rf.mp4", " .mp4", "é.mp4"])
