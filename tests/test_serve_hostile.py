@@ -414,6 +414,13 @@ def test_sigterm_ends_every_socket_with_shutdown_finishes_files_and_exits_143(de
                 await sockets[0].send_bytes(tone(1.0).tobytes())
                 await sockets[0].send_json({"type": "flush"})
                 await asyncio.gather(*(_idle(ws, 2.0) for ws in sockets))
+                # the file has frames to keep (a loaded machine renders the first ones late): then the signal
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    st = await asyncio.to_thread(http, "GET", f"{p.url}/v1/sessions/{a['id']}", None, a["token"])
+                    if st[1]["frames"] >= 30:
+                        break
+                    await asyncio.gather(*(_idle(ws, 0.3) for ws in sockets))
                 os.killpg(p.proc.pid, signal.SIGTERM)
                 seen: list[list[dict[str, Any]]] = []
                 for ws in sockets:
