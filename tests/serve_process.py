@@ -132,3 +132,39 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def peak_rss_mb(pid: int, fn: Any) -> tuple[float, float]:
+    """(RSS before, peak RSS while ``fn()`` ran) of process ``pid`` in MiB (Linux).
+
+    The kernel's peak (VmHWM) is reset first (``clear_refs``), so a transient
+    allocation freed before ``fn`` returns still shows; where that reset is not
+    allowed, the RSS sampled every few milliseconds while ``fn`` runs stands in.
+    """
+    import threading
+
+    before = rss_mb(pid)
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    sampled = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            sampled.append(rss_mb(pid))
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    peak = max(sampled)
+    if reset:
+        hwm = next(int(x.split()[1]) for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        peak = max(peak, hwm / 1024)
+    return before, peak

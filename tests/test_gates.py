@@ -130,3 +130,22 @@ def test_avatar_gate_exits_1_when_the_gate_fails(kit: dict[str, Path], unet: Pat
     monkeypatch.setattr(_gates, "MAX_LOSS_DB", 1000.0)
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0 and "passed" in r.output, r.output
+
+
+def test_avatar_quantize_exits_1_when_its_int8_gate_fails(kit: dict[str, Path], unet: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quantized model is written and its record kept, but a failed gate fails the command (a CI step notices)."""
+    pytest.importorskip("nncf")
+    from test_importers import make_synctalk
+
+    data = make_synctalk(tmp_path / "st", n=10)
+    out = tmp_path / "q" / "tiny.int8.xml"
+    args = ["quantize", str(unet), "--avatar", str(data), "-o", str(out), "--frames", "7:10", "--subset", "4"]
+    monkeypatch.setattr(_gates, "MIN_PSNR_VS_FP32", 1000.0)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "FAILED" in r.output and "the int8 accuracy gate failed" in r.output, r.output
+    assert out.is_file() and not _gates.find_record(out, "int8", "CPU").passed  # type: ignore[union-attr]
+    monkeypatch.setattr(_gates, "MIN_PSNR_VS_FP32", -1000.0)
+    monkeypatch.setattr(_gates, "MAX_LOSS_DB", 1000.0)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "passed" in r.output, r.output

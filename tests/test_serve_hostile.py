@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("aiohttp")
 pytest.importorskip("aiortc")
 
-from serve_process import ServeProcess, flac_silence, http, recvonly_offer, rss_mb, tone
+from serve_process import ServeProcess, flac_silence, http, peak_rss_mb, recvonly_offer, rss_mb, tone
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,10 @@ def _ws_url(server: ServeProcess, s: dict[str, Any]) -> str:
     return f"ws://127.0.0.1:{server.port}/v1/sessions/{s['id']}/audio?token={s['token']}"
 
 
-def _raw(port: int, head: bytes, *parts: bytes, pause: float = 0.0, timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
-    """One HTTP request written as ``head`` then ``parts`` (with a pause between), on a raw socket."""
+def _raw(port: int, head: bytes, *parts: bytes, pause: float = 0.0, timeout: float = 30.0,
+         parse: bool = True) -> tuple[int, Any]:
+    """One HTTP request written as ``head`` then ``parts`` (with a pause between), on a raw socket; the body parsed
+    as JSON (``parse``) or as bytes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
         c.sendall(head)
         for i, part in enumerate(parts):
@@ -94,7 +96,8 @@ def _raw(port: int, head: bytes, *parts: bytes, pause: float = 0.0, timeout: flo
                 break
             data += chunk
     status = int(data.split(b" ", 2)[1])
-    return status, json.loads(data[head_end + 4 : head_end + 4 + length] or b"{}")
+    body = data[head_end + 4 : head_end + 4 + length]
+    return status, json.loads(body or b"{}") if parse else body
 
 
 def _post_head(path: str, length: int | None, token: str = TOKEN) -> bytes:
@@ -119,6 +122,11 @@ def test_a_json_body_in_two_segments_is_read_whole(server: ServeProcess) -> None
     # chunked, in pieces with pauses: read whole as well
     status, s = _raw(server.port, _post_head("/v1/sessions", None), _chunked(body)[:700], _chunked(body)[700:], pause=0.3)
     assert status == 201, s
+    # a browser's offer split across segments (the /webrtc route reads its body the same way)
+    offer = json.dumps({"type": "offer", "sdp": asyncio.run(recvonly_offer())}).encode()
+    status, answer = _raw(server.port, _post_head(f"/v1/sessions/{s['id']}/webrtc", len(offer), s["token"]),
+                          offer[:1000], offer[1000:], pause=0.5)
+    assert status == 200 and answer["type"] == "answer" and "m=video" in answer["sdp"], answer
     _close(server, s)
 
 
@@ -128,6 +136,8 @@ def test_oversized_and_nested_bodies_get_4xx_json(server: ServeProcess) -> None:
     assert status == 413 and body["error"]["code"] == "too_large", body
     status, body = http("POST", server.url + "/v1/sessions", raw=b"[" * 50000, token=TOKEN)
     assert status == 400 and body["error"]["code"] == "malformed_json", body
+    status, body = http("POST", server.url + "/v1/sessions", raw=b"[" * 30000 + b"]" * 30000, token=TOKEN)  # valid JSON
+    assert status == 400 and body["error"]["message"] == "the body is nested too deeply", body
     s = _open(server)
     try:
         url = f"{server.url}/v1/sessions/{s['id']}"
@@ -139,8 +149,47 @@ def test_oversized_and_nested_bodies_get_4xx_json(server: ServeProcess) -> None:
         status, body = _raw(server.port, _post_head(f"/v1/sessions/{s['id']}/speak", None, s["token"]),
                             _chunked(b"\0" * ((32 << 20) + 1), 1 << 20))
         assert status == 413 and body["error"]["code"] == "too_large", body
+        # compressed: the limit counts what it decompresses to (64 MiB of zeros, 64 KB on the wire)
+        import gzip
+
+        bomb = gzip.compress(b"\0" * (64 << 20))
+        head = _post_head(f"/v1/sessions/{s['id']}/speak", len(bomb), s["token"])
+        status, body = _raw(server.port, head.replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n"), bomb)
+        assert status == 413 and body["error"]["code"] == "too_large", body
     finally:
         _close(server, s)
+
+
+def test_malformed_http_gets_a_4xx_and_one_log_line(server: ServeProcess) -> None:
+    """What aiohttp's HTTP parser refuses is its plain 400 (and one info line in the log, not a traceback); what
+    reaches the app is the JSON error, aiohttp's own answers (no such route, no upgrade) included."""
+    import gzip
+
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    for head in (get + b"X-Long: " + b"a" * 9000 + b"\r\n\r\n",  # a header over aiohttp's 8190 bytes
+                 get + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",  # more than 128 headers
+                 _post_head("/v1/sessions", None) + b"zz\r\nabc\r\n0\r\n\r\n"):  # a broken chunk
+        status, body = _raw(server.port, head, parse=False)
+        assert status == 400, body
+    s = _open(server)
+    try:
+        for path, token in (("/v1/sessions", TOKEN), (f"/v1/sessions/{s['id']}/speak", s["token"])):
+            broken = b"this is not gzip" + gzip.compress(b'{"avatar": "demo"}')  # it says gzip; it is not
+            head = _post_head(path, len(broken), token).replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n")
+            status, body = _raw(server.port, head, broken)
+            assert status == 400 and body["error"]["code"] == "bad_body", body
+        status, body = http("GET", server.url + "/v2/nothing")
+        assert status == 404 and body["error"]["code"] == "not_found", body
+        status, body = http("DELETE", server.url + "/health")
+        assert status == 405 and body["error"]["code"] == "method_not_allowed", body
+        status, body = http("GET", f"{server.url}/v1/sessions/{s['id']}/audio", token=s["token"])  # no upgrade
+        assert status == 400 and body["error"]["code"] == "bad_request", body
+        status, _ = http("GET", f"{server.url}/v1/sessions/{s['id']}", token=s["token"])
+        assert status == 200  # the session is untouched, and the socket count did not leak
+    finally:
+        _close(server, s)
+    log = server.log()
+    assert "Traceback" not in log and " 500 " not in log and "refused a malformed request" in log, log[-3000:]
 
 
 @pytest.mark.parametrize("name", ["a\0b.mp4", "x" * 300 + ".mp4", "line\nbreak.mp4", "-rf.mp4", " .mp4", "é.mp4"])
@@ -201,11 +250,12 @@ def test_bad_socket_text_gets_an_error_event_and_the_socket_stays_open(server: S
         seen = []
         async with aiohttp.ClientSession() as c, c.ws_connect(_ws_url(server, s)) as ws:
             await ws.send_str("[" * 100000)
+            await ws.send_str("[" * 100000 + "]" * 100000)  # valid JSON, nested as deep
             await ws.send_str('{"type": "format", "sample_rate": true}')
             await ws.send_json({"type": "format", "sample_rate": 16000})
             await ws.send_bytes(tone(0.2).tobytes())
             await ws.send_json({"type": "nope"})
-            while len([e for e in seen if e["type"] == "error"]) < 3:
+            while len([e for e in seen if e["type"] == "error"]) < 4:
                 msg = await ws.receive(timeout=10)
                 assert msg.type.name == "TEXT", msg
                 seen.append(json.loads(msg.data))
@@ -213,7 +263,8 @@ def test_bad_socket_text_gets_an_error_event_and_the_socket_stays_open(server: S
 
     seen = asyncio.run(main())
     errors = [e["message"] for e in seen if e["type"] == "error"]
-    assert "malformed JSON" in errors[0] and "sample_rate" in errors[1] and "unknown message type" in errors[2]
+    assert "malformed JSON" in errors[0] and "malformed JSON" in errors[1], errors
+    assert "sample_rate" in errors[2] and "unknown message type" in errors[3], errors
     _close(server, s)
 
 
@@ -237,8 +288,6 @@ def test_speak_stops_decoding_at_the_limit_and_idle_time_is_no_credit(server: Se
     s = _open(server)
     url = f"{server.url}/v1/sessions/{s['id']}"
     try:
-        status, body = http("POST", url + "/speak", raw=flac_silence(60), token=s["token"])
-        assert status == 413 and body["error"]["code"] == "too_long" and f"{MAX_AHEAD_S}" in body["error"]["message"], body
         short = io.BytesIO()
         import wave
 
@@ -247,14 +296,24 @@ def test_speak_stops_decoding_at_the_limit_and_idle_time_is_no_credit(server: Se
             w.writeframes(tone(1.0).tobytes())
         status, body = http("POST", url + "/speak", raw=short.getvalue(), token=s["token"])
         assert status == 200 and body["duration_s"] == pytest.approx(1.0, abs=0.01), body
+        # an hour of FLAC silence (650 KB): refused while decoding, the hour never held (decoded whole at 16 kHz
+        # it is 230 MB of float32; the server's peak RSS during the request shows it even though it is freed after)
+        hour, answer = flac_silence(60), []
+        before, peak = peak_rss_mb(server.proc.pid, lambda: answer.append(
+            http("POST", url + "/speak", raw=hour, token=s["token"])))
+        status, body = answer[0]
+        assert status == 413 and body["error"]["code"] == "too_long" and f"{MAX_AHEAD_S}" in body["error"]["message"], body
+        assert peak - before < 100, f"an hour-long upload raised the server's RSS from {before:.0f} to {peak:.0f} MB"
 
         async def main() -> list[str]:
             errors = []
             async with aiohttp.ClientSession() as c, c.ws_connect(_ws_url(server, s)) as ws:
                 await ws.send_json({"type": "format", "sample_rate": 16000})
                 await _idle(ws, MAX_AHEAD_S + 2.0)  # idle (answering pings): earns nothing
-                for _ in range(2 * MAX_AHEAD_S):  # 2x the limit, at once
-                    await ws.send_bytes(tone(1.0).tobytes())
+                # twice the limit at once is refused; most of it is taken, and the same again at once refused (one
+                # message each: a loaded server that reads them slowly cannot drain the 3 s that would change that)
+                for seconds in (2.0 * MAX_AHEAD_S, MAX_AHEAD_S - 1.0, MAX_AHEAD_S - 1.0):
+                    await ws.send_bytes(tone(seconds).tobytes())
                 await ws.send_json({"type": "interrupt"})
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:
@@ -276,7 +335,7 @@ def test_speak_stops_decoding_at_the_limit_and_idle_time_is_no_credit(server: Se
 
         errors = asyncio.run(main())
         too_fast = [e for e in errors if "too fast" in e]
-        assert MAX_AHEAD_S - 1 <= len(too_fast) <= MAX_AHEAD_S + 1, errors
+        assert len(too_fast) == 2 and f"{2 * MAX_AHEAD_S:.1f} s would wait" in too_fast[0], errors
         assert not [e for e in errors if e.startswith("after interrupt")], errors
     finally:
         _close(server, s)
@@ -355,6 +414,13 @@ def test_sigterm_ends_every_socket_with_shutdown_finishes_files_and_exits_143(de
                 await sockets[0].send_bytes(tone(1.0).tobytes())
                 await sockets[0].send_json({"type": "flush"})
                 await asyncio.gather(*(_idle(ws, 2.0) for ws in sockets))
+                # the file has frames to keep (a loaded machine renders the first ones late): then the signal
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    st = await asyncio.to_thread(http, "GET", f"{p.url}/v1/sessions/{a['id']}", None, a["token"])
+                    if st[1]["frames"] >= 30:
+                        break
+                    await asyncio.gather(*(_idle(ws, 0.3) for ws in sockets))
                 os.killpg(p.proc.pid, signal.SIGTERM)
                 seen: list[list[dict[str, Any]]] = []
                 for ws in sockets:
@@ -375,6 +441,50 @@ def test_sigterm_ends_every_socket_with_shutdown_finishes_files_and_exits_143(de
     assert "Traceback" not in p.log()
     with av.open(str(tmp_path / "a.mp4")) as f:
         assert sum(1 for _ in f.decode(video=0)) > 25
+
+
+def test_ctrl_c_ends_the_socket_closes_the_webrtc_peer_and_exits_130(demo_dir: Path) -> None:
+    import aiohttp
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    p = ServeProcess(demo_dir, "--demo", "--tiny", "--backend", "cpu", "--max-sessions", "1").wait_ready()
+    try:
+        s = http("POST", p.url + "/v1/sessions", {})[1]
+
+        async def main() -> tuple[list[dict[str, Any]], Any, str]:
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            async with aiohttp.ClientSession() as c:
+                async with c.post(f"{p.url}/v1/sessions/{s['id']}/webrtc", headers={"Authorization": f"Bearer {s['token']}"},
+                                  json={"type": "offer", "sdp": pc.localDescription.sdp}) as r:
+                    assert r.status == 200, await r.text()
+                    await pc.setRemoteDescription(RTCSessionDescription(**await r.json()))
+                async with c.ws_connect(_ws_url(p, s)) as ws:
+                    deadline = time.monotonic() + 30
+                    while pc.connectionState != "connected" and time.monotonic() < deadline:
+                        await _idle(ws, 0.2)
+                    assert pc.connectionState == "connected", pc.connectionState
+                    os.killpg(p.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
+                    events = [json.loads(msg.data) async for msg in ws]
+                    code = ws.close_code
+            # the server closed its peer (DTLS close): the client's peer closes at once, not after ICE gives up
+            deadline = time.monotonic() + 10
+            while pc.connectionState == "connected" and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            state = pc.connectionState
+            await pc.close()
+            return events, code, state
+
+        events, code, state = asyncio.run(main())
+        rc = p.proc.wait(60)
+    finally:
+        p.stop()
+    assert events and events[-1] == {"type": "ended", "reason": "shutdown"} and code == 1000, (events[-3:], code)
+    assert state == "closed", state
+    assert rc == 128 + signal.SIGINT, p.log()
+    assert "Traceback" not in p.log()
 
 
 def test_a_port_in_use_is_one_line_and_exit_1(demo_dir: Path) -> None:

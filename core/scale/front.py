@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..serve.app import HttpError, _bearer, _error, _json_body, _middleware, _token_matches
+from ..serve.app import HttpError, _bearer, _error, _json_body, _middleware, _quiet_bad_requests, _token_matches
 from ..serve.config import ServeConfig
 from .options import ScaleOptions
 
@@ -469,6 +469,7 @@ def build_front_app(config: ServeConfig, scale: ScaleOptions, registry: Any) -> 
     from aiohttp import web
 
     front = FrontDoor(config, scale, registry)
+    _quiet_bad_requests()
     app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[_middleware()])
     r = app.router
     r.add_get("/", front.page)

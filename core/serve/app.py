@@ -50,6 +50,7 @@ def build_app(config: ServeConfig, service: LiveService, capacity: Capacity) -> 
     manager = SessionManager(service, Admission(capacity), metrics, config.limits, config.stats_interval_s)
     ice = [parse_ice_server(s) for s in config.ice_servers]
     api = _Api(config, service, manager, metrics, ice)
+    _quiet_bad_requests()
     app = web.Application(client_max_size=config.limits.max_body_bytes, middlewares=[_middleware()])
     app["api"] = api
     r = app.router
@@ -97,8 +98,13 @@ def _middleware() -> Any:
             return _error(413, "too_large", f"the request body is larger than the limit ({limit} bytes)")
         except AvatarError as exc:
             return _error(400, type(exc).__name__, str(exc))
-        except web.HTTPException:
-            raise
+        except web.RequestPayloadError as exc:  # a body that breaks off or does not decompress (Content-Encoding)
+            return _error(400, "bad_body", f"the request body could not be read: {_one_line(exc)}")
+        except web.HTTPException as exc:  # aiohttp's own answers (no such route, no WebSocket upgrade ...): JSON too
+            if exc.status < 400:
+                raise
+            allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            return _error(exc.status, exc.reason.lower().replace(" ", "_"), _one_line(exc.text or exc.reason), allow)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:  # a bug: one line in the log (the traceback at debug level), a JSON 500
@@ -107,6 +113,35 @@ def _middleware() -> Any:
             return _error(500, "internal", "the server failed on this request; see its log")
 
     return errors
+
+
+def _one_line(value: Any) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class _BadRequestLine(logging.Filter):
+    """aiohttp logs a request its HTTP parser refuses (a header over its size limit, a broken chunk or
+    compressed body, ...) with a traceback at error level; that is the client's fault: one line at info level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp import web
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
+            # the parser's message without the bytes it quotes (they could be a header's value)
+            why = re.split(r":? (?:b'|b\"|bytearray\()", _one_line(exc))[0]
+            record.msg, record.args = "refused a malformed request: %s", (why,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _quiet_bad_requests() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _BadRequestLine) for f in server_log.filters):
+        server_log.addFilter(_BadRequestLine())
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:

@@ -30,7 +30,7 @@ async def answer(s: ServerSession, sdp: str, ice: list[dict[str, str]]) -> dict[
     """Make a peer connection with the session's two tracks and answer the offer (raises a 400 when it is bad)."""
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
-    from .app import HttpError
+    from .app import HttpError, _one_line
 
     pc = RTCPeerConnection(rtc_configuration(ice))
     key = object()
@@ -65,10 +65,5 @@ async def answer(s: ServerSession, sdp: str, ice: list[dict[str, str]]) -> dict[
         log.info("session %s: refused an SDP offer: %s: %s", s.id, type(exc).__name__, exc)
         if isinstance(exc, HttpError):
             raise
-        raise HttpError(400, "bad_offer", f"the SDP offer was not accepted: {_one_line(exc)}") from None
+        raise HttpError(400, "bad_offer", f"the SDP offer was not accepted: {_one_line(exc) or type(exc).__name__}") from None
     return {"type": pc.localDescription.type, "sdp": pc.localDescription.sdp}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
