@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args()
 
-    from avatar.bench.harness import cpu_model
+    from avatar.bench.harness import cpu_model, machine_summary, write_result
     from avatar.engine.threads import ThreadBudget, machine_cores
     from avatar.interfaces import BackendOptions
     from avatar.models.synthetic import make_audio_encoder, sample_audio, sample_visual
@@ -95,9 +95,7 @@ def main() -> None:
             unet.close()
     cell = {(b, r): statistics.median(x["cpu_ms_per_row"] for x in raw if x["beside_model"] == b and x["rows"] == r)
             for b in (False, True) for r in rows}
-    result = {"machine": {"cpu": cpu_model(), "cores": machine_cores(), "load_start": [round(x, 2) for x in load_start],
-                          "load_end": [round(x, 2) for x in os.getloadavg()]},
-              "model": Path(args.model).name, "precision": args.precision, "rounds": args.rounds, "raw": raw}
+    result = {"machine": machine_summary(load_start), "model": Path(args.model).name, "precision": args.precision, "rounds": args.rounds, "raw": raw}
     lines = [f"# Audio-encoder CPU per row by rows per call — {cpu_model()} ({machine_cores()} cores)", "",
              f"AVE encoder (seeded weights), ONNX Runtime, 1 thread; one call then 40 ms per row of waiting; "
              f"median thread CPU of {args.calls} calls, {args.rounds} interleaved rounds; beside: the "
@@ -107,11 +105,7 @@ def main() -> None:
              "|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r} | {cell[(False, r)]:.2f} | {cell[(True, r)]:.2f} | {cell[(True, r)] / cell[(True, rows[0])]:.2f} |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        Path(args.out + ".md").write_text(md)
+    write_result(args.out, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -43,30 +43,18 @@ def _load(stop: threading.Event, duty: float) -> None:
 
 def throughput(backend: Any, feeds: dict[str, np.ndarray], seconds: float, duty: float) -> float:
     """Frames/s with ``backend.concurrency`` calls in flight (one thread each) and ``duty`` of a core taken."""
-    lanes = max(1, backend.concurrency)
+    from avatar.bench.model import throughput_in_flight
+
     stop = threading.Event()
     load = threading.Thread(target=_load, args=(stop, duty), daemon=True) if duty > 0 else None
     if load is not None:
         load.start()
-    done = [0] * lanes
-    end = time.monotonic() + seconds
-
-    def loop(i: int) -> None:
-        while time.monotonic() < end:
-            backend.run(feeds)
-            done[i] += 1
-
-    workers = [threading.Thread(target=loop, args=(i,)) for i in range(lanes)]
-    t0 = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    fps = sum(done) / (time.perf_counter() - t0)
-    stop.set()
-    if load is not None:
-        load.join()
-    return fps
+    try:
+        return throughput_in_flight(backend, feeds, seconds)
+    finally:
+        stop.set()
+        if load is not None:
+            load.join()
 
 
 def main() -> None:
@@ -79,7 +67,7 @@ def main() -> None:
     p.add_argument("--out", help="write OUT.json and OUT.md")
     args = p.parse_args()
 
-    from avatar.bench.harness import cpu_model
+    from avatar.bench.harness import cpu_model, machine_summary, write_result
     from avatar.engine.threads import ThreadBudget, machine_cores
     from avatar.interfaces import BackendOptions
     from avatar.models.synthetic import sample_audio, sample_visual
@@ -111,9 +99,7 @@ def main() -> None:
             be.close()
     table = {(d, k): statistics.median(r["fps"] for r in raw if r["duty"] == d and r["config"] == k)
              for d in duties for k in configs}
-    result = {"machine": {"cpu": cpu_model(), "cores": machine_cores(), "load_start": [round(x, 2) for x in load_start],
-                          "load_end": [round(x, 2) for x in os.getloadavg()]},
-              "model": Path(args.model).name, "precision": args.precision, "seconds": args.seconds,
+    result = {"machine": machine_summary(load_start), "model": Path(args.model).name, "precision": args.precision, "seconds": args.seconds,
               "rounds": args.rounds, "raw": raw}
     names = list(configs)
     lines = [f"# One call on every core vs {budget.lanes} lanes — openvino {args.precision}, {cpu_model()} "
@@ -126,11 +112,7 @@ def main() -> None:
     for d in duties:
         vals = [table[(d, n)] for n in names]
         lines.append(f"| {d:.2f} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {vals[1] / vals[0]:.2f} |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        Path(args.out + ".md").write_text(md)
+    write_result(args.out, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

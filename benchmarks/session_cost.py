@@ -32,7 +32,6 @@ the start and the end of the run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -43,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from avatar.bench.harness import cpu_model as cpu_name
+from avatar.bench.harness import machine_summary, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_SHARED_DATA", ROOT.parent / "shared" / "data"))  # the test data beside the checkout
@@ -100,6 +99,7 @@ def model_only_fps(args: argparse.Namespace, a: dict[str, Path], budget: Any) ->
     """
     from dataclasses import replace
 
+    from avatar.bench.model import throughput_in_flight
     from avatar.interfaces import BackendOptions
     from avatar.models.synthetic import sample_audio, sample_visual
     from avatar.render import open_backend
@@ -114,24 +114,9 @@ def model_only_fps(args: argparse.Namespace, a: dict[str, Path], budget: Any) ->
         try:
             vis = next(t for t in backend.inputs if len(t.shape) == 4 and t.shape[1] == 6)
             feeds = {vis.name: sample_visual(1).astype(vis.dtype), "audio": sample_audio("ave", 1)}
-            lanes = max(1, backend.concurrency)
             for _ in range(3):
                 backend.run(feeds)
-            done = [0] * lanes
-            end = time.monotonic() + max(2.0, args.seconds / 2)
-
-            def loop(i: int, end: float = end) -> None:
-                while time.monotonic() < end or done[i] < 5:
-                    backend.run(feeds)
-                    done[i] += 1
-
-            workers = [threading.Thread(target=loop, args=(i,)) for i in range(lanes)]
-            t0 = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            best = max(best, sum(done) / (time.perf_counter() - t0))
+            best = max(best, throughput_in_flight(backend, feeds, max(2.0, args.seconds / 2), min_calls=5))
         finally:
             backend.close()
     return best
@@ -336,7 +321,7 @@ def main() -> None:
 
     import cv2
 
-    from avatar.engine.threads import ThreadBudget, machine_cores
+    from avatar.engine.threads import ThreadBudget
 
     default_cv2 = cv2.getNumThreads()
     load_start = os.getloadavg()
@@ -368,17 +353,12 @@ def main() -> None:
                     print(f"round {rnd} budget {name} sessions {n}: speech fps/session "
                           f"{[round(x, 1) for x in r['speech_fps_per_session']]}, cpu {r['cpu_ms_per_frame']}", flush=True)
     result = {
-        "machine": {"cpu": cpu_name(), "cores": machine_cores(), "load_start": [round(x, 2) for x in load_start],
-                    "load_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": machine_summary(load_start),
         "backend": args.backend, "precision": args.precision, "batch": args.batch, "model": Path(a["model"]).name,
         "avatar": Path(a["avatar"]).name, "avatar_size": size, "seconds": args.seconds, "rounds": args.rounds,
         "raw": raw, "summary": summarize(raw, fps),
     }
-    md = markdown(result)
-    print(md)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-        Path(args.out + ".md").write_text(md)
+    write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,20 @@ def test_a_subscriber_may_close_its_session_from_an_error_event(assets: dict[str
         assert other.alive
 
 
+def _speak_in_real_time(sessions: list[Any], pcm: list[np.ndarray]) -> None:
+    """Push each session its speech in 20 ms chunks in real time, flush, wait for every utterance's end."""
+    step = 320
+    t0 = time.monotonic()
+    for i in range(0, len(pcm[0]), step):
+        for (s, _), p in zip(sessions, pcm):
+            s.push_audio(p[i:i + step], 16000)
+        time.sleep(max(0.0, t0 + (i + step) / 16000 - time.monotonic()))
+    for s, _ in sessions:
+        s.flush()
+    for s, rec in sessions:
+        rec.wait(lambda r: r.kinds("speech_ended"))
+
+
 def test_overload_skips_frames_and_keeps_every_sessions_audio(assets: dict[str, Path], monkeypatch: Any) -> None:
     """A backend costing at least 40 ms + 10 ms/frame, three real-time sessions (75 frames/s): at most 67/s can be made.
 
@@ -147,16 +161,7 @@ def test_overload_skips_frames_and_keeps_every_sessions_audio(assets: dict[str, 
     pcm = [speech(3.0, seed=60 + k) for k in range(3)]
     with AvatarService(backend="cpu", batch_size=8) as svc:
         sessions = [open_session(svc, assets, "ab"[k % 2]) for k in range(3)]
-        step = 320
-        t0 = time.monotonic()
-        for i in range(0, len(pcm[0]), step):  # pushed in real time, 20 ms chunks
-            for (s, _), p in zip(sessions, pcm):
-                s.push_audio(p[i:i + step], 16000)
-            time.sleep(max(0.0, t0 + (i + step) / 16000 - time.monotonic()))
-        for s, _ in sessions:
-            s.flush()
-        for s, rec in sessions:
-            rec.wait(lambda r: r.kinds("speech_ended"))
+        _speak_in_real_time(sessions, pcm)
         stats = svc.stats()
         for s, _ in sessions:
             s.close()
@@ -285,16 +290,7 @@ def test_an_overloaded_backend_is_shared_by_four_sessions_none_starved(assets: d
     pcm = [speech(4.0, seed=70 + k) for k in range(4)]
     with AvatarService(backend="cpu", batch_size=4) as svc:
         sessions = [open_session(svc, assets, "ab"[k % 2]) for k in range(4)]
-        step = 320
-        t0 = time.monotonic()
-        for i in range(0, len(pcm[0]), step):  # pushed in real time, 20 ms chunks
-            for (s, _), p in zip(sessions, pcm):
-                s.push_audio(p[i:i + step], 16000)
-            time.sleep(max(0.0, t0 + (i + step) / 16000 - time.monotonic()))
-        for s, _ in sessions:
-            s.flush()
-        for s, rec in sessions:
-            rec.wait(lambda r: r.kinds("speech_ended"))
+        _speak_in_real_time(sessions, pcm)
         shown = [s.speech_frames for s, _ in sessions]
         keeps = [s.thinning.keep for s, _ in sessions]
         for s, _ in sessions:

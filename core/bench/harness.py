@@ -120,6 +120,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_summary(load_start: Sequence[float]) -> dict[str, Any]:
+    """CPU name, usable cores and the load average at the start (given) and now, for a benchmark's result."""
+    return {"cpu": cpu_model(), "cores": usable_cores(), "load_start": [round(x, 2) for x in load_start],
+            "load_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def write_result(out: str | None, result: dict[str, Any], markdown: str) -> None:
+    """Print ``markdown``; with ``out``, write ``OUT.json`` (``result``) and ``OUT.md``."""
+    import json
+
+    print(markdown)
+    if out:
+        Path(out + ".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+        Path(out + ".md").write_text(markdown)
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -121,6 +121,30 @@ def make_feeds(inputs: Sequence[TensorInfo], batch: int, seed: int) -> dict[str,
     return random_feeds(inputs, batch, seed)
 
 
+def throughput_in_flight(backend: Backend, feeds: Mapping[str, np.ndarray], seconds: float, min_calls: int = 0) -> float:
+    """Frames/s of ``backend`` with as many calls in flight as it runs at once (its ``concurrency``, one
+    thread each), for ``seconds`` (and at least ``min_calls`` calls per thread)."""
+    import threading
+
+    lanes = max(1, backend.concurrency)
+    batch = int(len(next(iter(feeds.values()))))
+    done = [0] * lanes
+    end = time.monotonic() + seconds
+
+    def loop(i: int) -> None:
+        while time.monotonic() < end or done[i] < min_calls:
+            backend.run(feeds)
+            done[i] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,), name=f"avatar-bench-{i}") for i in range(lanes)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return batch * sum(done) / (time.perf_counter() - t0)
+
+
 def latency_stats(calls_s: Sequence[float], batch: int) -> dict[str, float | int]:
     """Median / p95 / p99 / mean / min / max call latency (ms) and frames/s of ``calls_s``."""
     a = np.asarray(calls_s, dtype=np.float64) * 1000.0
