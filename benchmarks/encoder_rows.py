@@ -105,7 +105,9 @@ def main() -> None:
              "|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r} | {cell[(False, r)]:.2f} | {cell[(True, r)]:.2f} | {cell[(True, r)] / cell[(True, rows[0])]:.2f} |")
-    write_result(args.out, result, "\n".join(lines) + "\n")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    write_result(args.out, result, md)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,9 @@ def main() -> None:
     for d in duties:
         vals = [table[(d, n)] for n in names]
         lines.append(f"| {d:.2f} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {vals[1] / vals[0]:.2f} |")
-    write_result(args.out, result, "\n".join(lines) + "\n")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    write_result(args.out, result, md)
 
 
 if __name__ == "__main__":

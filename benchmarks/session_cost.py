@@ -358,7 +358,9 @@ def main() -> None:
         "avatar": Path(a["avatar"]).name, "avatar_size": size, "seconds": args.seconds, "rounds": args.rounds,
         "raw": raw, "summary": summarize(raw, fps),
     }
-    write_result(args.out, result, markdown(result))
+    md = markdown(result)
+    print(md)
+    write_result(args.out, result, md)
 
 
 if __name__ == "__main__":

@@ -113,27 +113,9 @@ def _constant_backend(model: Path) -> Any:
     The engine, its feature sources and its sinks are real; the model's cost
     only makes a long render slow on a 2-core machine, and is not what is counted.
     """
-    from avatar.contract import read_contract
-    from avatar.interfaces import Backend
+    from avatar.models.synthetic import constant_face_backend
 
-    contract = read_contract(model)
-
-    class Constant(Backend):
-        name = "constant"
-
-        @property
-        def inputs(self) -> Any:
-            return [contract.visual, contract.audio]
-
-        @property
-        def outputs(self) -> Any:
-            return [contract.output]
-
-        def _run(self, feeds: Any) -> dict[str, Any]:
-            n = len(next(iter(feeds.values())))
-            return {contract.output.name: np.full((n, 3, 320, 320), 0.5, np.float32)}
-
-    return Constant(model)
+    return constant_face_backend(model)
 
 
 def test_a_file_is_decoded_as_the_render_goes(small_render_kit: dict[str, Path], tmp_path: Path,

@@ -127,10 +127,9 @@ def machine_summary(load_start: Sequence[float]) -> dict[str, Any]:
 
 
 def write_result(out: str | None, result: dict[str, Any], markdown: str) -> None:
-    """Print ``markdown``; with ``out``, write ``OUT.json`` (``result``) and ``OUT.md``."""
+    """With ``out``, write ``OUT.json`` (``result``) and ``OUT.md`` (``markdown``)."""
     import json
 
-    print(markdown)
     if out:
         Path(out + ".json").write_text(json.dumps(result, indent=1, default=float) + "\n")
         Path(out + ".md").write_text(markdown)

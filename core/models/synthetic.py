@@ -24,11 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ConfigError, ModelError
 from .onnx_builder import GraphBuilder, make_model
+
+if TYPE_CHECKING:
+    from ..interfaces import Backend
 
 MODES = ("ave", "hubert", "wenet")
 #: per-frame audio window of each mode (the model's audio input without batch)
@@ -456,3 +460,34 @@ def check_sensitivity(path: str | Path, *, seed: int = 12345) -> Sensitivity:
     d_audio = np.abs(run({c.visual.name: v0, c.audio.name: a1}) - base).mean()
     d_visual = np.abs(run({c.visual.name: v1, c.audio.name: a0}) - base).mean()
     return Sensitivity(float(d_audio), float(d_visual), float(base.min()), float(base.max()), float(base.std()))
+
+
+def constant_face_backend(model: str | Path, value: float = 0.5) -> Backend:
+    """A stand-in backend with ``model``'s inputs and outputs that returns a face of ``value`` for every row at once.
+
+    For measuring what is around the model (memory, streaming, the engine): the
+    engine, feature sources and sinks stay real; only the model's cost, which
+    would make a long render slow on a small CPU, is left out.
+    """
+    from ..contract import read_contract
+    from ..interfaces import Backend
+
+    contract = read_contract(model)
+
+    class ConstantFace(Backend):
+        name = "constant"
+
+        @property
+        def inputs(self) -> list:
+            return [contract.visual, contract.audio]
+
+        @property
+        def outputs(self) -> list:
+            return [contract.output]
+
+        def _run(self, feeds: dict) -> dict[str, np.ndarray]:
+            n = len(next(iter(feeds.values())))
+            return {contract.output.name: np.full((n, 3, 320, 320), value, np.float32)}
+
+    return ConstantFace(model)
+
