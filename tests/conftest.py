@@ -7,6 +7,9 @@ tests that need it skip when it is absent.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,24 @@ def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real test data not present: {path}")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_left_as_found(request: pytest.FixtureRequest) -> Any:
+    """A test that leaves SIGINT/SIGTERM handlers changed (a library it drove, e.g. a framework's process
+    start or a cluster's driver, may install its own) gets them put back, with a warning that names it:
+    a later test, or a child process it starts, would otherwise inherit them (an ignored SIGINT)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        now = signal.getsignal(sig)
+        if now is not handler and handler is not None:
+            signal.signal(sig, handler)
+            warnings.warn(f"{request.node.nodeid} left the {sig.name} handler changed ({now!r}); put back",
+                          stacklevel=1)
 
 
 @pytest.fixture(scope="session")
