@@ -25,6 +25,16 @@ def _need(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_as_from_a_terminal() -> Any:
+    """Run the tests with Python's own SIGINT handler even when the runner was started with SIGINT ignored
+    (a background job of a non-interactive shell, ``nohup``): the signal tests send Ctrl-C to this process's
+    children and check handlers against Python's default, and a child inherits an ignored SIGINT."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_left_as_found(request: pytest.FixtureRequest) -> Any:
     """A test that leaves SIGINT/SIGTERM handlers changed (a library it drove, e.g. a framework's process
