@@ -275,7 +275,9 @@ def test_avatar_run_renders_under_the_thread_budget_unless_threads_are_given(tin
     try:
         r = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "a.mp4"), "--report", str(tmp_path / "a.json")])
         assert r.exit_code == 0, r.output
-        assert json.loads((tmp_path / "a.json").read_text())["threads"] == ThreadBudget.plan().to_dict()
+        report = json.loads((tmp_path / "a.json").read_text())
+        assert report["threads"] == ThreadBudget.plan().to_dict()
+        assert report["batch_size"] == 8  # (a file: the default batch; a real-time sink on a CPU gets 1)
         assert cv2.getNumThreads() == 1  # the budget's OpenCV pool
         cv2.setNumThreads(before)
         r = CliRunner().invoke(cli, [*base, "--threads", "1", "-o", str(tmp_path / "b.mp4"),

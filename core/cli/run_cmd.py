@@ -12,6 +12,10 @@ from ..errors import ConfigError
 from ..interfaces import BackendOptions
 
 
+#: backends whose model runs on the CPU (batching gains them nothing)
+CPU_BACKENDS = ("cpu", "openvino")
+
+
 def _kv(values: tuple[str, ...], option: str) -> dict[str, Any]:
     """``KEY=VALUE`` items of a repeatable option → options (numbers and true/false typed)."""
     out: dict[str, Any] = {}
@@ -50,7 +54,7 @@ def _coerce(v: str) -> Any:
 @click.option("--fp16", is_flag=True, help="Half precision on GPU backends (same as --precision fp16).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "auto"]),
               help="Inference precision (bf16, int8, auto: openvino; reduced precisions are accuracy-gated).")
-@click.option("--batch", "batch_size", default=8, show_default=True, help="Frames per inference call.")
+@click.option("--batch", "batch_size", type=click.IntRange(1), help="Frames per inference call (default 8; 1 for a real-time sink such as rtmp on a CPU backend, where a larger batch gains no speed and its wall time can outlast the stream's lag budget).")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads of the model's backend and the ave encoder, exactly. Without it a thread budget sizes them for this machine (the model gets the cores, in two lanes where the backend can; the encoder and OpenCV one thread each; see docs/live.md).")
 @click.option("--backend-opt", multiple=True, help="Backend option KEY=VALUE (e.g. cudnn_conv_algo_search=HEURISTIC, device=GPU, streams=2, allow_failed_gate=1, or a plugin backend's); repeatable.")
 @click.option("--sink", "sink_names", multiple=True, default=["file"], show_default=True, help="Output sink(s): file, rtmp, callback or a plugin's; repeatable.")
@@ -81,7 +85,7 @@ def run(
     device_id: int,
     fp16: bool,
     precision: str | None,
-    batch_size: int,
+    batch_size: int | None,
     threads: int | None,
     backend_opt: tuple[str, ...],
     sink_names: tuple[str, ...],
@@ -156,6 +160,8 @@ def run(
             raise ConfigError("the callback sink is for the Python API (avatar.render); use file or rtmp here")
         sinks.append((name, opts))
 
+    if batch_size is None:  # a real-time stream on a CPU: frames one at a time (no burst outlasts the lag budget)
+        batch_size = 1 if "rtmp" in sink_names and backend in CPU_BACKENDS else 8
     if fp16 and precision not in (None, "fp16"):
         raise ConfigError(f"--fp16 and --precision {precision} contradict each other; give one")
     bopts = BackendOptions(
